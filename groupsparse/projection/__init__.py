@@ -1,0 +1,7 @@
+"""Grouped sparse projection (GSP) and the per-vector Hoyer projection."""
+
+from ._api import ENGINES, project, project_, project_each
+from ._solver import LocalComm, ProjectionInfo, ProjectionWarning, select_jumpers, solve_shared
+
+__all__ = ["ENGINES", "LocalComm", "ProjectionInfo", "ProjectionWarning", "project", "project_", "project_each",
+           "select_jumpers", "solve_shared"]

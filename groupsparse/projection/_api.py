@@ -1,0 +1,171 @@
+"""Public entry points of the projection: ``project``, ``project_`` and ``project_each``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._group import Group, as_group, is_tensor, validate_sparsity
+from ._solver import ProjectionInfo, solve_each, solve_shared
+
+ENGINES = ("auto", "numba", "torch")
+# The result is checked in the input's dtype, so aim a little inside the feasible side for float32: rounding the
+# output to float32 moves its measured sparsity by ~1e-7.
+_TOL = {8: 1e-12, 4: 5e-7}
+_MARGIN = {8: 0.0, 4: 2e-7}
+
+
+def _engine_for(group: Group, engine: str):
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise ValueError(f"engine: got {engine!r}, expected one of {ENGINES}")
+    data = group.data
+    on_cuda = group.backend == "torch" and data.device.type != "cpu"
+    if engine == "auto":
+        engine = "torch" if on_cuda else "numba"
+    if engine == "numba":
+        if on_cuda:
+            raise ValueError(f"engine: got 'numba' for tensors on {data.device}, expected 'torch' or 'auto' (numba runs on the CPU)")
+        from ._numba import NumbaEngine
+
+        if group.backend == "torch":
+            x = data.numpy()
+            w = group.weights.numpy() if group.weights is not None else None
+            return NumbaEngine(x, group.offsets, w), "to_torch"
+        return NumbaEngine(data, group.offsets, group.weights), None
+    import torch
+
+    from ._torch import TorchEngine
+
+    if group.backend == "numpy":
+        x = torch.from_numpy(data)
+        w = torch.from_numpy(group.weights) if group.weights is not None else None
+        return TorchEngine(x, group.offsets, w, group.uniform_length), "to_numpy"
+    return TorchEngine(data, group.offsets, group.weights, group.uniform_length), None
+
+
+def _convert_back(flat, how):
+    if how == "to_torch":
+        import torch
+
+        return torch.from_numpy(flat)
+    if how == "to_numpy":
+        return flat.cpu().numpy()
+    return flat
+
+
+def _itemsize(group: Group) -> int:
+    return group.data.element_size() if group.backend == "torch" else group.data.itemsize
+
+
+def _check_solver_options(tol, max_iter, itemsize):
+    if tol is None:
+        tol = _TOL[itemsize]
+    elif isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1):
+        raise ValueError(f"tol: got {tol!r}, expected a float in (0, 1) (average-sparsity units)")
+    if max_iter is None:
+        max_iter = 100
+    elif isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter: got {max_iter!r}, expected a positive int")
+    return float(tol), int(max_iter)
+
+
+def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None, tol: float | None = None,
+            max_iter: int | None = None, engine: str = "auto", return_info: bool = False):
+    r"""Grouped sparse projection (GSP): reach an *average* Hoyer sparsity over a group of vectors.
+
+    Solves, for the vectors :math:`c_1..c_r` (any lengths :math:`n_i \ge 2`),
+
+    .. math:: \max_{x_i \ge 0,\ \|x_i\|_2 = 1} \sum_i \langle |c_i|, x_i\rangle
+              \quad \text{s.t.} \quad \frac1r \sum_i \mathrm{sp}_{w_i}(x_i) \ge s
+
+    through its one-dimensional dual (one shared :math:`\mu \ge 0`), then returns
+    :math:`z_i = \alpha_i\,\mathrm{sign}(c_i)\circ x_i` with :math:`\alpha_i = \langle x_i, |c_i|\rangle`.
+    A group already at average sparsity :math:`\ge s` is returned unchanged (a copy, signs included).
+
+    Parameters
+    ----------
+    vectors : list/tuple of 1-D arrays or tensors (a ragged group), or one N-D array or tensor
+        With one array, its vectors lie along ``axis`` (``axis=0``: the columns of a matrix).
+    sparsity : float in [0, 1]
+        Target average Hoyer sparsity (0 = dense, 1 = one nonzero per vector).
+    weights : same structure as ``vectors``, strictly positive, optional
+        Weighted Hoyer sparsity (REFERENCE.md §1); ``None`` is the plain measure.
+    tol : float, optional
+        Accepted excess of the achieved average sparsity over the target: the result lies in
+        ``[sparsity, sparsity + tol]`` unless a discontinuity (tied largest entries) forces it higher.
+        Default 1e-12 for float64, 5e-7 (after a 2e-7 margin) for float32 and lower precisions.
+    max_iter : int, optional
+        Newton/bisection iterations (default 100); on exhaustion a ``ProjectionWarning`` is raised and the
+        feasible end of the bracket is returned.
+    engine : {"auto", "numba", "torch"}
+        ``auto`` uses Numba for NumPy arrays and CPU tensors, torch for tensors on other devices.
+    return_info : bool
+        Also return a :class:`ProjectionInfo` (mu, iterations, evaluations, achieved sparsity, discontinuity,
+        number of vectors sent to one-hot at a jump, engine used).
+
+    Returns
+    -------
+    Same structure, types, shapes, dtypes and devices as ``vectors`` (new arrays; inputs are never modified),
+    and the info when ``return_info``.
+
+    Notes
+    -----
+    Vectors of length 1 are rejected (their Hoyer sparsity is 0/0). A zero vector counts as sparsity 1 and
+    stays zero. Results carry no autograd history.
+    """
+    s = validate_sparsity(sparsity)
+    group = as_group(vectors, axis=axis, weights=weights)
+    itemsize = _itemsize(group)
+    tol, max_iter = _check_solver_options(tol, max_iter, itemsize)
+    eng, back = _engine_for(group, engine)
+    s_aim = min(1.0, s + _MARGIN.get(itemsize, 2e-7)) if s > 0 else s
+    flat, info = solve_shared(eng, s_aim, tol=tol, max_iter=max_iter)
+    info.target = s
+    out = group.rebuild(_convert_back(flat, back))
+    return (out, info) if return_info else out
+
+
+def project_(vectors: Any, sparsity: float, **kwargs):
+    """In-place :func:`project`: writes the result into ``vectors`` (arrays, tensors or a list of them).
+
+    Tensor identity is kept (``nn.Parameter`` objects stay the same objects, so optimizers keep working); the
+    write happens under ``torch.no_grad()``. Returns ``vectors`` (and the info with ``return_info=True``).
+    """
+    res = project(vectors, sparsity, **kwargs)
+    out, info = res if kwargs.get("return_info") else (res, None)
+    targets = list(vectors) if isinstance(vectors, (list, tuple)) else [vectors]
+    results = out if isinstance(vectors, (list, tuple)) else [out]
+    for dst, src in zip(targets, results):
+        if is_tensor(dst):
+            import torch
+
+            with torch.no_grad():
+                dst.copy_(src)
+        else:
+            if not dst.flags.writeable:
+                raise ValueError("vectors: got a read-only array, expected a writeable one for project_")
+            dst[...] = src
+    return (vectors, info) if info is not None else vectors
+
+
+def project_each(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None, tol: float | None = None,
+                 max_iter: int | None = None, engine: str = "auto", return_info: bool = False):
+    """Per-vector baseline: every vector projected to exactly ``sparsity`` (Hoyer 2004; Thom & Palm 2013).
+
+    Each result is the nearest point to ``c_i`` with (weighted) Hoyer sparsity ``sparsity`` and the same l2
+    norm and signs; vectors sparser than the target are made denser. Where tied largest entries make the
+    target unreachable (a jump to one nonzero), the sparser side (one nonzero) is returned. Zero vectors stay
+    zero. Same input conventions as :func:`project`; ``info`` holds per-vector achieved sparsities.
+    """
+    s = validate_sparsity(sparsity)
+    group = as_group(vectors, axis=axis, weights=weights)
+    itemsize = _itemsize(group)
+    tol, max_iter = _check_solver_options(tol, max_iter, itemsize)
+    eng, back = _engine_for(group, engine)
+    flat, per_vector, iters = solve_each(eng, s, tol=max(tol, 1e-13), max_iter=max_iter)
+    out = group.rebuild(_convert_back(flat, back))
+    if not return_info:
+        return out
+    info = {"engine": eng.name, "iterations": iters, "sparsity": per_vector, "target": s}
+    return out, info

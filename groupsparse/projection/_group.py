@@ -1,0 +1,210 @@
+"""Turning what the caller passed into one flat, contiguous group, and back.
+
+Every engine sees the same thing: a 1-D buffer holding the vectors one after another, ``offsets`` (host int64,
+length r + 1) marking where each starts, and optionally a weight buffer laid out the same way. Ragged groups are
+concatenated (never padded); an N-D array has its vector axis moved last so each vector is contiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+try:  # torch is a dependency, but keep NumPy-only use importable if a user's torch is broken
+    import torch
+except Exception:  # pragma: no cover
+    torch = None
+
+
+def is_tensor(x: Any) -> bool:
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _dtype_name(x: Any) -> str:
+    return str(x.dtype).replace("torch.", "")
+
+
+def _check_float(x: Any, what: str) -> None:
+    if is_tensor(x):
+        ok = x.dtype.is_floating_point
+    elif isinstance(x, np.ndarray):
+        ok = np.issubdtype(x.dtype, np.floating)
+    else:
+        raise TypeError(f"{what}: got {type(x).__name__}, expected a NumPy array or a torch.Tensor")
+    if not ok:
+        raise TypeError(
+            f"{what}: got dtype {_dtype_name(x)}, expected a floating dtype (float16/32/64 or bfloat16); "
+            "cast first, e.g. x.astype(np.float64) or x.double()"
+        )
+
+
+def _flat_float_buffer(x: Any):
+    """Contiguous 1-D view/copy in a dtype the kernels take (float32/float64)."""
+    if is_tensor(x):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        return x.detach().reshape(-1).contiguous()
+    if x.dtype == np.float16:
+        x = x.astype(np.float32)
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+@dataclass
+class Group:
+    """A group of vectors, flattened. ``rebuild(flat_out)`` returns results shaped like the input."""
+
+    data: Any  # 1-D float32/float64 ndarray or tensor
+    offsets: np.ndarray  # int64, length r + 1
+    weights: Any | None
+    backend: str  # "numpy" or "torch"
+    rebuild: Callable[[Any], Any] = field(repr=False)
+    uniform_length: int | None = None  # all vectors have this length (lets engines use 2-D layouts)
+
+    @property
+    def n_vectors(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _validate_sparsity(sparsity: Any) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.floating, np.integer)):
+        raise TypeError(f"sparsity: got {type(sparsity).__name__}, expected a float in [0, 1]")
+    s = float(sparsity)
+    if not (0.0 <= s <= 1.0):  # also rejects NaN
+        raise ValueError(f"sparsity: got {sparsity!r}, expected a float in [0, 1]")
+    return s
+
+
+def _validate_axis(axis: Any, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis: got {axis!r}, expected an int")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis: got {axis}, expected an int in [{-ndim}, {ndim - 1}] for a {ndim}-D input")
+    return int(axis) % ndim
+
+
+def _check_lengths(lengths: np.ndarray) -> None:
+    if len(lengths) == 0:
+        raise ValueError("vectors: got an empty group, expected at least one vector")
+    bad = np.flatnonzero(lengths < 2)
+    if len(bad):
+        raise ValueError(
+            f"vectors: got a vector of length {int(lengths[bad[0]])} (vector {int(bad[0])}), expected length >= 2; "
+            "Hoyer sparsity is undefined (0/0) for fewer than 2 entries: drop such vectors from the group"
+        )
+
+
+def _same_structure_weights(weights: Any, vectors: Any, is_list: bool) -> None:
+    if is_list:
+        if not isinstance(weights, (list, tuple)) or len(weights) != len(vectors):
+            n = len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__
+            raise ValueError(f"weights: got {n}, expected a list of {len(vectors)} arrays matching the vectors")
+        for i, (w, v) in enumerate(zip(weights, vectors)):
+            _check_float(w, f"weights[{i}]")
+            if tuple(w.shape) != tuple(v.shape):
+                raise ValueError(f"weights[{i}]: got shape {tuple(w.shape)}, expected {tuple(v.shape)}")
+    else:
+        _check_float(weights, "weights")
+        if tuple(weights.shape) != tuple(vectors.shape):
+            raise ValueError(f"weights: got shape {tuple(weights.shape)}, expected {tuple(vectors.shape)} (the vectors' shape)")
+
+
+def _check_weight_values(w: Any) -> None:
+    if is_tensor(w):
+        ok = bool(torch.isfinite(w).all()) and bool((w > 0).all())
+    else:
+        ok = bool(np.isfinite(w).all()) and bool((w > 0).all())
+    if not ok:
+        raise ValueError("weights: got a non-positive or non-finite entry, expected strictly positive finite weights")
+
+
+def as_group(vectors: Any, *, axis: int = 0, weights: Any = None) -> Group:
+    """Validate and flatten ``vectors`` (a list of 1-D arrays/tensors, or one N-D array/tensor)."""
+    if isinstance(vectors, (list, tuple)):
+        return _group_from_list(vectors, weights)
+    _check_float(vectors, "vectors")
+    if vectors.ndim == 0:
+        raise ValueError("vectors: got a 0-d scalar, expected a 1-D or N-D array of vectors")
+    ax = _validate_axis(axis, vectors.ndim)
+    if weights is not None:
+        _same_structure_weights(weights, vectors, is_list=False)
+    tensor = is_tensor(vectors)
+    if weights is not None and is_tensor(weights) != tensor:
+        raise TypeError("weights: got a mix of NumPy arrays and tensors, expected the same kind as the vectors")
+    n = vectors.shape[ax]
+    moved = vectors.movedim(ax, -1) if tensor else np.moveaxis(vectors, ax, -1)
+    r = int(np.prod(moved.shape[:-1], dtype=np.int64))
+    offsets = np.arange(r + 1, dtype=np.int64) * n
+    _check_lengths(np.full(r, n) if r else np.zeros(0))
+    data = _flat_float_buffer(moved)
+    w = None
+    if weights is not None:
+        wm = weights.movedim(ax, -1) if tensor else np.moveaxis(weights, ax, -1)
+        w = _flat_float_buffer(wm)
+        w = w.to(data.dtype) if tensor else w.astype(data.dtype, copy=False)
+        _check_weight_values(w)
+    moved_shape = tuple(moved.shape)
+    orig_dtype = vectors.dtype
+
+    def rebuild(flat):
+        if tensor:
+            out = flat.reshape(moved_shape).movedim(-1, ax)
+            return out.to(orig_dtype).contiguous()
+        out = np.moveaxis(flat.reshape(moved_shape), -1, ax)
+        return np.ascontiguousarray(out, dtype=orig_dtype)
+
+    return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=n)
+
+
+def _group_from_list(vectors: Sequence[Any], weights: Any) -> Group:
+    if len(vectors) == 0:
+        raise ValueError("vectors: got an empty list, expected at least one vector")
+    for i, v in enumerate(vectors):
+        _check_float(v, f"vectors[{i}]")
+        if v.ndim != 1:
+            raise ValueError(f"vectors[{i}]: got shape {tuple(v.shape)}, expected a 1-D vector in a list input")
+    kinds = {is_tensor(v) for v in vectors}
+    if len(kinds) > 1:
+        raise TypeError("vectors: got a mix of NumPy arrays and tensors, expected one kind")
+    tensor = kinds.pop()
+    if weights is not None:
+        _same_structure_weights(weights, vectors, is_list=True)
+        if any(is_tensor(w) != tensor for w in weights):
+            raise TypeError("weights: got a mix of NumPy arrays and tensors, expected the same kind as the vectors")
+    lengths = np.array([v.shape[0] for v in vectors], dtype=np.int64)
+    _check_lengths(lengths)
+    offsets = np.zeros(len(vectors) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    dtypes = [v.dtype for v in vectors]
+    if tensor:
+        devices = {v.device for v in vectors}
+        if len(devices) > 1:
+            raise ValueError(f"vectors: got tensors on devices {sorted(map(str, devices))}, expected one device")
+        work = torch.float64 if torch.float64 in dtypes else torch.float32
+        data = torch.cat([v.detach().to(work) for v in vectors])
+        w = torch.cat([x.detach().to(work) for x in weights]) if weights is not None else None
+    else:
+        work = np.float64 if any(d == np.float64 or d == np.longdouble for d in dtypes) else np.float32
+        data = np.concatenate([np.asarray(v, dtype=work) for v in vectors])
+        w = np.concatenate([np.asarray(x, dtype=work) for x in weights]) if weights is not None else None
+    if w is not None:
+        _check_weight_values(w)
+    uniform = int(lengths[0]) if np.all(lengths == lengths[0]) else None
+
+    def rebuild(flat):
+        parts = []
+        for i, d in enumerate(dtypes):
+            seg = flat[offsets[i] : offsets[i + 1]]
+            parts.append(seg.to(d).clone() if tensor else np.array(seg, dtype=d))
+        return parts
+
+    return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=uniform)
+
+
+def validate_sparsity(sparsity: Any) -> float:
+    return _validate_sparsity(sparsity)

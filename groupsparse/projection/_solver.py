@@ -1,0 +1,255 @@
+"""Root finding on the dual, shared by every engine.
+
+Notation (REFERENCE.md §2). For vector i with magnitudes a_i = |c_i|, weights w_i (1 when unweighted) and a
+threshold t_i, let u_i = (a_i - t_i w_i)_+ and
+
+    h_i(t_i) = <w_i, u_i> / ||u_i||,      h_i'(t_i) = -||w_{I_i}||^2 / ||u_i|| + <w_i, u_i>^2 / ||u_i||^3
+
+(one-hot vectors: h_i = w_{j*}, h_i' = 0). The weighted Hoyer sparsity of x_i = u_i/||u_i|| is
+beta_i (||w_i|| - h_i). The grouped projection shares one dual variable mu >= 0 with t_i = mu beta_i and solves
+g(mu) = sum_i beta_i h_i(mu beta_i) = k := sum_i beta_i ||w_i|| - r s; the per-vector projection solves each
+h_i(t_i) = ||w_i|| - s / beta_i on its own (t_i may be negative: that makes a vector denser).
+
+Engines provide ``evaluate(t) -> Evaluation`` (per-vector h, h', and whatever they need to write the output),
+``confirm_lower(t)`` (entries below a proven lower bound can be dropped for good), and ``write(...)``.
+``comm`` turns the local sums into group sums; the distributed projection passes one backed by all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class ProjectionWarning(UserWarning):
+    """The root finder stopped at ``max_iter``; the (feasible) best point found is returned."""
+
+
+class LocalComm:
+    """Sums and maxima over one process: the identity. The distributed module swaps in all-reduce."""
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.float64)
+
+    def max(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.float64)
+
+    def gather(self, values: np.ndarray) -> list[np.ndarray]:
+        return [np.asarray(values, dtype=np.float64)]
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+
+@dataclass
+class Evaluation:
+    mu: float
+    h: Any  # per-vector h_i (engine-native array)
+    dh: Any  # per-vector dh_i/dt_i
+    state: Any  # engine-specific (stats for writing the output)
+    g: float = math.nan  # group sum (after comm)
+    dg: float = math.nan
+
+
+@dataclass
+class ProjectionInfo:
+    """What the solver did. ``sparsity`` is the achieved average (weighted) Hoyer sparsity of the result."""
+
+    mu: float
+    iterations: int
+    evaluations: int
+    sparsity: float
+    target: float
+    discontinuity: bool
+    converged: bool
+    engine: str
+    n_vectors: int
+    already_sparse: bool = False
+    n_jumped: int = 0  # vectors sent to one-hot at a discontinuity (only as many as needed)
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def select_jumpers(drops: np.ndarray, need: float) -> np.ndarray:
+    """Indices (into ``drops``) of the fewest jumps whose summed drop of g reaches ``need``.
+
+    Largest drops first; ties keep index order, so the choice is deterministic across engines and ranks.
+    """
+    order = np.argsort(-drops, kind="stable")
+    cum = np.cumsum(drops[order])
+    count = int(np.searchsorted(cum, need, side="left")) + 1
+    return order[: min(count, len(order))]
+
+
+def solve_shared(eng, sparsity: float, *, tol: float, max_iter: int, comm=None):
+    """Grouped projection: Newton on g(mu) = k with a bracket, bisection fallback and tie resolution.
+
+    Returns ``(flat_output, ProjectionInfo)``.
+    """
+    comm = comm or LocalComm()
+    r_loc = eng.n_vectors
+    beta_h, wnorm_h = eng.beta_host, eng.wnorm_host
+    r_tot, base, mu_top = _group_constants(eng, comm)
+    k = base - r_tot * sparsity
+    # g is a sum of r terms each about beta*||w||: this is its rounding noise, in g's units.
+    slack = 64 * np.finfo(np.float64).eps * max(base, 1.0)
+    evals = 0
+
+    def evaluate(mu: float) -> Evaluation:
+        nonlocal evals
+        evals += 1
+        ev = eng.evaluate_shared(mu)
+        ev.g, ev.dg = (float(v) for v in comm.sum(np.array([ev.g, ev.dg])))
+        return ev
+
+    def info(ev_mu, g, it, disc=False, conv=True, n_jumped=0, early=False):
+        return ProjectionInfo(
+            mu=float(ev_mu), iterations=it, evaluations=evals, sparsity=float((base - g) / r_tot),
+            target=sparsity, discontinuity=disc, converged=conv, engine=eng.name, n_vectors=int(r_tot),
+            already_sparse=early, n_jumped=n_jumped,
+        )
+
+    ev0 = evaluate(0.0)
+    if ev0.g <= k + slack:
+        return eng.copy_input(), info(0.0, ev0.g, 0, early=True)
+    if sparsity >= 1.0:
+        ev = evaluate(math.inf)
+        return eng.write_shared(ev, None, None), info(math.inf, ev.g, 1)
+
+    band = tol * r_tot  # accept g in [k - band, k]
+    target = k - 0.5 * band  # aim inside the feasible side, so Newton from the left lands feasible
+    lo, hi = ev0, None
+    hi_mu = mu_top
+    if eng.weighted:
+        # One-hot vectors keep moving (to lower-weight entries) past mu_top; push the top until feasible.
+        hi = evaluate(hi_mu)
+        while hi.g > k + slack:
+            lo = hi
+            eng.confirm_lower(lo.mu)
+            hi_mu *= 2.0
+            hi = evaluate(hi_mu)
+    cur = lo
+    it = 0
+    slow = 0
+    prev_res = math.inf
+    converged = False
+    disc = False
+    while it < max_iter:
+        it += 1
+        top = hi.mu if hi is not None else hi_mu
+        cand = math.nan
+        if slow < 2 and cur.dg < 0:
+            cand = cur.mu - (cur.g - target) / cur.dg
+        if not (lo.mu < cand < top):
+            cand = 0.5 * (lo.mu + top)
+            slow = 0
+        ev = evaluate(cand)
+        res = abs(ev.g - target)
+        slow = slow + 1 if res > 0.5 * prev_res else 0
+        prev_res = res
+        if ev.g > k + slack:
+            lo = ev
+            eng.confirm_lower(lo.mu)
+        else:
+            hi = ev
+        cur = ev
+        if hi is not None and hi.g >= k - band:
+            converged = True
+            break
+        top = hi.mu if hi is not None else hi_mu
+        if top - lo.mu <= 4 * math.ulp(top):
+            disc = True
+            break
+    if hi is None:  # max_iter hit before any feasible evaluation: the top is always feasible
+        hi = evaluate(hi_mu)
+    if disc:
+        out, n_jumped, g = _resolve_jump(eng, comm, lo, hi, k, slack)
+        return out, info(hi.mu, g, it, disc=True, n_jumped=n_jumped)
+    if not converged:
+        warnings.warn(
+            f"grouped projection stopped after max_iter={max_iter} iterations; returning the feasible point with "
+            f"average sparsity {(base - hi.g) / r_tot:.12g} (target {sparsity})",
+            ProjectionWarning,
+            stacklevel=3,
+        )
+    return eng.write_shared(hi, None, None), info(hi.mu, hi.g, it, conv=converged)
+
+
+def _group_constants(eng, comm):
+    beta_h, wnorm_h = eng.beta_host, eng.wnorm_host
+    r_tot, base = comm.sum(np.array([float(eng.n_vectors), float(np.sum(beta_h * wnorm_h))]))
+    (mu_top,) = comm.max(np.array([eng.mu_top()]))
+    return int(round(r_tot)), float(base), float(mu_top)
+
+
+def _resolve_jump(eng, comm, lo: Evaluation, hi: Evaluation, k: float, slack: float):
+    """g jumps over k between lo and hi (tied largest entries): send only as many tied vectors to one-hot as
+    needed to land on the feasible side, keep the others at their left limit (mass spread over the ties)."""
+    beta = eng.beta_host
+    c_lo = beta * eng.to_host(lo.h)
+    c_hi = beta * eng.to_host(hi.h)
+    drop = c_lo - c_hi
+    # Jumps are at least (sqrt(2) - 1) beta w_min; continuous changes across a bracket this narrow are ~1e-12.
+    jumper = drop > 1e-6 * beta * eng.wmin_host
+    drops_all = comm.gather(drop[jumper])
+    sizes = [len(d) for d in drops_all]
+    drops_cat = np.concatenate(drops_all) if sizes else np.zeros(0)
+    base = hi.g + float(drops_cat.sum())  # every jumper at its left limit, everyone else at hi
+    need = base - k + slack
+    chosen_global = select_jumpers(drops_cat, need) if need > 0 else np.zeros(0, dtype=np.int64)
+    start = sum(sizes[: comm.rank])
+    mine = chosen_global[(chosen_global >= start) & (chosen_global < start + sizes[comm.rank])] - start
+    use_lo = np.zeros(eng.n_vectors, dtype=bool)
+    idx = np.flatnonzero(jumper)
+    use_lo[idx] = True
+    use_lo[idx[mine]] = False
+    g = base - float(drops_cat[chosen_global].sum())
+    return eng.write_shared(hi, lo, use_lo), len(chosen_global), g
+
+
+def solve_each(eng, sparsity: float, *, tol: float, max_iter: int):
+    """Per-vector projection: every vector to exactly ``sparsity`` (same l2 norm), batched safeguarded Newton."""
+    xp = eng.xp
+    beta = eng.beta
+    target = eng.wnorm - sparsity / beta
+    r = eng.n_vectors
+    t = eng.full(0.0)
+    ev = eng.evaluate_vec(t)
+    lo = eng.full(-math.inf)
+    hi = eng.full(math.inf)
+    top = eng.ratio_max  # at or above this threshold a vector is one-hot
+    done = eng.zero_mask | (xp.abs(ev.h - target) <= tol / beta)
+    it = 0
+    while it < max_iter:
+        if bool(xp.all(done)):
+            break
+        it += 1
+        above = ev.h > target  # needs a larger threshold (sparser)
+        lo = xp.where(above, t, lo)
+        hi = xp.where(above, hi, t)
+        newton = t - (ev.h - target) / xp.where(ev.dh < 0, ev.dh, -1.0)
+        newton = xp.where(ev.dh < 0, newton, xp.nan * t)
+        # Bracket ends that are still open: the one-hot top above, a doubling step below.
+        hi_eff = xp.where(xp.isfinite(hi), hi, top)
+        lo_eff = xp.where(xp.isfinite(lo), lo, xp.minimum(2 * t, -top) - 1e-300)
+        inside = (newton > lo_eff) & (newton < hi_eff)
+        mid = xp.where(xp.isfinite(lo), 0.5 * (lo_eff + hi_eff), lo_eff)
+        cand = xp.where(inside, newton, mid)
+        t = xp.where(done, t, cand)
+        ev = eng.evaluate_vec(t)
+        width_tiny = (hi_eff - lo_eff) <= 4 * xp.abs(hi_eff) * np.finfo(np.float64).eps
+        done = done | (xp.abs(ev.h - target) <= tol / beta) | width_tiny
+    # A vector whose target lies in a jump (ties at the top) goes to the sparser side: its one-hot.
+    t = xp.where(ev.h > target + tol / beta, xp.maximum(t, top), t)
+    ev = eng.evaluate_vec(t)
+    out = eng.write_each(ev)
+    sp = eng.to_host(beta * (eng.wnorm - ev.h))
+    sp = np.where(eng.to_host(eng.zero_mask), 1.0, sp)
+    return out, sp, it
