@@ -1,0 +1,101 @@
+"""Baselines against which GSP is compared: magnitude, random, and DeepHoyer's Hoyer-Square regularizer."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .masks import Pruner, check_fraction, check_prune_scope
+from .vectors import as_vectors, check_mode
+
+
+class MagnitudePruner(Pruner):
+    """Zero the smallest-magnitude weights: an exact fraction globally or per layer, or below a threshold.
+
+    >>> MagnitudePruner(model).prune(0.9, scope="global")   # exactly 90 % of the selected weights masked
+    """
+
+    def prune(self, zero_fraction: float | None = None, *, scope: str = "model", threshold: float | None = None,
+              style: str = "buffer") -> dict[str, torch.Tensor]:
+        """Install masks; give exactly one of ``zero_fraction`` (exact count) or ``threshold`` (|w| <= threshold)."""
+        if (zero_fraction is None) == (threshold is None):
+            raise ValueError(f"got zero_fraction={zero_fraction!r} and threshold={threshold!r}, expected exactly one")
+        if threshold is not None:
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+                raise ValueError(f"threshold: got {threshold!r}, expected a non-negative float")
+            masks = {t.name: t.param.detach().abs() > threshold for t in self.targets}
+            for t in self.targets:
+                m = self.mask(t)
+                if m is not None:
+                    masks[t.name] &= m
+        else:
+            masks = self._magnitude_masks(zero_fraction, scope, keep_zeros=False)
+        self.set_masks(masks, style=style)
+        return masks
+
+
+class RandomPruner(Pruner):
+    """Mask a uniformly random exact fraction of weights (a floor any real method must beat)."""
+
+    def prune(self, zero_fraction: float, *, scope: str = "layer", seed: int | None = None,
+              generator: torch.Generator | None = None, style: str = "buffer") -> dict[str, torch.Tensor]:
+        check_fraction(zero_fraction, "zero_fraction")
+        check_prune_scope(scope)
+        if generator is None:
+            generator = torch.Generator()
+            if seed is not None:
+                generator.manual_seed(int(seed))
+        scores = {t.name: torch.rand(t.shape, generator=generator) for t in self.targets}
+        masks = self._magnitude_masks(zero_fraction, scope, keep_zeros=False, scores=scores)
+        self.set_masks(masks, style=style)
+        return masks
+
+
+def hoyer_square(tensors: torch.Tensor | Sequence[torch.Tensor], *, vectors: str | None = None,
+                 eps: float = 1e-12) -> torch.Tensor:
+    r"""Hoyer-Square :math:`\|w\|_1^2 / \|w\|_2^2` summed over tensors (DeepHoyer, Yang et al. 2020); differentiable.
+
+    ``vectors=None`` is the element-wise regularizer; a vector mode (e.g. ``"filter"``) gives DeepHoyer's group
+    form :math:`(\sum_g \|w_g\|_2)^2 / \|w\|_2^2`, which pushes whole vectors to zero. It is scale invariant and
+    lies in [1, N]; ``eps`` guards all-zero tensors.
+    """
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    total = None
+    for w in tensors:
+        if vectors is None:
+            l1 = w.abs().sum()
+        else:
+            l1 = torch.linalg.vector_norm(as_vectors(w, check_mode(vectors)), dim=1).sum()
+        hs = l1 * l1 / (w.pow(2).sum() + eps)
+        total = hs if total is None else total + hs
+    if total is None:
+        raise ValueError("tensors: got an empty list, expected at least one tensor")
+    return total
+
+
+class HoyerSquareRegularizer(Pruner):
+    """DeepHoyer baseline: add ``regularizer()`` to the loss while training, then :meth:`prune` by threshold.
+
+    >>> reg = HoyerSquareRegularizer(model, strength=1e-4)
+    >>> loss = criterion(model(x), y) + reg()
+    >>> ...                                    # train
+    >>> reg.prune(threshold=1e-3)              # or zero_fraction=0.9; then finetune with reg.attach(opt)
+    """
+
+    def __init__(self, model: nn.Module, strength: float = 1e-4, *, vectors: str | None = None, **selection: Any):
+        super().__init__(model, **selection)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength < 0:
+            raise ValueError(f"strength: got {strength!r}, expected a non-negative float")
+        self.strength = float(strength)
+        self.vectors = None if vectors is None else check_mode(vectors)
+
+    def __call__(self) -> torch.Tensor:
+        return self.strength * hoyer_square(self.params, vectors=self.vectors)
+
+    def prune(self, zero_fraction: float | None = None, *, threshold: float | None = None, scope: str = "model",
+              style: str = "buffer") -> dict[str, torch.Tensor]:
+        """Mask |w| <= ``threshold`` (DeepHoyer's rule) or an exact ``zero_fraction`` by magnitude."""
+        return MagnitudePruner.prune(self, zero_fraction, scope=scope, threshold=threshold, style=style)

@@ -1,0 +1,49 @@
+"""Lightning callback for induced GSP (``pip install groupsparse[lightning]``); importing this module imports Lightning."""
+
+from __future__ import annotations
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the older package name
+    try:
+        import pytorch_lightning as pl
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("groupsparse.prune.lightning needs Lightning: pip install 'groupsparse[lightning]'") from e
+
+from .pruner import GSPPruner
+
+
+class GSPCallback(pl.Callback):
+    """Drive a :class:`~groupsparse.prune.GSPPruner` from a Lightning ``Trainer``.
+
+    Projects after optimizer steps as the pruner's schedule says (``trainer.global_step``), keeps masks enforced
+    on every optimizer the trainer uses, and optionally fixes the masks at the start of ``finalize_epoch``.
+    """
+
+    def __init__(self, pruner: GSPPruner, *, finalize_epoch: int | None = None, zero_fraction: float | None = None,
+                 finalize_scope: str = "model"):
+        super().__init__()
+        if not isinstance(pruner, GSPPruner):
+            raise TypeError(f"pruner: got {type(pruner).__name__}, expected a GSPPruner")
+        self.pruner = pruner
+        self.finalize_epoch = finalize_epoch
+        self.zero_fraction = zero_fraction
+        self.finalize_scope = finalize_scope
+        self.finalized = False
+
+    def on_fit_start(self, trainer, pl_module):
+        for opt in trainer.optimizers:
+            self.pruner.attach(opt)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if not self.finalized and self.finalize_epoch is not None and trainer.current_epoch >= self.finalize_epoch:
+            self.pruner.finalize(self.zero_fraction, scope=self.finalize_scope)
+            self.finalized = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.finalized:
+            # global_step already counts the step just taken
+            self.pruner.step(max(trainer.global_step - 1, 0))
+
+    def on_fit_end(self, trainer, pl_module):
+        self.pruner.detach()

@@ -1,0 +1,381 @@
+"""Masks over selected parameters: storing them, enforcing them through training, and making them permanent.
+
+:class:`Pruner` is the base every strategy derives from (GSP, magnitude, random, threshold). It owns the
+selected :class:`~groupsparse.prune.selection.Target` list and stores one boolean keep-mask per target in one of
+three places, chosen by ``style``:
+
+* ``"buffer"`` (default): a ``<name>_mask`` bool buffer on the module; the weight stays a plain parameter holding
+  real zeros, so the forward pass costs nothing extra and ``state_dict()`` carries the mask.
+* ``"torch_prune"``: :func:`torch.nn.utils.prune.custom_from_mask` (``weight_orig`` + ``weight_mask`` and a
+  forward pre-hook), for code that expects ``torch.nn.utils.prune``'s layout.
+* ``"parametrize"``: a :mod:`torch.nn.utils.parametrize` parametrization multiplying by the mask.
+
+In every style the ``nn.Parameter`` object is the same one the optimizer holds. Masking in the forward pass
+alone (the reference code's approach) lets momentum and weight decay keep moving pruned weights; here
+:meth:`Pruner.attach` registers an optimizer step post-hook that zeros pruned weights *and* every optimizer state
+tensor shaped like the parameter (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``),
+and a gradient hook that zeros their gradients (so gradient clipping and norms see the pruned model).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
+
+from .selection import Target, select_parameters
+
+MASK_STYLES = ("buffer", "torch_prune", "parametrize")
+_SCOPES = {"model": "model", "global": "model", "layer": "layer"}
+
+
+class _MaskParametrization(nn.Module):
+    """``weight = original * mask`` (the mask is a buffer, so it follows ``.to(device)`` and ``state_dict``)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def check_fraction(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what}: got {type(value).__name__}, expected a float in [0, 1]")
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{what}: got {value!r}, expected a float in [0, 1]")
+    return v
+
+
+def check_prune_scope(scope: Any) -> str:
+    if not isinstance(scope, str) or scope not in _SCOPES:
+        raise ValueError(f"scope: got {scope!r}, expected 'model' (alias 'global') or 'layer'")
+    return _SCOPES[scope]
+
+
+def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool tensor (same shape) marking exactly ``k`` entries with the smallest scores; ties broken by position.
+
+    Uses a k-th value threshold plus an explicit tie pass instead of a full sort, so it stays O(N) in memory
+    and exact when many scores tie (e.g. the zeros a projection leaves).
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"k: got {k}, expected 0 <= k <= {n}")
+    out = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k == 0:
+        return out.reshape(scores.shape)
+    if k == n:
+        return ~out.reshape(scores.shape)
+    thr = torch.kthvalue(flat.float().cpu() if flat.device.type == "mps" else flat.float(), k).values.to(flat.device)
+    below = flat < thr
+    out |= below
+    need = k - int(below.sum())
+    if need > 0:
+        ties = torch.nonzero(flat == thr).reshape(-1)[:need]
+        out[ties] = True
+    return out.reshape(scores.shape)
+
+
+class Pruner:
+    """Base class: a selection of parameters with optional keep-masks.
+
+    Parameters
+    ----------
+    model : nn.Module
+    targets : list of :class:`Target`, optional
+        Skip the selection below and use these.
+    include, exclude, module_types, exclude_module_types, param_names :
+        Forwarded to :func:`~groupsparse.prune.select_parameters` (default: every conv and Linear weight).
+    """
+
+    def __init__(self, model: nn.Module, *, targets: Sequence[Target] | None = None, include=None, exclude=None,
+                 module_types=None, exclude_module_types=(), param_names=("weight",)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: got {type(model).__name__}, expected a torch.nn.Module")
+        self.model = model
+        if targets is None:
+            targets = select_parameters(model, include=include, exclude=exclude, module_types=module_types,
+                                        exclude_module_types=exclude_module_types, param_names=param_names)
+        self.targets: list[Target] = list(targets)
+        if not self.targets:
+            raise ValueError("model: got no parameter to prune, expected at least one (check include/exclude/module_types)")
+        self._styles: dict[str, str] = {}
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._handles: list[Any] = []
+        self._grad_handles: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ masks
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [t.param for t in self.targets]
+
+    def target(self, name: str) -> Target:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise KeyError(f"target: got {name!r}, expected one of {[t.name for t in self.targets]}")
+
+    def mask(self, target: Target | str) -> torch.Tensor | None:
+        """The bool keep-mask of ``target`` (True = kept), or ``None`` when it is not masked."""
+        t = self.target(target) if isinstance(target, str) else target
+        style = self._styles.get(t.name)
+        if style is None:
+            return None
+        if style == "parametrize":
+            return t.module.parametrizations[t.param_name][0].mask.bool()
+        return getattr(t.module, t.param_name + "_mask").bool()
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {t.name: m for t in self.targets if (m := self.mask(t)) is not None}
+
+    @property
+    def is_masked(self) -> bool:
+        return bool(self._styles)
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor], *, style: str = "buffer") -> None:
+        """Install keep-masks (``{target name: bool tensor}``), zero the pruned weights and their optimizer state.
+
+        Applied transactionally: every mask is validated before any module is changed. Targets missing from
+        ``masks`` keep whatever mask they had.
+        """
+        if style not in MASK_STYLES:
+            raise ValueError(f"style: got {style!r}, expected one of {MASK_STYLES}")
+        checked = {}
+        for name, m in masks.items():
+            t = self.target(name)
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"masks[{name!r}]: got {type(m).__name__}, expected a tensor")
+            if tuple(m.shape) != t.shape:
+                raise ValueError(f"masks[{name!r}]: got shape {tuple(m.shape)}, expected {t.shape}")
+            checked[name] = m.detach().to(device=t.param.device, dtype=torch.bool)
+        for name, m in checked.items():
+            t = self.target(name)
+            old = self._styles.get(name)
+            if old is not None and old != style:
+                self._unmask(t, bake=True)
+                old = None
+            if old is None:
+                self._install(t, m, style)
+            else:
+                self._update(t, m)
+        self.apply_masks()
+
+    def _install(self, t: Target, m: torch.Tensor, style: str) -> None:
+        if style == "buffer":
+            if hasattr(t.module, t.param_name + "_mask"):
+                raise ValueError(f"{t.name}: the module already has {t.param_name}_mask, expected an unmasked parameter "
+                                 "(is it pruned by torch.nn.utils.prune? use Pruner.from_torch_prune)")
+            t.module.register_buffer(t.param_name + "_mask", m)
+        elif style == "torch_prune":
+            torch_prune.custom_from_mask(t.module, t.param_name, m.to(t.param.dtype))
+        else:
+            parametrize.register_parametrization(t.module, t.param_name, _MaskParametrization(m))
+        self._styles[t.name] = style
+        self._hook_grad(t)
+
+    def _update(self, t: Target, m: torch.Tensor) -> None:
+        style = self._styles[t.name]
+        if style == "parametrize":
+            buf = t.module.parametrizations[t.param_name][0].mask
+        else:
+            buf = getattr(t.module, t.param_name + "_mask")
+        with torch.no_grad():
+            buf.copy_(m.to(buf.dtype))
+
+    def _hook_grad(self, t: Target) -> None:
+        if t.name in self._grad_handles or not t.param.requires_grad:
+            return
+
+        def hook(grad, t=t):
+            m = self.mask(t)
+            return grad if m is None else grad.masked_fill(~m, 0)
+
+        self._grad_handles[t.name] = t.param.register_hook(hook)
+
+    def _unmask(self, t: Target, *, bake: bool) -> None:
+        style = self._styles.pop(t.name, None)
+        if style is None:
+            return
+        if style == "buffer":
+            m = t.module._buffers.pop(t.param_name + "_mask")
+            if bake:
+                with torch.no_grad():
+                    t.param.masked_fill_(~m.bool(), 0)
+        elif style == "torch_prune":
+            if bake:
+                torch_prune.remove(t.module, t.param_name)
+            else:
+                for k, hook in list(t.module._forward_pre_hooks.items()):
+                    if isinstance(hook, torch_prune.BasePruningMethod) and hook._tensor_name == t.param_name:
+                        del t.module._forward_pre_hooks[k]
+                delattr(t.module, t.param_name)
+                del t.module._buffers[t.param_name + "_mask"]
+                del t.module._parameters[t.param_name + "_orig"]
+                t.module.register_parameter(t.param_name, t.param)
+        else:
+            if bake:
+                m = t.module.parametrizations[t.param_name][0].mask.bool()
+                with torch.no_grad():
+                    t.param.masked_fill_(~m, 0)
+            parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
+        h = self._grad_handles.pop(t.name, None)
+        if h is not None:
+            h.remove()
+
+    # ------------------------------------------------------------ enforcement
+    @torch.no_grad()
+    def apply_masks(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None) -> None:
+        """Zero pruned weights, and their gradients and optimizer state (attached optimizers and ``optimizers``)."""
+        opts = list(self._optimizers)
+        if optimizers is not None:
+            extra = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+            opts += [o for o in extra if all(o is not a for a in opts)]
+        for t in self.targets:
+            m = self.mask(t)
+            if m is None:
+                continue
+            off = ~m
+            t.param.masked_fill_(off, 0)
+            if t.param.grad is not None:
+                t.param.grad.masked_fill_(off, 0)
+            for opt in opts:
+                state = opt.state.get(t.param)
+                if not state:
+                    continue
+                for v in state.values():
+                    if isinstance(v, torch.Tensor) and v.shape == t.param.shape:
+                        v.masked_fill_(off, 0)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
+        """Re-apply the masks after every ``optimizer.step()`` (weights and optimizer state). Returns ``self``."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: got {type(optimizer).__name__}, expected a torch.optim.Optimizer")
+        if any(o is optimizer for o in self._optimizers):
+            return self
+        self._optimizers.append(optimizer)
+        self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply_masks()))
+        return self
+
+    def detach(self) -> None:
+        """Stop enforcing masks on optimizer steps (masks stay installed)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._optimizers.clear()
+
+    # ---------------------------------------------------------------- finish
+    def remove(self) -> nn.Module:
+        """Make the pruning permanent: real zeros in plain parameters, no masks, hooks or optimizer hooks.
+
+        Like :func:`torch.nn.utils.prune.remove`; the parameter objects stay the same. Returns the model.
+        """
+        self.detach()
+        for t in self.targets:
+            self._unmask(t, bake=True)
+        for h in self._grad_handles.values():
+            h.remove()
+        self._grad_handles.clear()
+        return self.model
+
+    def pruned_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state_dict with masks applied and mask entries dropped (the model is not modified)."""
+        return pruned_state_dict(self.model)
+
+    @classmethod
+    def from_torch_prune(cls, model: nn.Module, **kwargs) -> "Pruner":
+        """Adopt a model already pruned with :mod:`torch.nn.utils.prune` (its masks are kept in that style)."""
+        pruner = cls(model, **kwargs)
+        for t in pruner.targets:
+            if torch_prune.is_pruned(t.module) and hasattr(t.module, t.param_name + "_mask") \
+                    and t.module._parameters.get(t.param_name + "_orig") is t.param:
+                pruner._styles[t.name] = "torch_prune"
+                pruner._hook_grad(t)
+        return pruner
+
+    # -------------------------------------------------------------- measures
+    def zero_fraction(self) -> float:
+        """Fraction of exact zeros over all targets (masked entries count once they are zeroed)."""
+        zeros = total = 0
+        with torch.no_grad():
+            for t in self.targets:
+                zeros += int((t.param == 0).sum())
+                total += t.param.numel()
+        return zeros / total if total else 0.0
+
+    def report(self, *, vectors: str = "filter"):
+        """A :class:`~groupsparse.prune.report.SparsityReport` over the targets."""
+        from .report import sparsity_report
+
+        sd = pruned_state_dict(self.model)
+        return sparsity_report({t.name: sd[t.name] for t in self.targets}, vectors=vectors,
+                               names=[t.name for t in self.targets])
+
+    def _magnitude_masks(self, zero_fraction: float, scope: str, *, keep_zeros: bool,
+                         scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Keep-masks pruning exactly ``round(zero_fraction * N)`` entries of smallest score (default |w|)."""
+        zero_fraction = check_fraction(zero_fraction, "zero_fraction")
+        scope = check_prune_scope(scope)
+        with torch.no_grad():
+            sc = {t.name: (scores[t.name] if scores is not None else t.param.detach().abs()).float()
+                  for t in self.targets}
+            for t in self.targets:  # entries already masked are pruned first
+                m = self.mask(t)
+                if m is not None:
+                    sc[t.name] = sc[t.name].masked_fill(~m, -1.0)
+            groups = [[t] for t in self.targets] if scope == "layer" else [self.targets]
+            out = {}
+            for g in groups:
+                flat = torch.cat([sc[t.name].reshape(-1).to(self.targets[0].param.device) for t in g])
+                n = flat.numel()
+                k = int(round(zero_fraction * n))
+                if keep_zeros:
+                    already = int((flat <= 0).sum())
+                    if already > k:
+                        warnings.warn(f"keep_zeros: {already} of {n} entries are already zero ({already / n:.4f}), more than "
+                                      f"zero_fraction={zero_fraction}; keeping them all", stacklevel=3)
+                        k = already
+                pruned = smallest_k(flat, k)
+                i = 0
+                for t in g:
+                    cnt = t.param.numel()
+                    out[t.name] = ~pruned[i:i + cnt].reshape(t.shape).to(t.param.device)
+                    i += cnt
+        return out
+
+
+def pruned_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain state_dict with real zeros: ``x_orig * x_mask`` folded into ``x``, ``*_mask`` buffers applied and
+    dropped, parametrizations flattened. Works on models pruned by this module or by torch.nn.utils.prune."""
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
+    out: dict[str, torch.Tensor] = {}
+    masks = {k[: -len("_mask")]: v for k, v in sd.items() if k.endswith("_mask") and isinstance(v, torch.Tensor)}
+    for k, v in sd.items():
+        if k.endswith("_mask") and k[: -len("_mask")] in masks and (
+                k[: -len("_mask")] in sd or k[: -len("_mask")] + "_orig" in sd):
+            continue
+        if ".parametrizations." in k:
+            head, rest = k.split(".parametrizations.", 1)
+            pname, leaf = rest.split(".", 1)
+            if leaf == "original":
+                m = sd.get(f"{head}.parametrizations.{pname}.0.mask")
+                w = v.detach().clone()
+                if m is not None:
+                    w = w.masked_fill(~m.bool(), 0)
+                out[f"{head}.{pname}"] = w
+            continue
+        name = k[: -len("_orig")] if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in sd else k
+        w = v.detach().clone() if isinstance(v, torch.Tensor) else v
+        m = masks.get(name)
+        if m is not None and isinstance(w, torch.Tensor) and m.shape == w.shape:
+            w = w.masked_fill(~m.bool(), 0)
+        out[name] = w
+    return out

@@ -1,0 +1,144 @@
+"""GSPPruner: grouped sparse projection of a model's weights, in place, on a schedule, then fixed masks."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .masks import Pruner, check_fraction
+from .schedule import Schedule
+from .vectors import check_mode, check_normalize, check_scope, project_tensors, vector_shape
+
+
+class GSPPruner(Pruner):
+    """Prune a model with the grouped sparse projection (induced or single-shot GSP).
+
+    Parameters
+    ----------
+    model : nn.Module
+    sparsity : float in [0, 1] or :class:`Schedule`
+        Target average Hoyer sparsity of the vectors. A float is a constant schedule that projects on every
+        :meth:`step`; single-shot use calls :meth:`project` directly.
+    vectors : {"filter", "fan_out" (alias "kernel_position"), "kernel", "layer"}
+        How each tensor is cut into vectors (see :mod:`groupsparse.prune.vectors`).
+    scope : {"layer", "model"}
+        ``"layer"``: each tensor is its own group at the target; ``"model"``: one ragged group over all.
+    normalize : {None, "vector", "layer"}
+        Rescale vectors before the projection and back after it; meant for ``scope="model"``, where raw norms
+        starve small layers.
+    engine, tol, max_iter : forwarded to :func:`groupsparse.project`.
+    include, exclude, module_types, exclude_module_types, param_names, targets :
+        Parameter selection (see :func:`~groupsparse.prune.select_parameters`).
+
+    Tensors whose vectors would have one entry (a 1×1 conv in ``"kernel"`` mode, a one-output Linear in
+    ``"fan_out"`` mode) cannot be projected; they are left out of the projection with a warning but still take
+    part in :meth:`finalize`.
+
+    Example
+    -------
+    >>> pruner = GSPPruner(model, Schedule(0.8, start=1000, every=150)).attach(optimizer)
+    >>> for batch in loader:
+    ...     loss(model, batch).backward(); optimizer.step(); optimizer.zero_grad()
+    ...     pruner.step()
+    >>> pruner.finalize(zero_fraction=0.9)   # exact 90 % zeros, global magnitude over the projected weights
+    """
+
+    def __init__(self, model: nn.Module, sparsity: float | Schedule, *, vectors: str = "filter",
+                 scope: str = "layer", normalize: str | None = None, engine: str = "auto",
+                 tol: float | None = None, max_iter: int | None = None, **selection: Any):
+        super().__init__(model, **selection)
+        if isinstance(sparsity, Schedule):
+            self.schedule = sparsity
+        else:
+            self.schedule = Schedule(check_fraction(sparsity, "sparsity"))
+        self.vectors = check_mode(vectors)
+        self.scope = check_scope(scope)
+        self.normalize = check_normalize(normalize)
+        self.engine, self.tol, self.max_iter = engine, tol, max_iter
+        self.step_count = 0
+        self.last_info: list = []
+        self.last_time = 0.0
+        self.history: list[dict] = []  # one record per projection: step, target, time, achieved sparsity
+        self._projectable = []
+        skipped = []
+        for t in self.targets:
+            if t.param.numel() == 0:
+                continue
+            r, n = vector_shape(t.shape, self.vectors) if (t.param.dim() >= 3 or self.vectors != "kernel") else (0, 1)
+            (self._projectable if n >= 2 else skipped).append(t)
+        self.skipped = skipped
+        if skipped:
+            warnings.warn(f"vectors={vectors!r}: {len(skipped)} tensor(s) have vectors of one entry and are left out of "
+                          f"the projection: {[t.name for t in skipped][:8]}", stacklevel=2)
+        if not self._projectable:
+            raise ValueError(f"vectors: got {vectors!r}, which leaves no tensor with vectors of length >= 2 to project")
+
+    @torch.no_grad()
+    def project(self, sparsity: float | None = None) -> list:
+        """Project the selected weights in place now (single-shot GSP, or one induced step).
+
+        ``sparsity`` defaults to the schedule's final target. Parameters keep their identity; masked entries
+        stay zero. Returns the :class:`~groupsparse.ProjectionInfo` list (one per tensor, or one for the model).
+        """
+        s = self.schedule.target if sparsity is None else check_fraction(sparsity, "sparsity")
+        t0 = time.perf_counter()
+        params = [t.param for t in self._projectable]
+        results, infos = project_tensors(params, s, vectors=self.vectors, scope=self.scope,
+                                         normalize=self.normalize, engine=self.engine, tol=self.tol,
+                                         max_iter=self.max_iter)
+        for p, r in zip(params, results):
+            p.copy_(r)
+        self.apply_masks()
+        self.last_time = time.perf_counter() - t0
+        self.last_info = infos
+        self.history.append({"step": self.step_count, "target": s, "seconds": self.last_time,
+                             "sparsity": [float(i.sparsity) for i in infos]})
+        return infos
+
+    def step(self, step: int | None = None) -> bool:
+        """Plain-loop hook, called after ``optimizer.step()``: projects when the schedule says so.
+
+        ``step`` is the global optimizer step; without it an internal counter is used (and advanced).
+        Returns whether a projection happened.
+        """
+        if step is None:
+            step = self.step_count
+            self.step_count += 1
+        else:
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"step: got {step!r}, expected a non-negative int")
+            self.step_count = step + 1
+        if not self.schedule.should_project(step):
+            return False
+        s = self.schedule.value(step)
+        if s is None or s <= 0:
+            return False
+        self.project(s)
+        return True
+
+    def finalize(self, zero_fraction: float | None = None, *, scope: str = "model", keep_zeros: bool = True,
+                 style: str = "buffer") -> dict[str, torch.Tensor]:
+        """Fix the masks for finetuning; returns ``{target name: bool keep-mask}``.
+
+        ``zero_fraction=None`` masks exactly the zeros the projection left. With a value, magnitude pruning over
+        the (projected) weights sets exactly ``round(zero_fraction * N)`` entries to zero, over all targets
+        (``scope="model"``/``"global"``, the paper's choice) or per tensor (``scope="layer"``). ``keep_zeros``
+        never unmasks an existing zero (if there are more zeros than the fraction asks for, all stay masked and
+        a warning says so); with ``keep_zeros=False`` the count is exact and surplus zeros may regrow.
+        ``style`` chooses where masks live (``"buffer"``, ``"torch_prune"``, ``"parametrize"``).
+        Call :meth:`attach` (before or after) so optimizer steps keep pruned weights at zero.
+        """
+        if zero_fraction is None:
+            masks = {t.name: (t.param.detach() != 0) for t in self.targets}
+            for t in self.targets:
+                m = self.mask(t)
+                if m is not None:
+                    masks[t.name] &= m
+        else:
+            masks = self._magnitude_masks(zero_fraction, scope, keep_zeros=keep_zeros)
+        self.set_masks(masks, style=style)
+        return masks

@@ -1,0 +1,186 @@
+"""Which parameters a pruner touches.
+
+A *target* is one weight tensor of one module. The default choice follows the paper (every convolution and
+linear weight; biases, normalization and embedding tables stay dense) but every part is overridable: module
+types, parameter names, and glob or regex patterns on the qualified parameter name (``"layer1.0.conv1.weight"``),
+so the same call works on torchvision CNNs and on Hugging Face style transformer blocks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+# Linear-like layers of common libraries that are not nn.Linear subclasses are matched by class name, so that
+# selecting them needs no import of those libraries (HF GPT-2 uses transformers.pytorch_utils.Conv1D).
+DEFAULT_MODULE_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                          nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+DEFAULT_MODULE_NAMES: tuple[str, ...] = ("Conv1D",)
+
+Pattern = str | re.Pattern
+
+
+@dataclass(eq=False)
+class Target:
+    """One prunable tensor: ``getattr(module, param_name)``, known in the model as ``name``."""
+
+    name: str  # qualified parameter name, e.g. "features.0.weight"
+    module_name: str
+    module: nn.Module
+    param_name: str  # attribute on the module, e.g. "weight"
+    param: torch.Tensor  # the nn.Parameter itself (identity kept across projections and masking)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
+
+    def __repr__(self) -> str:
+        return f"Target({self.name!r}, shape={self.shape}, module={type(self.module).__name__})"
+
+
+def _compile(patterns: Pattern | Sequence[Pattern] | None, what: str) -> list[Callable[[str], bool]]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, (str, re.Pattern)):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        if isinstance(p, re.Pattern):
+            out.append(lambda s, p=p: p.search(s) is not None)
+        elif isinstance(p, str):
+            # "re:" prefix for regular expressions, anything else is a shell-style glob on the full name
+            if p.startswith("re:"):
+                rx = re.compile(p[3:])
+                out.append(lambda s, rx=rx: rx.search(s) is not None)
+            else:
+                out.append(lambda s, p=p: fnmatch.fnmatchcase(s, p))
+        else:
+            raise TypeError(f"{what}: got {type(p).__name__}, expected a glob string, 're:<regex>' or a compiled regex")
+    return out
+
+
+def _check_types(types: Any, what: str) -> tuple[type, ...]:
+    if isinstance(types, type):
+        types = (types,)
+    types = tuple(types)
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"{what}: got {t!r}, expected nn.Module subclasses")
+    return types
+
+
+def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] | None = None,
+                      exclude: Pattern | Sequence[Pattern] | None = None,
+                      module_types: type | Iterable[type] | None = None,
+                      exclude_module_types: type | Iterable[type] = (),
+                      param_names: str | Sequence[str] = ("weight",),
+                      min_ndim: int = 2) -> list[Target]:
+    """Return the targets of ``model`` a pruner acts on, in ``named_modules`` order.
+
+    Parameters
+    ----------
+    include : glob (``"*.attn.*"``), ``"re:<regex>"`` or compiled regex, or a list of them
+        Patterns on the qualified parameter name; when given, only matching parameters are kept (on top of
+        the module-type filter: pass ``module_types=nn.Module`` to match any module).
+    exclude : same kinds
+        Patterns that remove parameters; they win over ``include``.
+    module_types : module classes, default conv (1/2/3-d, transposed) and ``nn.Linear`` (+ classes named
+        ``Conv1D``, the HF GPT-2 linear)
+    exclude_module_types : module classes never pruned (default: none beyond norms and embeddings)
+    param_names : attribute names looked at on each module (default ``"weight"``: biases stay dense)
+    min_ndim : parameters with fewer dimensions are skipped (default 2: biases and norm scales)
+
+    Normalization layers and embeddings are never selected through the default types; with
+    ``module_types=nn.Module`` they are, and ``exclude``/``exclude_module_types`` remove them.
+    Shared (tied) parameters are returned once.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: got {type(model).__name__}, expected a torch.nn.Module")
+    custom_types = module_types is not None
+    types = _check_types(module_types, "module_types") if custom_types else DEFAULT_MODULE_TYPES
+    names_by_class = () if custom_types else DEFAULT_MODULE_NAMES
+    never = _check_types(exclude_module_types, "exclude_module_types")
+    if not custom_types:
+        never = never + _NORM_AND_EMBEDDING
+    if isinstance(param_names, str):
+        param_names = (param_names,)
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+
+    out, seen = [], set()
+    for mname, module in model.named_modules():
+        if never and isinstance(module, never):
+            continue
+        if not (isinstance(module, types) or type(module).__name__ in names_by_class):
+            continue
+        for pname in param_names:
+            p = module._parameters.get(pname)
+            if p is None:
+                # already masked: torch.nn.utils.prune keeps it as "<name>_orig", parametrize as ".original"
+                p = module._parameters.get(pname + "_orig")
+                plist = getattr(module, "parametrizations", None)
+                if p is None and plist is not None and pname in plist:
+                    p = plist[pname].original
+            if p is None or id(p) in seen:
+                continue
+            full = f"{mname}.{pname}" if mname else pname
+            if inc and not any(f(full) for f in inc):
+                continue
+            if any(f(full) for f in exc):
+                continue
+            if not p.dtype.is_floating_point or p.dim() < min_ndim:
+                continue
+            seen.add(id(p))
+            out.append(Target(full, mname, module, pname, p))
+    return out
+
+
+_NORM_AND_EMBEDDING = (nn.Embedding, nn.EmbeddingBag, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                       nn.LocalResponseNorm)
+
+
+def select_state_dict_keys(state_dict: dict[str, Any], *, include: Pattern | Sequence[Pattern] | None = None,
+                           exclude: Pattern | Sequence[Pattern] | None = None,
+                           rule: Callable[[str, Any], bool] | None = None) -> list[str]:
+    """Names of the tensors of a bare state_dict (no model code) to prune.
+
+    Without the modules, layer types are unknown, so a tensor is selected when ``rule(name, tensor)`` holds;
+    the default :func:`looks_like_layer_weight` accepts a floating tensor with 2 dims (linear) or 3-5 dims
+    (convolutions) whose name ends in ``weight`` and does not look like a normalization or embedding (``norm``,
+    ``bn``, ``ln``, ``embed``, ``wte``/``wpe``, ...). ``include`` narrows to matching names, ``exclude`` removes
+    names, and ``rule=lambda name, t: True`` (CLI ``--any-tensor``) drops the heuristic.
+    """
+    rule = looks_like_layer_weight if rule is None else rule
+    if not callable(rule):
+        raise TypeError(f"rule: got {type(rule).__name__}, expected a callable (name, tensor) -> bool")
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    out = []
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
+            continue
+        if inc and not any(f(k) for f in inc):
+            continue
+        if any(f(k) for f in exc):
+            continue
+        if rule(k, v):
+            out.append(k)
+    return out
+
+
+_NOT_LAYER = re.compile(r"(norm|(^|[._])(bn|ln)\d*([._]|$)|embed|(^|[._])(wte|wpe)([._]|$)|cls_token|mask_token)",
+                        re.IGNORECASE)
+
+
+def looks_like_layer_weight(name: str, tensor: Any) -> bool:
+    """Default checkpoint rule: 2-D (linear) or 3-5-D (conv) floating ``*weight`` not named like a norm/embedding."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.dtype.is_floating_point:
+        return False
+    if not name.endswith("weight") or name.endswith("_mask"):
+        return False
+    if tensor.dim() not in (2, 3, 4, 5):
+        return False
+    return _NOT_LAYER.search(name) is None
