@@ -219,7 +219,11 @@ def solve_each(eng, sparsity: float, *, tol: float, max_iter: int):
     xp = eng.xp
     beta = eng.beta
     target = eng.wnorm - sparsity / beta
-    r = eng.n_vectors
+    if sparsity == 0.0:
+        # all magnitudes equal (x proportional to w) is the limit t -> -inf; 1e12 puts it past float64 resolution
+        ev = eng.evaluate_vec(-1e12 * eng.ratio_max)
+        sp = np.where(eng.to_host(eng.zero_mask), 1.0, 0.0)
+        return eng.write_each(ev), sp, 0
     t = eng.full(0.0)
     ev = eng.evaluate_vec(t)
     lo = eng.full(-math.inf)

@@ -1,0 +1,88 @@
+"""Brute-force references, written from REFERENCE.md's math only (no code shared with the package)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sparsity(x, w=None) -> float:
+    a = np.abs(np.asarray(x, dtype=np.float64))
+    w = np.ones_like(a) if w is None else np.asarray(w, dtype=np.float64)
+    nrm = np.linalg.norm(a)
+    if nrm == 0:
+        return 1.0
+    return float((np.linalg.norm(w) - np.dot(w, a) / nrm) / (np.linalg.norm(w) - w.min()))
+
+
+def _x_of_mu(a, w, beta, mu):
+    u = np.maximum(a - mu * beta * w, 0.0)
+    if np.any(u > 0):
+        return u / np.linalg.norm(u)
+    x = np.zeros_like(a)
+    x[np.argmax(a - mu * beta * w)] = 1.0
+    return x
+
+
+def gsp_bruteforce(vectors, s, weights=None, iters=400):
+    """Plain bisection on the shared dual variable, feasible end returned (no Newton, no active sets)."""
+    a_list = [np.abs(np.asarray(v, dtype=np.float64)) for v in vectors]
+    w_list = [np.ones_like(a) for a in a_list] if weights is None else [np.asarray(w, np.float64) for w in weights]
+    betas = [1.0 / (np.linalg.norm(w) - w.min()) for w in w_list]
+    r = len(a_list)
+
+    def avg_sp(mu):
+        return np.mean([sparsity(_x_of_mu(a, w, b, mu), w) if a.any() else 1.0
+                        for a, w, b in zip(a_list, w_list, betas)])
+
+    if np.mean([sparsity(v, w) for v, w in zip(vectors, w_list)]) >= s:
+        return [np.array(v, dtype=np.float64) for v in vectors], 0.0
+    lo, hi = 0.0, max(a.max() / (w.min() * b) for a, w, b in zip(a_list, w_list, betas)) + 1.0
+    while avg_sp(hi) < s:
+        lo, hi = hi, 2 * hi
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if avg_sp(mid) >= s:
+            hi = mid
+        else:
+            lo = mid
+    out = []
+    for v, a, w, b in zip(vectors, a_list, w_list, betas):
+        if not a.any():
+            out.append(np.zeros_like(a))
+            continue
+        x = _x_of_mu(a, w, b, hi)
+        out.append(np.sign(np.asarray(v, np.float64)) * x * np.dot(x, a))
+    assert r == len(out)
+    return out, hi
+
+
+def each_bruteforce(v, s, iters=300):
+    """Nearest point with Hoyer sparsity exactly s and the same l2 norm, by bisection on the threshold."""
+    a = np.abs(np.asarray(v, dtype=np.float64))
+    n = a.size
+    nrm = np.linalg.norm(a)
+    if nrm == 0:
+        return np.zeros_like(a)
+
+    def sp(t):
+        u = np.maximum(a - t, 0.0)
+        if not u.any():
+            return 1.0
+        return (np.sqrt(n) - u.sum() / np.linalg.norm(u)) / (np.sqrt(n) - 1)
+
+    lo, hi = -nrm, a.max()
+    while sp(lo) > s:
+        lo *= 2
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if sp(mid) >= s:
+            hi = mid
+        else:
+            lo = mid
+    u = np.maximum(a - hi, 0.0)
+    if not u.any():
+        u = np.zeros_like(a)
+        u[np.argmax(a)] = 1.0
+    return np.where(np.asarray(v) < 0, -1.0, 1.0) * u / np.linalg.norm(u) * nrm  # zeros that grow take +

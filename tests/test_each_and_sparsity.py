@@ -1,0 +1,112 @@
+"""The per-vector projection (project_each), the Hoyer measure, and the ``project`` command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import groupsparse as gs
+from groupsparse.cli import main
+
+from reference import each_bruteforce, sparsity
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+@pytest.mark.parametrize("s", [0.0, 0.2, 0.5, 0.8, 0.95])
+def test_each_matches_bruteforce(engine, s):
+    rng = np.random.default_rng(int(s * 100))
+    M = rng.normal(size=(12, 9))
+    M[:, 3] = 0.0
+    M[:, 4] = np.eye(12)[0] * 2  # already one-hot: made denser unless s = 1
+    out, info = gs.project_each(M, s, engine=engine, return_info=True)
+    for j in range(M.shape[1]):
+        if s == 0:  # the exact answer: every magnitude ||c|| / sqrt(n), signs kept (+ for zeros)
+            expect = np.where(M[:, j] < 0, -1, 1) * np.linalg.norm(M[:, j]) / np.sqrt(12)
+        else:
+            expect = each_bruteforce(M[:, j], s)
+        np.testing.assert_allclose(out[:, j], expect, rtol=1e-7, atol=1e-9)
+    sp = gs.hoyer_sparsity(out, axis=0)
+    assert np.allclose(np.delete(sp, 3), s, atol=1e-9) and sp[3] == 1.0
+    np.testing.assert_allclose(np.linalg.norm(out, axis=0), np.linalg.norm(M, axis=0))
+    assert info["engine"] == engine
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(2, 15), st.integers(1, 6)),
+              elements=st.floats(-10, 10, allow_nan=False)), st.floats(0.0, 1.0))
+def test_each_every_vector_exact_or_sparser_at_ties(M, s):
+    out = gs.project_each(M, s)
+    sp = gs.hoyer_sparsity(out, axis=0)
+    assert np.all(sp >= s - 1e-9)
+    tied = np.array([np.sum(np.abs(c) == np.abs(c).max()) > 1 or not c.any() for c in M.T])
+    assert np.all(np.abs(sp[~tied] - s) < 1e-8) or s == 1.0
+
+
+def test_each_weighted():
+    rng = np.random.default_rng(5)
+    M, W = rng.normal(size=(10, 4)), rng.uniform(0.5, 2, size=(10, 4))
+    out = gs.project_each(M, 0.6, weights=W)
+    sp = gs.hoyer_sparsity(out, axis=0, weights=W)
+    np.testing.assert_allclose(sp, 0.6, atol=1e-9)
+
+
+def test_each_ties_go_one_hot():
+    out = gs.project_each(np.ones((5, 2)), 0.5)
+    np.testing.assert_allclose(gs.hoyer_sparsity(out, axis=0), 1.0)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=0), np.sqrt(5))
+
+
+def test_hoyer_sparsity_basics():
+    assert gs.hoyer_sparsity(np.array([0.0, 0.0, 5.0])) == 1.0
+    assert gs.hoyer_sparsity(np.ones(7)) == pytest.approx(0.0, abs=1e-15)
+    assert gs.hoyer_sparsity(np.zeros(4)) == 1.0
+    x = np.random.default_rng(0).normal(size=(6, 5))
+    assert gs.hoyer_sparsity(x * 7.5, axis=0) == pytest.approx(gs.hoyer_sparsity(x, axis=0))
+    np.testing.assert_allclose(gs.hoyer_sparsity(x, axis=0), [sparsity(c) for c in x.T])
+    np.testing.assert_allclose(gs.hoyer_sparsity(x, axis=1), [sparsity(r) for r in x])
+    w = np.random.default_rng(1).uniform(0.5, 2, size=(6, 5))
+    np.testing.assert_allclose(gs.hoyer_sparsity(x, axis=0, weights=w), [sparsity(c, v) for c, v in zip(x.T, w.T)])
+    t = gs.hoyer_sparsity(torch.tensor(x), axis=0)
+    assert isinstance(t, torch.Tensor)
+    np.testing.assert_allclose(t.numpy(), gs.hoyer_sparsity(x, axis=0))
+    assert isinstance(gs.hoyer_sparsity(torch.tensor(x[0])), float)
+    np.testing.assert_allclose(gs.hoyer_sparsity([x[0], x[1, :3]]), [sparsity(x[0]), sparsity(x[1, :3])])
+
+
+@pytest.mark.parametrize("bad, err", [(np.ones(1), ValueError), (np.array([1, 2]), TypeError),
+                                      (np.array([1.0, np.nan]), ValueError)])
+def test_hoyer_sparsity_bad_input(bad, err):
+    with pytest.raises(err):
+        gs.hoyer_sparsity(bad)
+
+
+def test_cli_project_roundtrip(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "w.safetensors"
+    arrays_in = {"a": rng.normal(size=(8, 30)).astype(np.float32), "b": rng.normal(size=(5, 6)), "ids": np.arange(4)}
+    save_file(arrays_in, str(src))
+    before = src.read_bytes()
+    out = tmp_path / "o.safetensors"
+    res = CliRunner().invoke(main, ["project", str(src), "-s", "0.8", "--axis", "1", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "avg sparsity" in res.output and "mu" in res.output
+    got = load_file(str(out))
+    np.testing.assert_array_equal(got["ids"], arrays_in["ids"])
+    assert gs.hoyer_sparsity(got["a"], axis=1).mean() == pytest.approx(0.8, abs=1e-6)
+    np.testing.assert_allclose(got["b"], gs.project(arrays_in["b"], 0.8, axis=1))
+    assert src.read_bytes() == before
+    res = CliRunner().invoke(main, ["project", str(src), "-s", "0.8", "-o", str(src)])
+    assert res.exit_code != 0 and "never overwritten" in res.output
+    np.save(tmp_path / "m.npy", rng.normal(size=(10, 4)))
+    res = CliRunner().invoke(main, ["project", str(tmp_path / "m.npy"), "-s", "0.5", "-o", str(tmp_path / "m2.npz"),
+                                    "--group", "all"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["project", str(tmp_path / "m.npy"), "-s", "2", "-o", str(tmp_path / "m3.npy")])
+    assert res.exit_code != 0 and "sparsity: got 2" in res.output
