@@ -1,0 +1,6 @@
+"""Sparse NMF with grouped sparse projection (gspNMF): estimator, function, solvers and experiments."""
+
+from ._estimator import SparseNMF, sparse_nmf
+from ._solvers import NMFInfo
+
+__all__ = ["NMFInfo", "SparseNMF", "sparse_nmf"]
