@@ -1,0 +1,360 @@
+"""GSP pruning of data-parallel (DDP) and fully sharded (FSDP2) models: every replica ends bit-identical.
+
+Strategies for replicated weights (DDP, or any model whose weights are the same on every rank):
+
+* ``"replicated"``: every rank runs the same single-process projection. No communication; replicas stay
+  identical only because the projection is deterministic for the same input, binary and CPU/GPU model (true on
+  a homogeneous job; a mixed fleet, e.g. AVX2 and AVX-512 nodes, could round differently).
+* ``"owner"``: whole tensors are dealt out to ranks (largest first, to the least loaded rank); each rank projects
+  its own with the single-process projection, and one all_gather of the packed results hands every rank the
+  same bits. Work is divided by the world size, 2 collectives per pruning step. Layer scope only.
+* ``"sharded"``: the vectors of each projection group are split over the ranks, projected with the exact
+  distributed projection (:func:`groupsparse.distributed.project`) and all-gathered. Needed for
+  ``scope="model"`` (one group), and the only option when the group does not fit one rank; it pays a few
+  collectives per Newton iteration for every group.
+
+FSDP2 (``fully_shard``) parameters are DTensors sharded on dim 0 over a 1-D mesh: the local shard holds whole
+rows of the weight, so vectors that lie inside a row (``"filter"``: the whole fan-in row; ``"kernel"``: one
+k x k kernel) are projected in place with the distributed projection over the mesh's process group, with no
+gathering of weights. ``"fan_out"`` and ``"layer"`` vectors cross the shard boundary and are rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..projection._solver import ProjectionInfo
+from ..prune.masks import check_fraction
+from ..prune.pruner import GSPPruner
+from ..prune.selection import select_parameters
+from ..prune.vectors import (as_vectors, check_mode, check_normalize, check_scope, from_vectors, project_tensors,
+                             scale_factors)
+from ._project import TorchDistComm, collective_device
+from ._project import project as dist_project
+
+STRATEGIES = ("auto", "replicated", "owner", "sharded")
+FSDP_MODES = ("filter", "kernel")
+
+try:  # DTensor is public from torch 2.4 on; older torch has no FSDP2 either
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover
+    DTensor, Shard = (), ()
+
+
+def _is_dtensor(t) -> bool:
+    return bool(DTensor) and isinstance(t, DTensor)
+
+
+def check_strategy(strategy: Any) -> str:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy: got {strategy!r}, expected one of {STRATEGIES}")
+    return strategy
+
+
+# ------------------------------------------------------------------ packing helpers
+
+
+def _all_gather_flat(flat: torch.Tensor, group, device) -> list[torch.Tensor]:
+    """All ranks' 1-D tensors (any lengths, one dtype), in rank order, as the same bits on every rank."""
+    world = dist.get_world_size(group)
+    n = torch.tensor([flat.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes = [int(s) for s in sizes]
+    width = max(sizes)
+    buf = torch.zeros(width, dtype=flat.dtype, device=device)
+    buf[: flat.numel()] = flat.to(device)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf, group=group)
+    return [p[:s] for p, s in zip(parts, sizes)]
+
+
+_INFO_FIELDS = ("mu", "iterations", "evaluations", "sparsity", "target", "discontinuity", "converged",
+                "n_vectors", "already_sparse", "n_jumped")
+
+
+def _info_row(info: ProjectionInfo) -> list[float]:
+    return [float(getattr(info, f)) for f in _INFO_FIELDS]
+
+
+def _info_from_row(row, engine: str, note: str) -> ProjectionInfo:
+    kw = {f: v for f, v in zip(_INFO_FIELDS, row.tolist())}
+    for f in ("iterations", "evaluations", "n_vectors", "n_jumped"):
+        kw[f] = int(kw[f])
+    for f in ("discontinuity", "converged", "already_sparse"):
+        kw[f] = bool(kw[f])
+    return ProjectionInfo(engine=engine, notes=[note], **kw)
+
+
+def assign_owners(numels: Sequence[int], world: int) -> list[int]:
+    """Deterministic greedy balance: largest tensor first, to the least loaded rank (lowest rank on ties)."""
+    load = [0] * world
+    owner = [0] * len(numels)
+    for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
+        r = min(range(world), key=lambda q: (load[q], q))
+        owner[i] = r
+        load[r] += int(numels[i])
+    return owner
+
+
+# ------------------------------------------------------------------ replicated weights (DDP)
+
+
+def _project_owner(tensors, s, *, vectors, group, kw):
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    device = collective_device(group)
+    owner = assign_owners([t.numel() for t in tensors], world)
+    mine = [i for i, o in enumerate(owner) if o == rank]
+    res, infos = project_tensors([tensors[i] for i in mine], s, vectors=vectors, scope="layer", **kw)
+    dtype = tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float64
+    flat = torch.cat([r.reshape(-1).to(dtype) for r in res]) if res else torch.zeros(0, dtype=dtype)
+    meta = torch.tensor([_info_row(i) for i in infos], dtype=torch.float64).reshape(-1)
+    parts = _all_gather_flat(flat, group, device)
+    metas = _all_gather_flat(meta, group, device)
+    out, out_infos = [None] * len(tensors), [None] * len(tensors)
+    for r in range(world):
+        off = 0
+        rows = metas[r].cpu().reshape(-1, len(_INFO_FIELDS))
+        for j, i in enumerate(i for i, o in enumerate(owner) if o == r):
+            n = tensors[i].numel()
+            out[i] = parts[r][off : off + n].reshape(tensors[i].shape).to(tensors[i].device, tensors[i].dtype)
+            off += n
+            out_infos[i] = _info_from_row(rows[j], infos[0].engine if infos else "remote", f"owner rank {r}")
+    return out, out_infos
+
+
+def _share_bounds(sizes: Sequence[int], world: int) -> np.ndarray:
+    """Contiguous shares of items with ``sizes`` entries, balanced by entries; some may be empty."""
+    cum = np.concatenate([[0], np.cumsum(sizes)])
+    cuts = np.searchsorted(cum, np.linspace(0, cum[-1], world + 1), side="left")
+    cuts[0], cuts[-1] = 0, len(sizes)
+    return np.maximum.accumulate(cuts)
+
+
+def _sharded_rows(rows: list[torch.Tensor], s, group, kw):
+    """Project a ragged list of vectors held whole on every rank: each rank a share, then all_gather."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    b = _share_bounds([r.numel() for r in rows], world)
+    mine = rows[b[rank] : b[rank + 1]]
+    res, info = dist_project(mine, s, group=group, return_info=True, **kw)
+    dtype = rows[0].dtype
+    flat = torch.cat([r.reshape(-1) for r in res]) if res else torch.zeros(0, dtype=dtype, device=rows[0].device)
+    parts = _all_gather_flat(flat, group, collective_device(group))
+    out = []
+    for r in range(world):
+        off = 0
+        for v in rows[b[r] : b[r + 1]]:
+            out.append(parts[r][off : off + v.numel()].to(v.device, v.dtype))
+            off += v.numel()
+    return out, info
+
+
+def _sharded_matrix(mat: torch.Tensor, s, group, kw):
+    """Same for the rows of one matrix (equal lengths: the projection takes the 2-D fast path)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    b = np.linspace(0, mat.shape[0], world + 1).round().astype(int)
+    mine = mat[b[rank] : b[rank + 1]]
+    res, info = dist_project(mine, s, axis=1, group=group, return_info=True, **kw)
+    parts = _all_gather_flat(res.reshape(-1), group, collective_device(group))
+    full = torch.cat([p.to(mat.device) for p in parts]).reshape(mat.shape).to(mat.dtype)
+    return full, info
+
+
+def _project_sharded(tensors, s, *, vectors, scope, normalize, group, kw):
+    mats = [as_vectors(t.detach(), vectors) for t in tensors]
+    if scope == "layer":
+        results, infos = [], []
+        for t, m in zip(tensors, mats):
+            full, info = _sharded_matrix(m, s, group, kw)
+            results.append(from_vectors(full, t.shape, vectors))
+            infos.append(info)
+        return results, infos
+    scales = scale_factors(mats, normalize)
+    scaled = [m if f is None else m / f for m, f in zip(mats, scales)]
+    rows = [row for m in scaled for row in m.unbind(0)]
+    out_rows, info = _sharded_rows(rows, s, group, kw)
+    results, i = [], 0
+    for t, m, f in zip(tensors, mats, scales):
+        block = torch.stack(out_rows[i : i + m.shape[0]])
+        i += m.shape[0]
+        results.append(from_vectors(block if f is None else block * f, t.shape, vectors))
+    return results, [info]
+
+
+# ------------------------------------------------------------------ FSDP2 (DTensor shards on dim 0)
+
+
+def _shard_group(p):
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"parameter: got a DTensor with placements {tuple(p.placements)} on a {mesh.ndim}-D mesh, "
+                         "expected (Shard(dim=0),) on a 1-D mesh (plain FSDP2 fully_shard)")
+    return mesh.get_group()
+
+
+def _local_rows(p, vectors):
+    """The local shard as a matrix of whole vectors (a view: writing it writes the shard)."""
+    local = p.to_local()
+    if vectors == "filter":
+        return local, local.reshape(local.shape[0], -1)
+    k = int(np.prod(local.shape[2:]))
+    return local, local.reshape(-1, k)
+
+
+def _project_fsdp_(params, s, *, vectors, scope, normalize, kw):
+    if vectors not in FSDP_MODES:
+        raise ValueError(f"vectors: got {vectors!r} for FSDP-sharded weights, expected one of {FSDP_MODES} "
+                         "(vectors inside a row of dim 0; 'fan_out'/'layer' vectors cross the shards)")
+    groups = [_shard_group(p) for p in params]
+    mats = [_local_rows(p, vectors) for p in params]
+    if scope == "layer":
+        infos = []
+        for (local, m), g in zip(mats, groups):
+            res, info = dist_project(m, s, axis=1, group=g, return_info=True, **kw)
+            m.copy_(res)
+            infos.append(info)
+        return infos
+    g = groups[0]
+    if any(x is not g and x != g for x in groups[1:]):
+        raise ValueError("parameters: got FSDP shards over different process groups, expected one group for "
+                         "scope='model'")
+    scales = scale_factors([m for _, m in mats], normalize)
+    if normalize == "layer":
+        # the RMS row norm of a tensor spans all its shards: sum squares and counts over the group (1 collective)
+        comm = TorchDistComm(g)
+        loc = []
+        for _, m in mats:
+            norms = torch.linalg.vector_norm(m.double(), dim=1)
+            loc += [float((norms * norms).sum()), float(m.shape[0])]
+        tot = comm.sum(np.array(loc)).reshape(-1, 2)
+        scales = []
+        for (_, m), (ss, cnt) in zip(mats, tot):
+            rms = float(np.sqrt(ss / cnt)) if cnt else 1.0
+            scales.append(torch.full((m.shape[0], 1), rms if rms > 0 else 1.0, dtype=m.dtype, device=m.device))
+    rows = [row for (_, m), f in zip(mats, scales) for row in (m if f is None else m / f).unbind(0)]
+    res, info = dist_project(rows, s, group=g, return_info=True, **kw)
+    i = 0
+    for (_, m), f in zip(mats, scales):
+        if m.shape[0]:
+            block = torch.stack(res[i : i + m.shape[0]])
+            m.copy_(block if f is None else block * f)
+        i += m.shape[0]
+    return [info]
+
+
+# ------------------------------------------------------------------ public entry points
+
+
+@torch.no_grad()
+def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors: str = "filter",
+                    scope: str = "layer", normalize=None, group=None, strategy: str = "auto",
+                    engine: str = "auto", tol: float | None = None, max_iter: int | None = None) -> list:
+    """Project weight tensors in place so that every rank ends with the same bits; collective over ``group``.
+
+    ``params`` are the same tensors on every rank (DDP replicas) or FSDP2 DTensor parameters (sharded on dim 0;
+    then ``group`` is taken from their mesh and ``strategy`` is ignored). ``vectors``/``scope``/``normalize``
+    as in :class:`groupsparse.prune.GSPPruner`. ``strategy="auto"`` is ``"owner"`` for ``scope="layer"`` and
+    ``"sharded"`` for ``scope="model"`` (see the module docs and docs/distributed.md for measurements).
+    Returns the :class:`~groupsparse.ProjectionInfo` list (one per tensor, or one for the model), the same on
+    every rank.
+    """
+    s = check_fraction(sparsity, "sparsity")
+    vectors, scope = check_mode(vectors), check_scope(scope)
+    normalize = check_normalize(normalize)
+    strategy = check_strategy(strategy)
+    if scope == "layer" and normalize is not None:
+        raise ValueError(f"normalize: got {normalize!r} with scope='layer', expected None (it only acts on scope='model')")
+    params = list(params)
+    if not params:
+        return []
+    kw = dict(engine=engine, tol=tol, max_iter=max_iter)
+    sharded = [_is_dtensor(p) for p in params]
+    if any(sharded):
+        if not all(sharded):
+            raise ValueError("params: got a mix of FSDP DTensors and plain tensors, expected one kind (project the "
+                             "plain ones separately)")
+        return _project_fsdp_(params, s, vectors=vectors, scope=scope, normalize=normalize, kw=kw)
+    if strategy == "auto":
+        strategy = "owner" if scope == "layer" else "sharded"
+    if strategy == "owner" and scope != "layer":
+        raise ValueError("strategy: got 'owner' with scope='model', expected 'sharded' or 'replicated' (one group "
+                         "cannot be dealt out by tensor)")
+    if strategy == "replicated":
+        results, infos = project_tensors(params, s, vectors=vectors, scope=scope, normalize=normalize, **kw)
+    elif strategy == "owner":
+        results, infos = _project_owner(params, s, vectors=vectors, group=group, kw=kw)
+    else:
+        results, infos = _project_sharded(params, s, vectors=vectors, scope=scope, normalize=normalize, group=group,
+                                          kw=kw)
+    for p, r in zip(params, results):
+        p.copy_(r)
+    return infos
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP keeps the user's module in .module; selecting there keeps the user's parameter names
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def project_model_(model: nn.Module, sparsity: float, *, group=None, strategy: str = "auto",
+                   vectors: str = "filter", scope: str = "layer", normalize=None, engine: str = "auto",
+                   tol: float | None = None, max_iter: int | None = None, **selection: Any) -> list:
+    """One GSP projection of a (DDP-wrapped, FSDP2-sharded or replicated) model's weights, in place; collective.
+
+    Selection keywords (``include``, ``exclude``, ``module_types``, ...) as in
+    :func:`groupsparse.prune.select_parameters` (default: every conv and Linear weight).
+    """
+    targets = select_parameters(_unwrap(model), **selection)
+    if not targets:
+        raise ValueError("model: got no parameter to prune, expected at least one (check include/exclude/module_types)")
+    return project_params_([t.param for t in targets], sparsity, vectors=vectors, scope=scope, normalize=normalize,
+                           group=group, strategy=strategy, engine=engine, tol=tol, max_iter=max_iter)
+
+
+class DistributedGSPPruner(GSPPruner):
+    """:class:`~groupsparse.prune.GSPPruner` whose projections are collective over ``group``.
+
+    Same schedule, vector modes, scopes, masks and hooks; every rank calls :meth:`step` (or :meth:`project`) at
+    the same steps. ``strategy`` as in :func:`project_params_`. Pass the DDP wrapper or its ``.module``.
+    FSDP2: projection works on the sharded DTensor weights; the mask machinery of the base class
+    (``finalize``/``attach``) is not adapted to DTensors.
+    """
+
+    def __init__(self, model: nn.Module, sparsity, *, group=None, strategy: str = "auto", **kwargs: Any):
+        super().__init__(_unwrap(model), sparsity, **kwargs)
+        self.group = group
+        self.strategy = check_strategy(strategy)
+
+    @torch.no_grad()
+    def project(self, sparsity: float | None = None) -> list:
+        s = self.schedule.target if sparsity is None else check_fraction(sparsity, "sparsity")
+        t0 = time.perf_counter()
+        infos = project_params_([t.param for t in self._projectable], s, vectors=self.vectors, scope=self.scope,
+                                normalize=self.normalize, group=self.group, strategy=self.strategy,
+                                engine=self.engine, tol=self.tol, max_iter=self.max_iter)
+        self.apply_masks()
+        self.last_time = time.perf_counter() - t0
+        self.last_info = infos
+        self.history.append({"step": self.step_count, "target": s, "seconds": self.last_time,
+                             "sparsity": [float(i.sparsity) for i in infos]})
+        return infos
+
+
+def replicas_identical(model_or_tensors, group=None) -> bool:
+    """Whether every rank holds bit-identical parameters (all_gather of a hash of the raw bytes); collective."""
+    tensors = list(model_or_tensors.parameters()) if isinstance(model_or_tensors, nn.Module) else list(model_or_tensors)
+    digest = hashlib.blake2b(digest_size=8)  # not hash(): str/bytes hashing is salted per process
+    for t in tensors:
+        digest.update((t.to_local() if _is_dtensor(t) else t).detach().cpu().contiguous().view(torch.uint8).numpy())
+    h = int.from_bytes(digest.digest(), "little")
+    comm = TorchDistComm(group)
+    # float64 holds 53 bits exactly: send the 64-bit digest as three 22-bit pieces
+    rows = comm._gather_fixed(np.array([float((h >> (22 * i)) & ((1 << 22) - 1)) for i in range(3)]))
+    return bool(np.all(rows == rows[0]))
