@@ -23,8 +23,8 @@ TENSOR_RULE_HELP = ("Without --any-tensor, a tensor is pruned when it is floatin
               help="Rescale vectors before the projection (for --scope model).")
 @click.option("--include", multiple=True, help="Glob (or re:REGEX) on tensor names; only matches are pruned. Repeatable.")
 @click.option("--exclude", multiple=True, help="Glob (or re:REGEX) on tensor names never pruned. Repeatable.")
-@click.option("--any-tensor", is_flag=True, help="Drop the name/shape rule: every floating tensor matching --include "
-              "(or every floating tensor) is pruned.")
+@click.option("--any-tensor", is_flag=True, help="Drop the name/shape rule (" + TENSOR_RULE_HELP + "): every floating "
+              "tensor matching --include (or every floating tensor) is pruned.")
 @click.option("--key", default=None, help="Key of the state_dict inside a .pt checkpoint (default: auto).")
 @click.option("--engine", type=click.Choice(["auto", "numba", "torch"]), default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")

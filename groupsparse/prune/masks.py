@@ -111,6 +111,23 @@ class Pruner:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._handles: list[Any] = []
         self._grad_handles: dict[str, Any] = {}
+        self._adopt_existing()
+
+    def _adopt_existing(self) -> None:
+        """Pick up masks already on the model (from another pruner, a reload, or torch.nn.utils.prune)."""
+        for t in self.targets:
+            plist = getattr(t.module, "parametrizations", None)
+            if plist is not None and t.param_name in plist and plist[t.param_name].original is t.param:
+                if any(isinstance(p, _MaskParametrization) for p in plist[t.param_name]):
+                    self._styles[t.name] = "parametrize"
+            elif t.module._parameters.get(t.param_name + "_orig") is t.param \
+                    and isinstance(t.module._buffers.get(t.param_name + "_mask"), torch.Tensor):
+                self._styles[t.name] = "torch_prune"
+            elif t.module._parameters.get(t.param_name) is t.param \
+                    and isinstance(t.module._buffers.get(t.param_name + "_mask"), torch.Tensor):
+                self._styles[t.name] = "buffer"
+            if t.name in self._styles:
+                self._hook_grad(t)
 
     # ------------------------------------------------------------------ masks
     @property
@@ -130,7 +147,8 @@ class Pruner:
         if style is None:
             return None
         if style == "parametrize":
-            return t.module.parametrizations[t.param_name][0].mask.bool()
+            return next(p for p in t.module.parametrizations[t.param_name]
+                        if isinstance(p, _MaskParametrization)).mask.bool()
         return getattr(t.module, t.param_name + "_mask").bool()
 
     @property
@@ -185,7 +203,7 @@ class Pruner:
     def _update(self, t: Target, m: torch.Tensor) -> None:
         style = self._styles[t.name]
         if style == "parametrize":
-            buf = t.module.parametrizations[t.param_name][0].mask
+            buf = next(p for p in t.module.parametrizations[t.param_name] if isinstance(p, _MaskParametrization)).mask
         else:
             buf = getattr(t.module, t.param_name + "_mask")
         with torch.no_grad():
@@ -202,6 +220,7 @@ class Pruner:
         self._grad_handles[t.name] = t.param.register_hook(hook)
 
     def _unmask(self, t: Target, *, bake: bool) -> None:
+        m = self.mask(t)
         style = self._styles.pop(t.name, None)
         if style is None:
             return
@@ -223,7 +242,6 @@ class Pruner:
                 t.module.register_parameter(t.param_name, t.param)
         else:
             if bake:
-                m = t.module.parametrizations[t.param_name][0].mask.bool()
                 with torch.no_grad():
                     t.param.masked_fill_(~m, 0)
             parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
@@ -263,6 +281,8 @@ class Pruner:
             return self
         self._optimizers.append(optimizer)
         self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply_masks()))
+        if self._styles:  # momentum gathered before the masks were fixed must not revive pruned weights
+            self.apply_masks()
         return self
 
     def detach(self) -> None:
@@ -292,14 +312,9 @@ class Pruner:
 
     @classmethod
     def from_torch_prune(cls, model: nn.Module, **kwargs) -> "Pruner":
-        """Adopt a model already pruned with :mod:`torch.nn.utils.prune` (its masks are kept in that style)."""
-        pruner = cls(model, **kwargs)
-        for t in pruner.targets:
-            if torch_prune.is_pruned(t.module) and hasattr(t.module, t.param_name + "_mask") \
-                    and t.module._parameters.get(t.param_name + "_orig") is t.param:
-                pruner._styles[t.name] = "torch_prune"
-                pruner._hook_grad(t)
-        return pruner
+        """Wrap a model pruned with :mod:`torch.nn.utils.prune` (same as the constructor, which adopts any
+        existing masks: ``<name>_mask`` buffers, torch-prune ``_orig``/``_mask`` pairs, mask parametrizations)."""
+        return cls(model, **kwargs)
 
     # -------------------------------------------------------------- measures
     def zero_fraction(self) -> float:

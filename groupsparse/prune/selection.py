@@ -48,6 +48,9 @@ def _compile(patterns: Pattern | Sequence[Pattern] | None, what: str) -> list[Ca
         return []
     if isinstance(patterns, (str, re.Pattern)):
         patterns = [patterns]
+    elif not isinstance(patterns, (list, tuple)):
+        raise TypeError(f"{what}: got {type(patterns).__name__}, expected a glob string, 're:<regex>', a compiled regex "
+                        "or a list of them")
     out = []
     for p in patterns:
         if isinstance(p, re.Pattern):
@@ -95,9 +98,9 @@ def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] 
     param_names : attribute names looked at on each module (default ``"weight"``: biases stay dense)
     min_ndim : parameters with fewer dimensions are skipped (default 2: biases and norm scales)
 
-    Normalization layers and embeddings are never selected through the default types; with
-    ``module_types=nn.Module`` they are, and ``exclude``/``exclude_module_types`` remove them.
-    Shared (tied) parameters are returned once.
+    Normalization layers and embeddings are selected only when ``module_types`` names them or a base class
+    of theirs (``module_types=nn.Module``); then ``exclude``/``exclude_module_types`` remove them.
+    Shared (tied) parameters are returned once, and not at all when tied to an excluded module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: got {type(model).__name__}, expected a torch.nn.Module")
@@ -105,13 +108,16 @@ def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] 
     types = _check_types(module_types, "module_types") if custom_types else DEFAULT_MODULE_TYPES
     names_by_class = () if custom_types else DEFAULT_MODULE_NAMES
     never = _check_types(exclude_module_types, "exclude_module_types")
-    if not custom_types:
-        never = never + _NORM_AND_EMBEDDING
+    # norms and embeddings stay dense unless module_types names them (or a base class of them, e.g. nn.Module)
+    never = never + tuple(c for c in _NORM_AND_EMBEDDING if not any(issubclass(c, u) for u in types))
     if isinstance(param_names, str):
         param_names = (param_names,)
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
 
-    out, seen = [], set()
+    # a weight tied to an excluded module (GPT-style lm_head = embedding) stays dense: pruning it through the
+    # Linear would prune the embedding table too
+    seen = {id(p) for m in model.modules() if never and isinstance(m, never) for p in m.parameters(recurse=False)}
+    out = []
     for mname, module in model.named_modules():
         if never and isinstance(module, never):
             continue

@@ -127,30 +127,28 @@ def project_tensors(tensors: Sequence[torch.Tensor], sparsity: float, *, vectors
                     max_iter: int | None = None) -> tuple[list[torch.Tensor], list]:
     """Project weight tensors (not in place) by mode and scope; returns new tensors and the projection infos.
 
-    ``scope="layer"`` gives one info per tensor, ``scope="model"`` a single info. ``normalize`` applies to the
-    model scope only (a layer-scope projection is invariant to the scale of a whole tensor, and per-vector
-    normalization there would only change which vectors of one layer get sparser; use it with ``scope="model"``).
+    ``scope="layer"`` gives one info per tensor, ``scope="model"`` a single info. ``normalize`` is meant for the
+    model scope; in the layer scope ``"layer"`` changes nothing (one tensor, one scale) and ``"vector"`` makes the
+    vectors of one tensor compete on shape only (no filter is sparsified more for being small).
     """
     from .. import project
 
     mode = check_mode(vectors)
     scope = check_scope(scope)
     normalize = check_normalize(normalize)
-    if scope == "layer" and normalize is not None:
-        raise ValueError(f"normalize: got {normalize!r} with scope='layer', expected None (it only acts on scope='model')")
     tensors = list(tensors)
     if not tensors:
         return [], []
     kw = dict(engine=engine, tol=tol, max_iter=max_iter)
     mats = [as_vectors(t.detach(), mode) for t in tensors]
+    scales = scale_factors(mats, normalize)
     if scope == "layer":
         results, infos = [], []
-        for t, m in zip(tensors, mats):
-            res, info = project(m, sparsity, axis=1, return_info=True, **kw)
-            results.append(from_vectors(res, t.shape, mode))
+        for t, m, f in zip(tensors, mats, scales):
+            res, info = project(m if f is None else m / f, sparsity, axis=1, return_info=True, **kw)
+            results.append(from_vectors(res if f is None else res * f, t.shape, mode))
             infos.append(info)
         return results, infos
-    scales = scale_factors(mats, normalize)
     scaled = [m if f is None else m / f for m, f in zip(mats, scales)]
     rows = [row for m in scaled for row in m.unbind(0)]
     res_rows, info = project(rows, sparsity, return_info=True, **kw)
