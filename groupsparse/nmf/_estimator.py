@@ -139,7 +139,7 @@ def _check_factor(name, A, shape):
     return np.asarray(A, dtype=np.float64)
 
 
-def _run(X: np.ndarray, p: dict, W=None, H=None, *, update_H=True, estimator_name="SparseNMF"):
+def _run(X: np.ndarray, p: dict, W=None, H=None, *, update_H=True, estimator_name="SparseNMF", callback=None):
     """The core shared by ``SparseNMF.fit``/``transform`` and ``sparse_nmf`` (X already validated, finite)."""
     check_non_negative(X, f"{estimator_name} (input X)")
     opts = _options(p)
@@ -168,13 +168,17 @@ def _run(X: np.ndarray, p: dict, W=None, H=None, *, update_H=True, estimator_nam
             W0 = rng.random_sample((n, r))
             H0 = rng.random_sample((r, m))
     opts.update_H = update_H
-    callback = None
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: got {callback!r}, expected a callable (iteration, relative_error) or None")
     if verbose:
         every = max(1, 50 // verbose)
+        user_cb = callback
 
         def callback(it, err):
             if it % every == 0:
                 print(f"[{estimator_name}] iteration {it:5d}  relative error {err:.6e}")
+            if user_cb is not None:
+                user_cb(it, err)
 
     Xd = np.asarray(X, dtype=np.float64)
     if not np.any(Xd):
@@ -303,13 +307,13 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
 
 def sparse_nmf(X, n_components=None, *, W=None, H=None, sparsity_H=None, sparsity_W=None, projection="group",
                init=None, max_iter=200, tol=1e-4, random_state=None, verbose=0, solver="hals", max_inner=10,
-               inner_ratio=0.1, hals_delta=0.1, l1_rate=0.01, balance=True):
+               inner_ratio=0.1, hals_delta=0.1, l1_rate=0.01, balance=True, callback=None):
     params = dict(n_components=n_components, sparsity_H=sparsity_H, sparsity_W=sparsity_W, projection=projection,
                   init=init, max_iter=max_iter, tol=tol, random_state=random_state, verbose=verbose, solver=solver,
                   max_inner=max_inner, inner_ratio=inner_ratio, hals_delta=hals_delta, l1_rate=l1_rate,
                   balance=balance)
     X = check_array(X, dtype=[np.float64, np.float32], input_name="X")
-    return _run(X, params, W, H, estimator_name="sparse_nmf")
+    return _run(X, params, W, H, estimator_name="sparse_nmf", callback=callback)
 
 
 sparse_nmf.__doc__ = (
@@ -323,7 +327,9 @@ sparse_nmf.__doc__ = (
     W, H : array-like, optional
         Starting factors of shapes (n_samples, n_components) and (n_components, n_features) (init="custom")."""
     + _PARAMS_DOC
-    + r"""
+    + r"""    callback : callable(iteration, relative_error) or None
+        Called after every iteration (progress bars).
+
     Returns
     -------
     W : ndarray of shape (n_samples, n_components), X's dtype
