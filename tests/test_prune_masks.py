@@ -213,3 +213,16 @@ def test_cuda_pruner():
     opt.step()
     for t in pruner.targets:
         assert t.param.device.type == "cuda" and torch.all(t.param[~pruner.mask(t)] == 0)
+
+
+def test_resume_masks_from_state_dict():
+    model = tiny_cnn()
+    MagnitudePruner(model).prune(0.7)
+    sd = model.state_dict()
+    assert "0.weight_mask" in sd
+    fresh = tiny_cnn()
+    pruner = GSPPruner(fresh, 0.5)
+    found = pruner.load_masks(sd)
+    assert set(found) == {"0.weight", "3.weight", "5.weight"}
+    fresh.load_state_dict(sd)
+    assert all(torch.equal(pruner.mask(n), m.bool()) for n, m in found.items())

@@ -249,6 +249,19 @@ class Pruner:
         if h is not None:
             h.remove()
 
+    def load_masks(self, state_dict: Mapping[str, torch.Tensor], *, style: str = "buffer") -> dict[str, torch.Tensor]:
+        """Install the masks saved in a state_dict (``<param>_mask`` entries, e.g. from ``model.state_dict()`` of a
+        masked model) so that ``model.load_state_dict(state_dict)`` then matches; returns the masks found."""
+        found = {}
+        for t in self.targets:
+            m = state_dict.get(t.name + "_mask")
+            if m is None:
+                m = state_dict.get(f"{t.module_name}.parametrizations.{t.param_name}.0.mask".lstrip("."))
+            if isinstance(m, torch.Tensor):
+                found[t.name] = m
+        self.set_masks(found, style=style)
+        return found
+
     # ------------------------------------------------------------ enforcement
     @torch.no_grad()
     def apply_masks(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None) -> None:
