@@ -216,10 +216,11 @@ def _prune_cases(rank, world):
     with pytest.raises(ValueError, match="strategy"):
         gd.project_params_(_weights(_small_cnn()), 0.7, scope="model", strategy="owner")
 
+    assert gd.project_params_(_weights(_small_cnn()), 0.5, strategy="auto")[0].engine == "numba"  # gloo: local
     # DDP training with the pruner projecting every step; ranks see different data, replicas must stay equal
     model = DDP(_small_cnn())
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pruner = gd.DistributedGSPPruner(model, 0.6).attach(opt)
+    pruner = gd.DistributedGSPPruner(model, 0.6, strategy="owner").attach(opt)
     g = torch.Generator().manual_seed(100 + rank)
     for step in range(4):
         x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)

@@ -7,11 +7,14 @@ Strategies for replicated weights (DDP, or any model whose weights are the same 
   a homogeneous job; a mixed fleet, e.g. AVX2 and AVX-512 nodes, could round differently).
 * ``"owner"``: whole tensors are dealt out to ranks (largest first, to the least loaded rank); each rank projects
   its own with the single-process projection, and one all_gather of the packed results hands every rank the
-  same bits. Work is divided by the world size, 2 collectives per pruning step. Layer scope only.
+  same bits (one more carries the infos). Work is divided by the world size. Layer scope only.
 * ``"sharded"``: the vectors of each projection group are split over the ranks, projected with the exact
-  distributed projection (:func:`groupsparse.distributed.project`) and all-gathered. Needed for
-  ``scope="model"`` (one group), and the only option when the group does not fit one rank; it pays a few
-  collectives per Newton iteration for every group.
+  distributed projection (:func:`groupsparse.distributed.project`) and all-gathered. Divides the work of a
+  single big group (``scope="model"``); it pays one collective per evaluation of every group.
+
+``"auto"`` projects replicated over gloo (measured cheaper than moving the weights over TCP; the CPU engine is
+deterministic) and gathers on GPUs (fast interconnect; the ragged torch engine sums with atomics, which are not
+bitwise reproducible, so replicated results could differ between ranks).
 
 FSDP2 (``fully_shard``) parameters are DTensors sharded on dim 0 over a 1-D mesh: the local shard holds whole
 rows of the weight, so vectors that lie inside a row (``"filter"``: the whole fan-in row; ``"kernel"``: one
@@ -61,19 +64,17 @@ def check_strategy(strategy: Any) -> str:
 # ------------------------------------------------------------------ packing helpers
 
 
-def _all_gather_flat(flat: torch.Tensor, group, device) -> list[torch.Tensor]:
-    """All ranks' 1-D tensors (any lengths, one dtype), in rank order, as the same bits on every rank."""
-    world = dist.get_world_size(group)
-    n = torch.tensor([flat.numel()], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(s) for s in sizes]
-    width = max(sizes)
+def _all_gather_flat(flat: torch.Tensor, sizes: Sequence[int], group, device) -> list[torch.Tensor]:
+    """All ranks' 1-D tensors (``sizes[r]`` entries from rank r, known everywhere), in rank order, as the same
+    bits on every rank: one all_gather of buffers padded to the largest size."""
+    width = max(int(n) for n in sizes)
+    if width == 0:  # every rank knows the sizes, so all skip the collective together
+        return [flat.new_zeros(0) for _ in sizes]
     buf = torch.zeros(width, dtype=flat.dtype, device=device)
     buf[: flat.numel()] = flat.to(device)
-    parts = [torch.empty_like(buf) for _ in range(world)]
+    parts = [torch.empty_like(buf) for _ in sizes]
     dist.all_gather(parts, buf, group=group)
-    return [p[:s] for p, s in zip(parts, sizes)]
+    return [p[: int(n)] for p, n in zip(parts, sizes)]
 
 
 _INFO_FIELDS = ("mu", "iterations", "evaluations", "sparsity", "target", "discontinuity", "converged",
@@ -116,13 +117,14 @@ def _project_owner(tensors, s, *, vectors, group, kw):
     dtype = tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float64
     flat = torch.cat([r.reshape(-1).to(dtype) for r in res]) if res else torch.zeros(0, dtype=dtype)
     meta = torch.tensor([_info_row(i) for i in infos], dtype=torch.float64).reshape(-1)
-    parts = _all_gather_flat(flat, group, device)
-    metas = _all_gather_flat(meta, group, device)
+    per_rank = [[i for i, o in enumerate(owner) if o == r] for r in range(world)]
+    parts = _all_gather_flat(flat, [sum(tensors[i].numel() for i in ix) for ix in per_rank], group, device)
+    metas = _all_gather_flat(meta, [len(ix) * len(_INFO_FIELDS) for ix in per_rank], group, device)
     out, out_infos = [None] * len(tensors), [None] * len(tensors)
     for r in range(world):
         off = 0
         rows = metas[r].cpu().reshape(-1, len(_INFO_FIELDS))
-        for j, i in enumerate(i for i, o in enumerate(owner) if o == r):
+        for j, i in enumerate(per_rank[r]):
             n = tensors[i].numel()
             out[i] = parts[r][off : off + n].reshape(tensors[i].shape).to(tensors[i].device, tensors[i].dtype)
             off += n
@@ -146,7 +148,8 @@ def _sharded_rows(rows: list[torch.Tensor], s, group, kw):
     res, info = dist_project(mine, s, group=group, return_info=True, **kw)
     dtype = rows[0].dtype
     flat = torch.cat([r.reshape(-1) for r in res]) if res else torch.zeros(0, dtype=dtype, device=rows[0].device)
-    parts = _all_gather_flat(flat, group, collective_device(group))
+    sizes = [sum(v.numel() for v in rows[b[r] : b[r + 1]]) for r in range(world)]
+    parts = _all_gather_flat(flat, sizes, group, collective_device(group))
     out = []
     for r in range(world):
         off = 0
@@ -162,7 +165,8 @@ def _sharded_matrix(mat: torch.Tensor, s, group, kw):
     b = np.linspace(0, mat.shape[0], world + 1).round().astype(int)
     mine = mat[b[rank] : b[rank + 1]]
     res, info = dist_project(mine, s, axis=1, group=group, return_info=True, **kw)
-    parts = _all_gather_flat(res.reshape(-1), group, collective_device(group))
+    sizes = [(b[r + 1] - b[r]) * mat.shape[1] for r in range(world)]
+    parts = _all_gather_flat(res.reshape(-1), sizes, group, collective_device(group))
     full = torch.cat([p.to(mat.device) for p in parts]).reshape(mat.shape).to(mat.dtype)
     return full, info
 
@@ -260,8 +264,9 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
 
     ``params`` are the same tensors on every rank (DDP replicas) or FSDP2 DTensor parameters (sharded on dim 0;
     then ``group`` is taken from their mesh and ``strategy`` is ignored). ``vectors``/``scope``/``normalize``
-    as in :class:`groupsparse.prune.GSPPruner`. ``strategy="auto"`` is ``"owner"`` for ``scope="layer"`` and
-    ``"sharded"`` for ``scope="model"`` (see the module docs and docs/distributed.md for measurements).
+    as in :class:`groupsparse.prune.GSPPruner`. ``strategy="auto"`` is ``"replicated"`` when the group's
+    collectives run on the CPU (gloo), else ``"owner"`` for ``scope="layer"`` and ``"sharded"`` for
+    ``scope="model"`` (see the module docs and docs/distributed.md for measurements).
     Returns the :class:`~groupsparse.ProjectionInfo` list (one per tensor, or one for the model), the same on
     every rank.
     """
@@ -282,7 +287,14 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
                              "plain ones separately)")
         return _project_fsdp_(params, s, vectors=vectors, scope=scope, normalize=normalize, kw=kw)
     if strategy == "auto":
-        strategy = "owner" if scope == "layer" else "sharded"
+        # Measured (docs/distributed.md): over gloo/TCP, moving the projected weights costs more than projecting
+        # them, and the CPU engine is deterministic, so every rank projects. On GPUs the interconnect is fast and
+        # the ragged torch engine sums with atomics (not bitwise reproducible), so results are computed once
+        # and gathered.
+        if collective_device(group).type == "cpu":
+            strategy = "replicated"
+        else:
+            strategy = "owner" if scope == "layer" else "sharded"
     if strategy == "owner" and scope != "layer":
         raise ValueError("strategy: got 'owner' with scope='model', expected 'sharded' or 'replicated' (one group "
                          "cannot be dealt out by tensor)")
