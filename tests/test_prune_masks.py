@@ -226,3 +226,19 @@ def test_resume_masks_from_state_dict():
     assert set(found) == {"0.weight", "3.weight", "5.weight"}
     fresh.load_state_dict(sd)
     assert all(torch.equal(pruner.mask(n), m.bool()) for n, m in found.items())
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.data())
+def test_smallest_k_property(values, data):
+    """Exactly k entries, and never a kept entry smaller than a pruned one, whatever the ties."""
+    s = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(0, len(values)))
+    m = smallest_k(s, k)
+    assert int(m.sum()) == k
+    if 0 < k < len(values):
+        assert float(s[m].max()) <= float(s[~m].min())

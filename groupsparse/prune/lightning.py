@@ -30,6 +30,7 @@ class GSPCallback(pl.Callback):
         self.zero_fraction = zero_fraction
         self.finalize_scope = finalize_scope
         self.finalized = False
+        self._last_step = -1
 
     def on_fit_start(self, trainer, pl_module):
         for opt in trainer.optimizers:
@@ -41,9 +42,13 @@ class GSPCallback(pl.Callback):
             self.finalized = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self.finalized:
-            # global_step already counts the step just taken
-            self.pruner.step(max(trainer.global_step - 1, 0))
+        # global_step already counts the step just taken; with gradient accumulation several batches share one
+        # optimizer step, which must be scheduled once
+        step = trainer.global_step - 1
+        if self.finalized or step < 0 or step == self._last_step:
+            return
+        self._last_step = step
+        self.pruner.step(step)
 
     def on_fit_end(self, trainer, pl_module):
         self.pruner.detach()

@@ -74,7 +74,7 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return out.reshape(scores.shape)
     if k == n:
         return ~out.reshape(scores.shape)
-    thr = torch.kthvalue(flat.float().cpu() if flat.device.type == "mps" else flat.float(), k).values.to(flat.device)
+    thr = torch.kthvalue(flat.float(), k).values
     below = flat < thr
     out |= below
     need = k - int(below.sum())

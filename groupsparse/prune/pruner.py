@@ -68,7 +68,10 @@ class GSPPruner(Pruner):
         for t in self.targets:
             if t.param.numel() == 0:
                 continue
-            r, n = vector_shape(t.shape, self.vectors) if (t.param.dim() >= 3 or self.vectors != "kernel") else (0, 1)
+            try:
+                n = vector_shape(t.shape, self.vectors)[1]
+            except ValueError:  # "kernel" on a Linear weight: no kernels to cut
+                n = 1
             (self._projectable if n >= 2 else skipped).append(t)
         self.skipped = skipped
         if skipped:
