@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def normal(v: float) -> bool:
+    """Magnitudes the package supports: squares must not underflow (|x| > 1e-150 or exactly 0)."""
+    return v == 0 or abs(v) > 1e-100
+
+
 def sparsity(x, w=None) -> float:
     a = np.abs(np.asarray(x, dtype=np.float64))
     w = np.ones_like(a) if w is None else np.asarray(w, dtype=np.float64)

@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 import groupsparse as gs
 from groupsparse.cli import main
 
-from reference import each_bruteforce, sparsity
+from reference import normal, each_bruteforce, sparsity
 
 
 @pytest.mark.parametrize("engine", ["numba", "torch"])
@@ -38,12 +38,14 @@ def test_each_matches_bruteforce(engine, s):
 
 @settings(max_examples=30, deadline=None)
 @given(arrays(np.float64, st.tuples(st.integers(2, 15), st.integers(1, 6)),
-              elements=st.floats(-10, 10, allow_nan=False)), st.floats(0.0, 1.0))
+              elements=st.floats(-10, 10, allow_nan=False, allow_subnormal=False).filter(normal)), st.floats(0.0, 1.0))
 def test_each_every_vector_exact_or_sparser_at_ties(M, s):
     out = gs.project_each(M, s)
     sp = gs.hoyer_sparsity(out, axis=0)
     assert np.all(sp >= s - 1e-9)
-    tied = np.array([np.sum(np.abs(c) == np.abs(c).max()) > 1 or not c.any() for c in M.T])
+    # (near-)tied largest magnitudes put the target inside the jump to one-hot: the sparser side is returned
+    top2 = np.sort(np.abs(M), axis=0)[-2:]
+    tied = (top2[1] - top2[0] <= 1e-6 * top2[1]) | (top2[1] == 0)
     assert np.all(np.abs(sp[~tied] - s) < 1e-8) or s == 1.0
 
 

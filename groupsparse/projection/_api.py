@@ -44,6 +44,31 @@ def _engine_for(group: Group, engine: str):
     return TorchEngine(data, group.offsets, group.weights, group.uniform_length), None
 
 
+def _try_small(group: Group, engine: str, s: float, tol: float, max_iter: int):
+    """Small unweighted CPU groups: the whole solve in one compiled call (None: use the general solver)."""
+    from ._numba_small import SMALL_MAX_ENTRIES, solve_plain_small
+
+    data = group.data
+    if engine not in ("auto", "numba") or group.weights is not None or data.shape[0] > SMALL_MAX_ENTRIES:
+        return None
+    back = None
+    if group.backend == "torch":
+        if data.device.type != "cpu":
+            return None
+        data, back = data.numpy(), "to_torch"
+    if not np.isfinite(data).all():
+        raise ValueError("vectors: got NaN or Inf entries, expected finite values")
+    out = np.empty_like(data)
+    stats = np.zeros(4)
+    status = solve_plain_small(data, group.offsets, s, tol, max_iter, out, stats)
+    if status < 0:
+        return None
+    info = ProjectionInfo(mu=float(stats[0]), iterations=int(stats[1]), evaluations=int(stats[2]),
+                          sparsity=float(stats[3]), target=s, discontinuity=False, converged=True, engine="numba",
+                          n_vectors=group.n_vectors, already_sparse=status == 0)
+    return out, info, back
+
+
 def _convert_back(flat, how):
     if how == "to_torch":
         import torch
@@ -85,8 +110,10 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
 
     Parameters
     ----------
-    vectors : list/tuple of 1-D arrays or tensors (a ragged group), or one N-D array or tensor
-        With one array, its vectors lie along ``axis`` (``axis=0``: the columns of a matrix).
+    vectors : one N-D array or tensor, or a list/tuple of them (one ragged group)
+        Vectors lie along ``axis`` (``axis=0``: the columns of a matrix; ``axis=1``: its rows). In a list, 1-D
+        entries are single vectors and N-D entries contribute all their vectors along ``axis``: a list of weight
+        matrices with ``axis=1`` is the group of all their rows.
     sparsity : float in [0, 1]
         Target average Hoyer sparsity (0 = dense, 1 = one nonzero per vector).
     weights : same structure as ``vectors``, strictly positive, optional
@@ -118,9 +145,13 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     group = as_group(vectors, axis=axis, weights=weights)
     itemsize = _itemsize(group)
     tol, max_iter = _check_solver_options(tol, max_iter, itemsize)
-    eng, back = _engine_for(group, engine)
     s_aim = min(1.0, s + _MARGIN.get(itemsize, 2e-7)) if s > 0 else s
-    flat, info = solve_shared(eng, s_aim, tol=tol, max_iter=max_iter)
+    solved = _try_small(group, engine, s_aim, tol, max_iter)
+    if solved is None:
+        eng, back = _engine_for(group, engine)
+        flat, info = solve_shared(eng, s_aim, tol=tol, max_iter=max_iter)
+    else:
+        flat, info, back = solved
     info.target = s
     out = group.rebuild(_convert_back(flat, back))
     return (out, info) if return_info else out

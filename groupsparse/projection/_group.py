@@ -126,7 +126,7 @@ def _check_weight_values(w: Any) -> None:
 def as_group(vectors: Any, *, axis: int = 0, weights: Any = None) -> Group:
     """Validate and flatten ``vectors`` (a list of 1-D arrays/tensors, or one N-D array/tensor)."""
     if isinstance(vectors, (list, tuple)):
-        return _group_from_list(vectors, weights)
+        return _group_from_list(vectors, weights, axis)
     _check_float(vectors, "vectors")
     if vectors.ndim == 0:
         raise ValueError("vectors: got a 0-d scalar, expected a 1-D or N-D array of vectors")
@@ -161,13 +161,18 @@ def as_group(vectors: Any, *, axis: int = 0, weights: Any = None) -> Group:
     return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=n)
 
 
-def _group_from_list(vectors: Sequence[Any], weights: Any) -> Group:
+def _group_from_list(vectors: Sequence[Any], weights: Any, axis: int) -> Group:
+    """A ragged group from a list of blocks: 1-D vectors, or N-D arrays whose vectors lie along ``axis``.
+
+    Blocks let a caller pass whole weight matrices (e.g. every layer of a model as one group) without splitting
+    them into Python lists of rows.
+    """
     if len(vectors) == 0:
         raise ValueError("vectors: got an empty list, expected at least one vector")
     for i, v in enumerate(vectors):
         _check_float(v, f"vectors[{i}]")
-        if v.ndim != 1:
-            raise ValueError(f"vectors[{i}]: got shape {tuple(v.shape)}, expected a 1-D vector in a list input")
+        if v.ndim == 0:
+            raise ValueError(f"vectors[{i}]: got a 0-d scalar, expected a 1-D vector or an N-D block of vectors")
     kinds = {is_tensor(v) for v in vectors}
     if len(kinds) > 1:
         raise TypeError("vectors: got a mix of NumPy arrays and tensors, expected one kind")
@@ -176,9 +181,16 @@ def _group_from_list(vectors: Sequence[Any], weights: Any) -> Group:
         _same_structure_weights(weights, vectors, is_list=True)
         if any(is_tensor(w) != tensor for w in weights):
             raise TypeError("weights: got a mix of NumPy arrays and tensors, expected the same kind as the vectors")
-    lengths = np.array([v.shape[0] for v in vectors], dtype=np.int64)
+    axes = [0 if v.ndim == 1 else _validate_axis(axis, v.ndim) for v in vectors]
+
+    def moved(v, ax):
+        return v if v.ndim == 1 else (v.movedim(ax, -1) if tensor else np.moveaxis(v, ax, -1))
+
+    blocks = [moved(v, ax) for v, ax in zip(vectors, axes)]
+    counts = np.array([int(np.prod(b.shape[:-1], dtype=np.int64)) for b in blocks], dtype=np.int64)
+    lengths = np.repeat(np.array([b.shape[-1] for b in blocks], dtype=np.int64), counts)
     _check_lengths(lengths)
-    offsets = np.zeros(len(vectors) + 1, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     dtypes = [v.dtype for v in vectors]
     if tensor:
@@ -186,21 +198,31 @@ def _group_from_list(vectors: Sequence[Any], weights: Any) -> Group:
         if len(devices) > 1:
             raise ValueError(f"vectors: got tensors on devices {sorted(map(str, devices))}, expected one device")
         work = torch.float64 if torch.float64 in dtypes else torch.float32
-        data = torch.cat([v.detach().to(work) for v in vectors])
-        w = torch.cat([x.detach().to(work) for x in weights]) if weights is not None else None
+        data = torch.cat([b.detach().reshape(-1).to(work) for b in blocks])
+        w = None
+        if weights is not None:
+            w = torch.cat([moved(x, ax).detach().reshape(-1).to(work) for x, ax in zip(weights, axes)])
     else:
         work = np.float64 if any(d == np.float64 or d == np.longdouble for d in dtypes) else np.float32
-        data = np.concatenate([np.asarray(v, dtype=work) for v in vectors])
-        w = np.concatenate([np.asarray(x, dtype=work) for x in weights]) if weights is not None else None
+        data = np.concatenate([np.asarray(b, dtype=work).reshape(-1) for b in blocks])
+        w = None
+        if weights is not None:
+            w = np.concatenate([np.asarray(moved(x, ax), dtype=work).reshape(-1) for x, ax in zip(weights, axes)])
     if w is not None:
         _check_weight_values(w)
     uniform = int(lengths[0]) if np.all(lengths == lengths[0]) else None
+    starts = np.concatenate([[0], np.cumsum([b.numel() if tensor else b.size for b in blocks])])
 
     def rebuild(flat):
         parts = []
-        for i, d in enumerate(dtypes):
-            seg = flat[offsets[i] : offsets[i + 1]]
-            parts.append(seg.to(d).clone() if tensor else np.array(seg, dtype=d))
+        for i, (b, ax, d) in enumerate(zip(blocks, axes, dtypes)):
+            seg = flat[starts[i] : starts[i + 1]].reshape(b.shape)
+            if tensor:
+                seg = seg if b.ndim == 1 else seg.movedim(-1, ax)
+                parts.append(seg.to(d).clone().contiguous())
+            else:
+                seg = seg if b.ndim == 1 else np.moveaxis(seg, -1, ax)
+                parts.append(np.array(seg, dtype=d, order="C"))
         return parts
 
     return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=uniform)

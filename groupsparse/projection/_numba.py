@@ -284,7 +284,8 @@ class NumbaEngine:
             _first_pass(self.x, self.w, self.weighted, self.cstart, self.clen, fp)
         else:
             FIRST_PASS_PLAIN[self.par](self.x, self.cstart, self.clen, fp)
-            fp[:, 3] = np.sqrt(fp[:, 2])  # an upper bound on max |c| is all the bracket needs
+            # An upper bound on max |c| is all the bracket needs; sum |c| stands in when squares underflow.
+            fp[:, 3] = np.where(fp[:, 2] > 0, np.sqrt(fp[:, 2]), fp[:, 1])
         if not np.all(np.isfinite(fp[:, 1])):
             raise ValueError("vectors: got NaN or Inf entries, expected finite values")
         if self.first is None:
