@@ -137,25 +137,30 @@ def as_group(vectors: Any, *, axis: int = 0, weights: Any = None) -> Group:
     if weights is not None and is_tensor(weights) != tensor:
         raise TypeError("weights: got a mix of NumPy arrays and tensors, expected the same kind as the vectors")
     n = vectors.shape[ax]
-    moved = vectors.movedim(ax, -1) if tensor else np.moveaxis(vectors, ax, -1)
+    last = ax == vectors.ndim - 1  # vectors already contiguous: no axis shuffling on the way in or out
+
+    def to_last(a):
+        return a if last else (a.movedim(ax, -1) if tensor else np.moveaxis(a, ax, -1))
+
+    moved = to_last(vectors)
     r = int(np.prod(moved.shape[:-1], dtype=np.int64))
     offsets = np.arange(r + 1, dtype=np.int64) * n
-    _check_lengths(np.full(r, n) if r else np.zeros(0))
+    _check_lengths(np.array([n] if r else [], dtype=np.int64))
     data = _flat_float_buffer(moved)
     w = None
     if weights is not None:
-        wm = weights.movedim(ax, -1) if tensor else np.moveaxis(weights, ax, -1)
-        w = _flat_float_buffer(wm)
+        w = _flat_float_buffer(to_last(weights))
         w = w.to(data.dtype) if tensor else w.astype(data.dtype, copy=False)
         _check_weight_values(w)
     moved_shape = tuple(moved.shape)
     orig_dtype = vectors.dtype
 
     def rebuild(flat):
+        out = flat.reshape(moved_shape)
         if tensor:
-            out = flat.reshape(moved_shape).movedim(-1, ax)
+            out = out if last else out.movedim(-1, ax)
             return out.to(orig_dtype).contiguous()
-        out = np.moveaxis(flat.reshape(moved_shape), -1, ax)
+        out = out if last else np.moveaxis(out, -1, ax)
         return np.ascontiguousarray(out, dtype=orig_dtype)
 
     return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=n)
