@@ -54,9 +54,9 @@ def run_group(world: int, fn, tmp_path, timeout: float = TIMEOUT_S):
         while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
             if time.monotonic() > deadline:
                 pytest.fail(f"process group of {world} did not finish within {timeout} s")
-    except mp.ProcessRaisedException as e:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
-        pytest.fail(f"a rank failed:\n{errs or e}")
+        pytest.fail(f"a rank failed ({type(e).__name__}: {e}):\n{errs}")
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -97,8 +97,9 @@ def _check_case(rank, world, name, vecs, s, weights=None, counts=None, rel=1e-9,
     assert info.n_jumped == ref_info.n_jumped, (name, info.n_jumped, ref_info.n_jumped)
     assert info.n_vectors == ref_info.n_vectors, name
     assert abs(info.sparsity - ref_info.sparsity) <= 1e-9, (name, info.sparsity, ref_info.sparsity)
-    # validation 1 + constants 2 + one per evaluation + 2 for a jump
-    assert info.collectives == 3 + info.evaluations + 2 * info.discontinuity, (name, info.collectives, info.evaluations, info.discontinuity, info.n_jumped)
+    # validation 1 + constants 2 + one per evaluation + up to 2 for a jump (1 when no rank has a jumper)
+    extra = info.collectives - 3 - info.evaluations
+    assert extra == 0 or (info.discontinuity and extra in (1, 2)), (name, info.collectives, info.evaluations)
     return info
 
 

@@ -42,6 +42,9 @@ class TorchDistComm:
         self.group = group
         self.device = collective_device(group)
         self._rank = dist.get_rank(group)
+        if self._rank < 0:
+            raise ValueError("group: got a process group this rank is not a member of, expected one that contains it "
+                             "(call the projection only on the group's ranks)")
         self.world = dist.get_world_size(group)
         self.calls = 0
 
