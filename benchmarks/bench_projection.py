@@ -3,7 +3,8 @@
     python benchmarks/bench_projection.py [--quick] [--out benchmarks/results/cpu.json]
 
 1. resnet50: all ResNet-50 conv/fc weights (25.5M float32, N(0, 0.02^2)), each layer its own group, filter
-   vectors (rows of W.reshape(out, -1)), s = 0.8: our time / time to copy the same arrays.
+   vectors (rows of W.reshape(out, -1)), s = 0.8: our time / time to copy the same arrays, with one
+   ``project`` call per layer and with one ``project_groups`` call for all layers.
 2. scaling: 1e5 .. 1e8 entries (vectors of length 1000), time per entry.
 3. the resnet50 group through the torch engine on CPU, and on CUDA when available.
 """
@@ -44,11 +45,12 @@ def resnet_layers(rng, xp="numpy", device="cpu"):
     return mats
 
 
-def run_group(mats, s, engine="auto", sync=None):
-    infos = []
-    for m in mats:
-        _, info = gs.project(m, s, axis=1, engine=engine, return_info=True)
-        infos.append(info)
+def run_group(mats, s, engine="auto", sync=None, batched=False):
+    """Each layer its own group: one ``project`` call per layer, or one ``project_groups`` call for all."""
+    if batched:
+        _, infos = gs.project_groups(mats, s, axis=1, engine=engine, return_info=True)
+    else:
+        infos = [gs.project(m, s, axis=1, engine=engine, return_info=True)[1] for m in mats]
     if sync:
         sync()
     return infos
@@ -57,8 +59,10 @@ def run_group(mats, s, engine="auto", sync=None):
 def bench_resnet(rng, repeat, s=0.8):
     mats = resnet_layers(rng)
     run_group(mats, s)  # compile / warm caches
+    run_group(mats, s, batched=True)
     t_copy = best_of(lambda: [m.copy() for m in mats], repeat)
     t_ours = best_of(lambda: run_group(mats, s), repeat)
+    t_batched = best_of(lambda: run_group(mats, s, batched=True), repeat)
     infos = run_group(mats, s)
     outs = [gs.project(m, s, axis=1) for m in mats]
     zeros = sum(int((o == 0).sum()) for o in outs) / sum(o.size for o in outs)
@@ -66,6 +70,7 @@ def bench_resnet(rng, repeat, s=0.8):
     return {
         "entries": int(sum(m.size for m in mats)), "layers": len(mats), "sparsity": s,
         "copy_s": t_copy, "ours_s": t_ours, "ratio_to_copy": t_ours / t_copy,
+        "project_groups_s": t_batched, "project_groups_ratio_to_copy": t_batched / t_copy,
         "zero_fraction": zeros, "max_abs_sparsity_error": worst,
         "mean_iterations": float(np.mean([i.iterations for i in infos])),
         "mean_evaluations": float(np.mean([i.evaluations for i in infos])),
@@ -99,10 +104,12 @@ def bench_torch(rng, repeat, device, s=0.8):
             sync()
         return out
 
+    run_group(mats, s, engine="torch", sync=sync, batched=True)
     t_copy = best_of(copy, repeat)
     t_ours = best_of(lambda: run_group(mats, s, engine="torch", sync=sync), repeat)
-    ref = resnet_layers(np.random.default_rng(0))
+    t_batched = best_of(lambda: run_group(mats, s, engine="torch", sync=sync, batched=True), repeat)
     return {"device": device, "copy_s": t_copy, "ours_s": t_ours, "ratio_to_copy": t_ours / t_copy,
+            "project_groups_s": t_batched, "project_groups_ratio_to_copy": t_batched / t_copy,
             "torch_threads": torch.get_num_threads()}
 
 
@@ -126,7 +133,8 @@ def main():
     if "resnet50" not in args.skip:
         res["resnet50"] = r = bench_resnet(rng, repeat)
         print(f"resnet50 ({r['entries']:,} float32, {r['layers']} groups, s=0.8): ours {1e3 * r['ours_s']:.1f} ms, "
-              f"copy {1e3 * r['copy_s']:.1f} ms -> {r['ratio_to_copy']:.2f}x copy; zeros {r['zero_fraction']:.1%}; "
+              f"copy {1e3 * r['copy_s']:.1f} ms -> {r['ratio_to_copy']:.2f}x copy (project_groups: "
+              f"{1e3 * r['project_groups_s']:.1f} ms, {r['project_groups_ratio_to_copy']:.2f}x); zeros {r['zero_fraction']:.1%}; "
               f"max |sparsity - s| {r['max_abs_sparsity_error']:.1e}; {r['mean_evaluations']:.1f} evaluations/layer", flush=True)
     if "scaling" not in args.skip:
         sizes = [1e5, 1e6, 1e7] + ([] if args.quick else [1e8])
@@ -142,7 +150,8 @@ def main():
             if d.startswith("cuda"):
                 row["gpu"] = torch.cuda.get_device_name()
             print(f"torch engine on {d}: ours {1e3 * row['ours_s']:.1f} ms, copy {1e3 * row['copy_s']:.2f} ms -> "
-                  f"{row['ratio_to_copy']:.1f}x copy", flush=True)
+                  f"{row['ratio_to_copy']:.1f}x copy; project_groups {1e3 * row['project_groups_s']:.1f} ms -> "
+                  f"{row['project_groups_ratio_to_copy']:.1f}x", flush=True)
     dev = "cuda" if any(r.get("device", "").startswith("cuda") for r in res.get("torch", [])) else "cpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"projection-{dev}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """groupsparse: exact, fast grouped Hoyer-sparsity projection (GSP) and its applications."""
 
-from .projection import ProjectionInfo, ProjectionWarning, project, project_, project_each
+from .projection import ProjectionInfo, ProjectionWarning, project, project_, project_each, project_groups
 from .sparsity import hoyer_sparsity
 
 __version__ = "0.1.0"
 
-__all__ = ["ProjectionInfo", "ProjectionWarning", "hoyer_sparsity", "project", "project_", "project_each",
+__all__ = ["ProjectionInfo", "ProjectionWarning", "hoyer_sparsity", "project", "project_", "project_each", "project_groups",
            "__version__"]

@@ -376,3 +376,29 @@ def test_compiled_small_path_equals_general_solver(seed, monkeypatch):
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     assert fi.evaluations == si.evaluations and abs(fi.mu - si.mu) <= 1e-12 * si.mu
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_identical_tied_rows_jump_only_as_needed(engine):
+    """Four identical constant rows at s = 0.6: three go one-hot (average 0.75), one stays dense."""
+    out, info = gs.project(np.ones((4, 6)), 0.6, axis=1, engine=engine, return_info=True)
+    assert info.discontinuity and info.n_jumped == 3
+    assert info.sparsity == pytest.approx(0.75) and gs.hoyer_sparsity(out, axis=1).mean() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_project_groups_equals_one_call_per_group(engine):
+    rng = np.random.default_rng(7)
+    groups = [rng.normal(size=(20, 30)), [rng.normal(size=5), rng.normal(size=(3, 8))], np.ones((4, 6)),
+              rng.normal(size=(50, 9)).astype(np.float32), np.abs(rng.normal(size=(6, 6))) * np.eye(6)]
+    targets = [0.8, 0.5, 0.6, 0.9, 0.3]
+    res, infos = gs.project_groups(groups, targets, axis=1, engine=engine, return_info=True)
+    for grp, r, s, info in zip(groups, res, targets, infos):
+        ref, rinfo = gs.project(grp, s, axis=1, engine=engine, return_info=True)
+        for a, b in zip(r if isinstance(r, list) else [r], ref if isinstance(ref, list) else [ref]):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+        assert info.sparsity == pytest.approx(rinfo.sparsity, abs=1e-9) and info.discontinuity == rinfo.discontinuity
+    assert infos[2].discontinuity and infos[4].already_sparse
+    with pytest.raises(ValueError, match="one per group"):
+        gs.project_groups(groups, [0.5, 0.5], axis=1)

@@ -331,6 +331,15 @@ class NumbaEngine:
     def full(self, value):
         return np.full(self.n_vectors, value, dtype=np.float64)
 
+    def from_host(self, a):
+        return np.asarray(a)
+
+    def group_sum(self, values, gid, n_groups):
+        return np.bincount(gid, weights=values, minlength=n_groups)
+
+    def group_max(self, values, starts):
+        return np.maximum.reduceat(values, starts[:-1])
+
     def mu_top(self) -> float:
         return float(np.max(self.ratio_max / self.beta)) if self.n_vectors else 0.0
 

@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 
 
+BATCH_ITERS = 16
+
+
 class ProjectionWarning(UserWarning):
     """The root finder stopped at ``max_iter``; the (feasible) best point found is returned."""
 
@@ -186,7 +189,8 @@ def _group_constants(eng, comm):
     beta_h, wnorm_h = eng.beta_host, eng.wnorm_host
     r_tot, base = comm.sum(np.array([float(eng.n_vectors), float(np.sum(beta_h * wnorm_h))]))
     (mu_top,) = comm.max(np.array([eng.mu_top()]))
-    return int(round(r_tot)), float(base), float(mu_top)
+    # strictly inside the all-one-hot region: (max/beta)*beta may round back onto the largest entry
+    return int(round(r_tot)), float(base), float(mu_top) * (1 + 1e-9)
 
 
 def _resolve_jump(eng, comm, lo: Evaluation, hi: Evaluation, k: float, slack: float):
@@ -257,3 +261,88 @@ def solve_each(eng, sparsity: float, *, tol: float, max_iter: int):
     sp = eng.to_host(beta * (eng.wnorm - ev.h))
     sp = np.where(eng.to_host(eng.zero_mask), 1.0, sp)
     return out, sp, it
+
+
+def solve_groups(eng, gid, starts, sparsity, *, tol, max_iter: int):
+    """Many independent groups at once: one batched safeguarded Newton over a vector of dual variables.
+
+    ``gid`` (engine-native int array) maps vectors to groups, groups are contiguous (``starts``: host offsets of
+    each group's first vector, length G + 1). ``sparsity`` is a host array of G targets. Every evaluation is
+    one pass over all groups, so per-call and per-kernel overheads are paid once for the whole set (a model's
+    layers in one call). ``tol`` is one tolerance or one per group. Groups whose g jumps over k (ties) come back in ``jumped`` for the scalar solver.
+
+    Returns ``(flat_output, mu (host G), g (host G), iterations, evaluations, jumped (host bool G),
+    converged (host bool G))``.
+    """
+    xp = eng.xp
+    G = len(starts) - 1
+    beta = eng.beta
+
+    def gsum(values):
+        return eng.group_sum(values, gid, G)
+
+    def dev(a):
+        return eng.from_host(np.asarray(a, dtype=np.float64))
+
+    counts = np.diff(starts).astype(np.float64)
+    base = eng.to_host(gsum(beta * eng.wnorm))
+    k = base - counts * sparsity
+    slack = 64 * np.finfo(np.float64).eps * np.maximum(base, 1.0)
+    band = tol * counts
+    k_d, slack_d, band_d = dev(k), dev(slack), dev(band)
+    aim = k_d - 0.5 * band_d
+    mu_top = dev(eng.to_host(eng.group_max(eng.ratio_max / beta, starts)) * (1 + 1e-9))
+
+    def evaluate(mu):
+        ev = eng.evaluate_vec(mu[gid] * beta)
+        return ev, gsum(beta * ev.h), gsum(beta * beta * ev.dh)
+
+    mu = dev(np.zeros(G))
+    ev, g, dg = evaluate(mu)
+    evals = 1
+    early = g <= k_d + slack_d
+    ones = dev(sparsity >= 1.0) > 0
+    mu = xp.where(ones & ~early, xp.inf * xp.ones_like(mu), mu)
+    lo, hi = xp.zeros_like(mu), mu_top * 1.0
+    done = early | ones
+    converged = early | ones
+    if eng.weighted:
+        # One-hot vectors keep moving (to lower-weight entries) past mu_top: push each group's top until feasible.
+        for _ in range(64):
+            _, g_hi, _ = evaluate(hi)
+            evals += 1
+            bad = (g_hi > k_d + slack_d) & ~done
+            if not bool(xp.any(bad)):
+                break
+            lo = xp.where(bad, hi, lo)
+            hi = xp.where(bad, 2 * hi, hi)
+    slow = xp.zeros_like(mu)
+    prev = xp.full_like(mu, math.inf)
+    it = 0
+    # Newton settles a group in a handful of passes; a group still going after BATCH_ITERS is bisecting towards a
+    # jump (ties) or is hard, and every extra pass here costs all groups: hand it to the scalar solver instead.
+    while it < min(max_iter, BATCH_ITERS) and not bool(xp.all(done)):
+        it += 1
+        newton = mu - (g - aim) / xp.where(dg < 0, dg, -1.0)
+        ok = (slow < 2) & (dg < 0) & (newton > lo) & (newton < hi)
+        cand = xp.where(ok, newton, 0.5 * (lo + hi))
+        slow = xp.where(ok, slow, 0.0)
+        mu = xp.where(done, mu, cand)
+        ev, g, dg = evaluate(mu)
+        evals += 1
+        res = xp.abs(g - aim)
+        slow = xp.where(res > 0.5 * prev, slow + 1, 0.0)
+        prev = res
+        feas = g <= k_d + slack_d
+        lo = xp.where(~feas & ~done, mu, lo)
+        hi = xp.where(feas & ~done, mu, hi)
+        conv = feas & (g >= k_d - band_d) & ~done
+        converged = converged | conv
+        done = done | conv | ((hi - lo) <= 4 * np.finfo(np.float64).eps * hi)
+    jumped = eng.to_host(~converged)
+    final = xp.where(converged, mu, hi)
+    ev = eng.evaluate_vec(final[gid] * beta)
+    evals += 1
+    g_final = eng.to_host(gsum(beta * ev.h))
+    out = eng.write_shared(ev, None, None)
+    return out, eng.to_host(final), g_final, base, it, evals, jumped, eng.to_host(converged)

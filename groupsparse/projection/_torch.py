@@ -99,6 +99,19 @@ class TorchEngine:
     def full(self, value):
         return torch.full((self.n_vectors,), value, dtype=torch.float64, device=self.device)
 
+    def from_host(self, a):
+        return torch.as_tensor(a, device=self.device)
+
+    def group_sum(self, values, gid, n_groups):
+        out = torch.zeros(n_groups, dtype=values.dtype, device=self.device)
+        return out.index_add_(0, gid, values)
+
+    def group_max(self, values, starts):
+        gid = torch.repeat_interleave(torch.arange(len(starts) - 1, device=self.device),
+                                      torch.as_tensor(np.diff(starts), device=self.device))
+        out = torch.full((len(starts) - 1,), -math.inf, dtype=values.dtype, device=self.device)
+        return out.scatter_reduce(0, gid, values, "amax")
+
     def mu_top(self) -> float:
         return float((self.ratio_max / self.beta).max()) if self.n_vectors else 0.0
 
