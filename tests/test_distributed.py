@@ -272,3 +272,61 @@ def _prune_cases(rank, world):
 
 def test_pruning_ddp_and_fsdp2_2_ranks(tmp_path):
     run_group(2, _prune_cases, tmp_path)
+
+
+# ---------------------------------------------------------------- CUDA: NCCL buffers on the GPU, CUDA vectors over gloo
+
+
+def _cuda_cases(rank, world):
+    backend = dist.get_backend()
+    assert gd.collective_device().type == ("cuda" if backend == "nccl" else "cpu")
+    g = torch.Generator().manual_seed(3)
+    ragged = [torch.randn(int(n), generator=g, dtype=torch.float64).cuda()
+              for n in torch.randint(2, 300, (40,), generator=g)]
+    weights = [torch.rand(v.shape[0], generator=g, dtype=torch.float64).cuda() + 0.1 for v in ragged]
+    tied = [torch.tensor([1.0, -1.0, 0.5, 0.5], dtype=torch.float64).cuda() for _ in range(12)]
+    _check_case(rank, world, "cuda-ragged", ragged, 0.7)
+    _check_case(rank, world, "cuda-weighted", ragged, 0.7, weights=weights)
+    _check_case(rank, world, "cuda-ties", tied, 0.8)
+    _check_case(rank, world, "cuda-float32", [v.float() for v in ragged], 0.7, rel=1e-5)
+    for strategy in ("owner", "sharded", "replicated"):
+        ws = [w.cuda() for w in _weights(_small_cnn())]
+        gd.project_params_(ws, 0.7, strategy=strategy)
+        assert gd.replicas_identical(ws)
+
+
+def _nccl_entry(rank, world, port, fn, errdir):
+    torch.cuda.set_device(rank)
+    try:
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        try:
+            fn(rank, world)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(errdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_vectors_nccl_and_gloo(tmp_path):
+    # NCCL needs one GPU per rank: as many ranks as GPUs (one is enough to check where the buffers live)
+    world = min(torch.cuda.device_count(), 2)
+    ctx = mp.start_processes(_nccl_entry, args=(world, _free_port(), _cuda_cases, str(tmp_path)), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail("NCCL group did not finish in time")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
+        pytest.fail(f"a rank failed ({type(e).__name__}: {e}):\n{errs}")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    (tmp_path / "gloo").mkdir()
+    run_group(2, _cuda_cases, tmp_path / "gloo")  # CUDA tensors, collectives over gloo on CPU buffers
