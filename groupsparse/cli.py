@@ -1,8 +1,8 @@
 """The ``groupsparse`` command line (click).
 
 Subcommands live beside the code they drive and are registered here: ``project`` (this file), ``nmf``
-(groupsparse.nmf.cli), ``prune``/``prune-checkpoint``/``report`` (groupsparse.prune.cli), ``demo``
-(groupsparse.demo).
+(groupsparse.nmf.cli), ``prune-checkpoint`` (groupsparse.prune.cli), ``prune``/``report``
+(groupsparse.experiments.cli), ``demo`` (groupsparse.demo).
 """
 
 from __future__ import annotations
@@ -86,7 +86,12 @@ def project_cmd(inp, sparsity, out, axis, keys, weights, group, engine):
     click.echo(f"target {sparsity}  engine {rows[0][1].engine if rows else engine}  time {elapsed:.3f} s  -> {out}")
 
 
-_SUBCOMMANDS = [("groupsparse.nmf.cli", "commands"), ("groupsparse.prune.cli", "commands"), ("groupsparse.demo", "commands")]
+_SUBCOMMANDS = [
+    ("groupsparse.nmf.cli", "commands"),
+    ("groupsparse.prune.cli", "commands"),
+    ("groupsparse.experiments.cli", "commands"),
+    ("groupsparse.demo", "commands"),
+]
 
 
 def _register() -> None:
