@@ -241,7 +241,11 @@ def _prune_cases(rank, world):
     assert gd.replicas_identical(model)
     zeros = sum(int((p == 0).sum()) for p in pruner.params)
     assert zeros == round(0.8 * sum(p.numel() for p in pruner.params))
-    # a replicated-strategy pruner on the same replicas agrees with the single-process GSPPruner
+    a, b = _small_cnn(), _small_cnn()
+    infos = gd.project_model_(DDP(a), 0.5, strategy="owner", include="*.weight")
+    ref, _ = project_tensors(_weights(b), 0.5)
+    assert len(infos) == 3 and all(torch.equal(p, q) for p, q in zip(_weights(a), ref))
+    # a sharded-strategy pruner on the same replicas agrees with the single-process GSPPruner
     a, b = _small_cnn(), _small_cnn()
     gd.DistributedGSPPruner(DDP(a), 0.5, strategy="sharded").project()
     GSPPruner(b, 0.5).project()
