@@ -27,8 +27,8 @@ _OBJECTIVE_DOC = r"""
 
     with :math:`W \in \mathbb{R}^{n\times r}`, :math:`H \in \mathbb{R}^{r\times m}` and the Hoyer sparsity
     :math:`\mathrm{sp}(x) = (\sqrt{d} - \|x\|_1/\|x\|_2)/(\sqrt{d} - 1)` of a vector of length :math:`d`. Only the
-    *average* sparsity of a factor is fixed; each vector finds its own (Ohib, Gillis et al., grouped sparse
-    projection). A constraint whose target is ``None`` is absent.
+    *average* sparsity of a factor is fixed; each vector finds its own (the grouped sparse
+    projection, REFERENCE.md §1-§4). A constraint whose target is ``None`` is absent.
 
     **Mapping to the paper.** The paper factors a features x samples matrix :math:`X_p \approx W_p H_p` with sparse
     *columns* of :math:`W_p` (e.g. basis images). Passing :math:`X = X_p^\top` here gives

@@ -210,6 +210,7 @@ class NMFInfo:
     seconds: float
     projection_seconds: float = 0.0
     projection_calls: int = 0
+    projection_fallbacks: int = 0  # subproblems the compiled GSP path handed to groupsparse.project (ties)
     notes: list = field(default_factory=list)
 
 
@@ -280,7 +281,7 @@ def factorize(X: np.ndarray, W: np.ndarray, H: np.ndarray, opts: Options,
 
     # Scale W so WH best fits X in least squares (a random start is off by an arbitrary factor), then make the
     # start feasible.
-    if opts.update_W and opts.update_H:
+    if opts.update_W:
         WtX = Wf.F @ X
         WtW = Wf.F @ Wf.F.T
         HHt = Hf.F @ Hf.F.T
@@ -347,5 +348,6 @@ def factorize(X: np.ndarray, W: np.ndarray, H: np.ndarray, opts: Options,
         seconds=time.perf_counter() - t0,
         projection_seconds=Wf.proj.seconds + Hf.proj.seconds,
         projection_calls=Wf.proj.calls + Hf.proj.calls,
+        projection_fallbacks=Wf.proj.fallbacks + Hf.proj.fallbacks,
     )
     return W_out, H_best, info

@@ -72,10 +72,10 @@ def cbcl_cmd(data, out, rank, iters, seed, sparsity, layout, image_shape, key, n
                        image_shape=image_shape, key=key, progress=not no_progress)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"{'method':<16} {'error %':>8} {'sparsity':>9} {'zeros':>7} {'time s':>7}")
+    click.echo(f"{'method':<16} {'error %':>8} {'sparsity':>9} {'zeros':>7} {'coef 0':>7} {'time s':>7}")
     for r in summary["results"]:
         click.echo(f"{r['method']:<16} {r['rel_err_percent']:>8.3f} {r['sparsity']:>9.4f} "
-                   f"{100 * r['zero_fraction']:>6.1f}% {r['seconds']:>7.2f}")
+                   f"{100 * r['zero_fraction']:>6.1f}% {100 * r['coef_zero_fraction']:>6.1f}% {r['seconds']:>7.2f}")
     click.echo(f"-> {out}")
 
 

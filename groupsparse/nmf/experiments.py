@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -28,9 +29,17 @@ DEFAULT_CBCL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 
 
 # ----------------------------------------------------------------------------------------------- output helpers
+def _readable(tmp: Path) -> None:
+    # mkstemp creates 0600 files; results are meant to be shared, so apply the usual umask-based mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
 def _write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+        _readable(tmp)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -44,6 +53,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 def _save_fig(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        _readable(tmp)
 
 
 @contextmanager
@@ -285,7 +295,8 @@ def load_matrix(path: str | Path, key: str | None = None) -> np.ndarray:
 
 
 def _grid(H: np.ndarray, shape: tuple[int, int], path: Path, title: str) -> None:
-    """Basis images (rows of H, column-major like MATLAB) in a near-square grid, each scaled to its maximum."""
+    """Basis images (rows of H, column-major like MATLAB) in a near-square grid, each scaled to its maximum and
+    drawn dark on white (the paper's look); a zero row stays white."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,7 +306,8 @@ def _grid(H: np.ndarray, shape: tuple[int, int], path: Path, title: str) -> None
     cols = int(math.ceil(math.sqrt(r)))
     rows = int(math.ceil(r / cols))
     h, w = shape
-    canvas = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1))
+    # Mid-gray separators: the inverted images are white where the basis is zero, so white borders would vanish.
+    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), 0.55)
     for k in range(r):
         img = H[k].reshape(shape, order="F")
         top = img.max()
@@ -341,7 +353,8 @@ def cbcl(data: str | Path = DEFAULT_CBCL, out: str | Path = "results/nmf/cbcl", 
                                     callback=lambda it, err: bar.update(task, completed=it), **kw)
             dt = time.perf_counter() - t0
             res = dict(method=label, target=kw.get("sparsity_H"), rel_err_percent=100 * info.history[info.best_iter],
-                       sparsity=_avg_sp_cols(H.T), zero_fraction=float(np.mean(H == 0)), seconds=dt,
+                       sparsity=_avg_sp_cols(H.T), zero_fraction=float(np.mean(H == 0)),
+                       coef_zero_fraction=float(np.mean(W == 0)), seconds=dt,
                        iterations=info.n_iter)
             results.append(res)
             return H, res
@@ -357,14 +370,16 @@ def cbcl(data: str | Path = DEFAULT_CBCL, out: str | Path = "results/nmf/cbcl", 
                   f"{res['method']}: error {res['rel_err_percent']:.2f} %, sparsity {res['sparsity']:.3f}, "
                   f"zeros {100 * res['zero_fraction']:.0f} %")
             res["image"] = fname
-    header = ["method", "target", "rel_err_percent", "sparsity", "zero_fraction", "seconds", "iterations"]
+    header = ["method", "target", "rel_err_percent", "sparsity", "zero_fraction", "coef_zero_fraction", "seconds",
+              "iterations"]
     _write_csv(out / "table.csv", header, [[_fmt(r_.get(h)) if r_.get(h) is not None else "" for h in header]
                                            for r_ in results])
     summary = dict(data=str(data), shape=list(Xp.shape), layout=layout, r=r, iters=iters, seed=seed,
                    results=results,
                    note="rel_err_percent = 100 ||X - WH||_F/||X||_F at the returned (best) iterate; sparsity = "
                         "average Hoyer sparsity of the basis vectors (paper's W columns = our components_ rows); "
-                        "zero_fraction = exact zeros in the basis")
+                        "zero_fraction = exact zeros in the basis; coef_zero_fraction = exact zeros in the coefficients (our W, the "
+                        "paper's H)")
     _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
