@@ -299,3 +299,27 @@ def test_cbcl_loads_and_fits_briefly():
     est = SparseNMF(16, sparsity_H=0.7, max_iter=15, tol=0, random_state=0).fit(sub)
     assert est.sparsity_H_ >= 0.7 - 1e-9
     assert est.history_[-1] < est.history_[0]
+
+
+def test_cbcl_pipeline_on_user_matrix(tmp_path):
+    """The CBCL command on a user's own .npy file: tables, JSON and basis grids for 2x3 'images'."""
+    from click.testing import CliRunner
+
+    from groupsparse.cli import main
+
+    X = np.random.default_rng(0).random((6, 40))  # 6 features (2x3 images) x 40 samples, columns are samples
+    np.save(tmp_path / "mine.npy", X)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["nmf", "cbcl", "--data", str(tmp_path / "mine.npy"), "--out", str(out),
+                                    "--rank", "4", "--iters", "5", "--sparsity", "0.6", "--image-shape", "2x3",
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["method"].split()[0] for r in summary["results"]] == ["A-HALS", "GSP", "GSP"]
+    assert summary["results"][2]["sparsity"] >= 0.6 - 1e-9
+    assert (out / "basis_gsp_0.6.png").stat().st_size > 0
+    res = CliRunner().invoke(main, ["nmf", "cbcl", "--data", str(tmp_path / "mine.npy"), "--out", str(out),
+                                    "--image-shape", "5x5", "--rank", "2", "--iters", "2", "--no-progress"])
+    assert res.exit_code != 0 and "expected a shape with 6 pixels" in res.output
