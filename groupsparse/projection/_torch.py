@@ -84,9 +84,7 @@ class TorchEngine:
         self.beta = 1.0 / (self.wnorm - self.wmin)
         self.zero_mask = self.ratio_max == 0
         self.cnorm = self.seg.sum(self.a * self.a).sqrt()
-        self.beta_host = self.beta.cpu().numpy()
-        self.wnorm_host = self.wnorm.cpu().numpy()
-        self.wmin_host = self.wmin.cpu().numpy()
+        self.beta_host, self.wnorm_host, self.wmin_host = torch.stack([self.beta, self.wnorm, self.wmin]).cpu().numpy()
 
     def _seg_ids(self):
         if self.seg.seg is not None:
@@ -125,11 +123,11 @@ class TorchEngine:
         te = self.seg.expand(t)
         if self.weighted:
             u = (self.a - te * self.w).clamp_min(0)
-            cols = torch.stack([torch.where(u > 0, self.w * self.w, 0.0), self.w * u, u * u], 1)
+            cols = [torch.where(u > 0, self.w * self.w, 0.0), self.w * u, u * u]
         else:
             u = (self.a - te).clamp_min(0)
-            cols = torch.stack([(u > 0).double(), u, u * u], 1)
-        return self.seg.sum(cols)
+            cols = [(u > 0).double(), u, u * u]
+        return torch.stack([self.seg.sum(c) for c in cols], 1)
 
     def _onehot(self, stats, t):
         empty = (stats[:, 0] == 0) | self.zero_mask
