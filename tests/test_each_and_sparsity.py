@@ -112,3 +112,20 @@ def test_cli_project_roundtrip(tmp_path):
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["project", str(tmp_path / "m.npy"), "-s", "2", "-o", str(tmp_path / "m3.npy")])
     assert res.exit_code != 0 and "sparsity: got 2" in res.output
+
+
+def test_atomic_write_permissions_and_no_leftovers(tmp_path):
+    import os
+    import stat
+
+    from groupsparse.io import atomic_path, save_arrays
+
+    save_arrays(tmp_path / "a.npz", {"x": np.arange(3.0)})
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.npz").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.npy"):
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
