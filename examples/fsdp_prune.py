@@ -56,8 +56,8 @@ def main():
         loss.backward()
         opt.step()
         if pruner.step(step) and rank == 0:
-            print(f"step {step:3d}  loss {loss.item():.4f}  sparsity {[round(s, 4) for s in pruner.history[-1]['sparsity']]}",
-                  flush=True)
+            sp = [round(s, 4) for s in pruner.history[-1]["sparsity"]]
+            print(f"step {step:3d}  loss {loss.item():.4f}  sparsity {sp}", flush=True)
     # the sharded result is the projection of the full weights: check one layer against a single-process run
     w = model[2].weight
     before = w.detach().full_tensor()

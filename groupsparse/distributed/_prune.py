@@ -276,7 +276,8 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
     normalize = check_normalize(normalize)
     strategy = check_strategy(strategy)
     if scope == "layer" and normalize is not None:
-        raise ValueError(f"normalize: got {normalize!r} with scope='layer', expected None (it only acts on scope='model')")
+        raise ValueError(f"normalize: got {normalize!r} with scope='layer', expected None (it only acts on "
+                         "scope='model')")
     params = list(params)
     if not params:
         return []
