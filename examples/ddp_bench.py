@@ -105,6 +105,7 @@ def main():
         if rank == 0:
             print(f"{name:9s} all_gather of the weights alone ({4 * n / 1e6:.1f} MB): min {1e3 * t[0]:.1f} ms  "
                   f"median {1e3 * t[1]:.1f} ms", flush=True)
+    dist.barrier()  # gloo aborts a rank whose peer closes the connection while its last send is in flight
     dist.destroy_process_group()
 
 

@@ -70,6 +70,7 @@ def main():
     same = gd.replicas_identical(model)
     if rank == 0:
         print(f"world {world}: zero fraction {pruner.zero_fraction():.3f}, replicas identical: {same}")
+    dist.barrier()  # gloo aborts a rank whose peer closes the connection while its last send is in flight
     dist.destroy_process_group()
     if not same:
         raise SystemExit("replicas diverged")

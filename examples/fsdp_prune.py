@@ -68,6 +68,7 @@ def main():
     if rank == 0:
         print(f"local shard {local_rows} of {tuple(w.shape)}; sharded vs single-process projection: max rel diff "
               f"{err:.2e}")
+    dist.barrier()  # gloo aborts a rank whose peer closes the connection while its last send is in flight
     dist.destroy_process_group()
 
 

@@ -37,6 +37,7 @@ def _entry(rank, world, port, fn, errdir):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         try:
             fn(rank, world)
+            dist.barrier()  # no rank tears down while a peer's last send is in flight (gloo aborts then)
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -305,6 +306,7 @@ def _nccl_entry(rank, world, port, fn, errdir):
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         try:
             fn(rank, world)
+            dist.barrier()  # no rank tears down while a peer's last send is in flight (gloo aborts then)
         finally:
             dist.destroy_process_group()
     except BaseException:
