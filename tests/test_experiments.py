@@ -126,14 +126,7 @@ def test_resnet_sizes():
         build_model("resnet18", (3, 32, 32))
 
 
-def test_masks_and_hoyer_target():
-    torch.manual_seed(0)
-    params = {"a": torch.randn(30, 20), "b": torch.randn(10, 5, 3, 3)}
-    masks = P.global_magnitude_masks(params, 0.9)
-    total = sum(m.numel() for m in masks.values())
-    assert sum(int((~m).sum()) for m in masks.values()) == round(0.9 * total)
-    rm = P.random_masks(params, 0.75, seed=0)
-    assert int((~rm["a"]).sum()) == 450
+def test_hoyer_target_rule():
     assert P.hoyer_target_for(0.95) == pytest.approx(0.86) and P.hoyer_target_for(0.3) == 0.5
     assert P.hoyer_target_for(0.999) == 0.95
 
@@ -212,3 +205,17 @@ def test_cli_prune_digits_cuda(tmp_path):
     res = CliRunner().invoke(prune, _prune_args(tmp_path, "gsp", out, device="cuda"))
     assert res.exit_code == 0, res.output
     assert abs(json.loads((out / "report.json").read_text())["zero_fraction"] - 0.9) < 1e-4
+
+
+def test_prune_run_resumes_from_its_checkpoints(tmp_path):
+    from groupsparse.experiments.runner import Config, run
+
+    cfg = Config("digits", "mlp", "gsp", 0.9, 0, str(tmp_path / "r"), epochs=2, finetune_epochs=2,
+                 cache_dir=str(tmp_path / "cache"), progress=False)
+    first = run(cfg)
+    # As if killed after the masks and finetune checkpoints were written but before the report.
+    (tmp_path / "r" / "report.json").unlink()
+    (tmp_path / "r" / "model.safetensors").unlink()
+    again = run(cfg)
+    assert again["timings"]["dense_cached"] and again["accuracy"] == first["accuracy"]
+    assert again["zero_fraction"] == first["zero_fraction"]

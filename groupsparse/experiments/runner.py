@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_path
+from ..prune import GSPPruner, MagnitudePruner, Pruner, RandomPruner, hoyer_square
 from . import _pruning as P
 from .datasets import DATASETS, default_cache_dir, load_dataset
 from .models import MODELS, build_model, prunable_parameters
@@ -132,6 +133,8 @@ def run(config: Config) -> dict:
     last = dstate["history"][-1] if dstate["history"] else {}
     dense_acc = last["test_accuracy"] if "test_accuracy" in last else evaluate(model, data)
     params = prunable_parameters(model)
+    # The authors' CIFAR vector mode (columns of W.reshape(out, -1)), each layer its own group.
+    gsp = GSPPruner(model, c.gsp_sparsity, vectors="fan_out", scope="layer") if c.method.startswith("gsp") else None
     timings = {"dense_train_s": dstate["seconds"], "dense_cached": dense_cached, "projection_s": 0.0}
     spe = data.num_batches("train", c.batch_size)
     gsp_every = c.gsp_every or max(1, spe // 3)  # the authors' CIFAR rate: ~3 projections per epoch
@@ -142,9 +145,8 @@ def run(config: Config) -> dict:
     proj_time = [0.0]
 
     def project_now():
-        t = time.perf_counter()
-        P.project_layers(params, c.gsp_sparsity)
-        proj_time[0] += time.perf_counter() - t
+        gsp.project()
+        proj_time[0] += gsp.last_time
 
     if induce:
         hook = extra = before = None
@@ -154,7 +156,7 @@ def run(config: Config) -> dict:
                     project_now()
             before = lambda opt: project_now()  # noqa: E731
         else:
-            extra = lambda m: c.hoyer_lambda * P.hoyer_square(params)  # noqa: E731
+            extra = lambda m: c.hoyer_lambda * hoyer_square(list(params.values()))  # noqa: E731
         istate = train(model, data, epochs=c.induce_epochs, lr=c.finetune_lr, ckpt_dir=out / "induce",
                        seed=c.seed + 1, batch_size=c.batch_size, schedule="cosine", after_step=hook,
                        extra_loss=extra, before_start=before, desc=f"{c.method} induce", progress=c.progress,
@@ -168,17 +170,24 @@ def run(config: Config) -> dict:
     if mask_file.exists():
         from safetensors.torch import load_file
 
-        masks = {k: v.bool().to(c.device) for k, v in load_file(str(mask_file)).items()}
+        pruner = Pruner(model)
+        pruner.set_masks({k: v.bool() for k, v in load_file(str(mask_file)).items()})
         prune_info = json.loads(prune_info_file.read_text())
     else:
-        if c.method in ("gsp", "gsp-single-shot"):
+        if gsp is not None:
             project_now()
         projection_zeros = P.zero_fraction(params)
-        if c.method == "random":
-            masks = P.random_masks(params, c.sparsity, seed=c.seed)
+        # Exact zero fractions for every method: keep_zeros=False lets surplus projection zeros regrow.
+        if gsp is not None:
+            pruner = gsp
+            gsp.finalize(c.sparsity, scope="model", keep_zeros=False)
+        elif c.method == "random":
+            pruner = RandomPruner(model)
+            pruner.prune(c.sparsity, scope="layer", seed=c.seed)
         else:
-            masks = P.global_magnitude_masks(params, c.sparsity)
-        P.MaskEnforcer(params, masks)()
+            pruner = MagnitudePruner(model)
+            pruner.prune(c.sparsity, scope="model")
+        masks = pruner.masks
         prune_info = {"zero_fraction_before_masks": projection_zeros,
                       "accuracy_before_finetune": evaluate(model, data), "prune_s": time.perf_counter() - t0,
                       "projection_s": proj_time[0]}
@@ -188,14 +197,15 @@ def run(config: Config) -> dict:
             Path(tmp).write_text(json.dumps(prune_info, indent=1))
         with atomic_path(mask_file) as tmp:
             save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in masks.items()}, str(tmp))
-    enforce = P.MaskEnforcer(params, masks)
-    enforce()
+
+    def enforce(step, opt):
+        pruner.apply_masks(opt)  # zero pruned weights and their momentum after every step
 
     # Phase 2: masked finetuning (zeros and their momentum re-imposed after every step).
     fstate = train(model, data, epochs=ft_epochs, lr=c.finetune_lr, ckpt_dir=out / "finetune", seed=c.seed + 2,
                    batch_size=c.batch_size, schedule="cosine", after_step=enforce, desc=f"{c.method} finetune",
                    progress=c.progress, eval_every=ev)
-    enforce()
+    pruner.remove()  # plain parameters with real zeros, no mask buffers
     accuracy = evaluate(model, data)
     timings["finetune_s"] = fstate["seconds"]
     timings["projection_s"] = prune_info["projection_s"] + proj_time[0]
