@@ -139,6 +139,17 @@ def _projection_cases(rank, world):
     # numpy inputs go through the same path
     _check_case(rank, world, "numpy", [v.numpy() for v in ragged], 0.7)
 
+    # random splits (empty ranks included), targets and weights; the same draws on every rank
+    rng = np.random.default_rng(5)
+    for case in range(8):
+        n_vec = int(rng.integers(1, 30))
+        vecs = [torch.from_numpy(rng.standard_normal(int(rng.integers(2, 40)))) for _ in range(n_vec)]
+        if case % 3 == 0:  # quantized entries: ties inside and across vectors
+            vecs = [torch.round(v * 2) / 2 + (v == 0) * 0.5 for v in vecs]
+        w = [torch.from_numpy(rng.uniform(0.2, 2.0, v.shape[0])) for v in vecs] if case % 2 else None
+        counts = rng.multinomial(n_vec, np.ones(world) / world)
+        _check_case(rank, world, f"random-{case}", vecs, float(rng.uniform(0.05, 0.95)), weights=w, counts=counts)
+
     # one matrix per rank (columns are vectors, axis=0), compared with project of the concatenated columns
     mats = [torch.randn(8, 5 + r, generator=g, dtype=torch.float64) for r in range(world)]
     full = torch.cat(mats, dim=1)

@@ -266,8 +266,8 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
     ``params`` are the same tensors on every rank (DDP replicas) or FSDP2 DTensor parameters (sharded on dim 0;
     then ``group`` is taken from their mesh and ``strategy`` is ignored). ``vectors``/``scope``/``normalize``
     as in :class:`groupsparse.prune.GSPPruner`. ``strategy="auto"`` is ``"sharded"`` for ``scope="model"``;
-    for ``scope="layer"`` it is ``"replicated"`` when the group's collectives run on the CPU (gloo), else
-    ``"owner"`` (see the module docs and docs/distributed.md for measurements).
+    for ``scope="layer"`` it is ``"replicated"`` when the group's collectives and the weights are on the CPU
+    (gloo), else ``"owner"`` (see the module docs and docs/distributed.md for measurements).
     Returns the :class:`~groupsparse.ProjectionInfo` list (one per tensor, or one for the model), the same on
     every rank.
     """
@@ -296,7 +296,8 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
         if scope == "model":
             strategy = "sharded"  # one big group: splitting it halves the work even over gloo (measured)
         else:
-            strategy = "replicated" if collective_device(group).type == "cpu" else "owner"
+            on_cpu = collective_device(group).type == "cpu" and all(p.device.type == "cpu" for p in params)
+            strategy = "replicated" if on_cpu else "owner"
     if strategy == "owner" and scope != "layer":
         raise ValueError("strategy: got 'owner' with scope='model', expected 'sharded' or 'replicated' (one group "
                          "cannot be dealt out by tensor)")
