@@ -74,6 +74,7 @@ class ProjectionInfo:
     n_vectors: int
     already_sparse: bool = False
     n_jumped: int = 0  # vectors sent to one-hot at a discontinuity (only as many as needed)
+    collectives: int = 0  # collective calls made (groupsparse.distributed; 0 in one process)
     notes: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -99,7 +100,7 @@ def solve_shared(eng, sparsity: float, *, tol: float, max_iter: int, comm=None):
     comm = comm or LocalComm()
     r_loc = eng.n_vectors
     beta_h, wnorm_h = eng.beta_host, eng.wnorm_host
-    r_tot, base, mu_top = _group_constants(eng, comm)
+    r_tot, base, mu_top, weighted = _group_constants(eng, comm)
     k = base - r_tot * sparsity
     # g is a sum of r terms each about beta*||w||: this is its rounding noise, in g's units.
     slack = 64 * np.finfo(np.float64).eps * max(base, 1.0)
@@ -130,7 +131,7 @@ def solve_shared(eng, sparsity: float, *, tol: float, max_iter: int, comm=None):
     target = k - 0.5 * band  # aim inside the feasible side, so Newton from the left lands feasible
     lo, hi = ev0, None
     hi_mu = mu_top
-    if eng.weighted:
+    if weighted:
         # One-hot vectors keep moving (to lower-weight entries) past mu_top; push the top until feasible.
         hi = evaluate(hi_mu)
         while hi.g > k + slack:
@@ -188,9 +189,10 @@ def solve_shared(eng, sparsity: float, *, tol: float, max_iter: int, comm=None):
 def _group_constants(eng, comm):
     beta_h, wnorm_h = eng.beta_host, eng.wnorm_host
     r_tot, base = comm.sum(np.array([float(eng.n_vectors), float(np.sum(beta_h * wnorm_h))]))
-    (mu_top,) = comm.max(np.array([eng.mu_top()]))
+    # ``weighted`` decides on extra (collective) evaluations, so every rank must take it from the group
+    mu_top, weighted = comm.max(np.array([eng.mu_top(), float(eng.weighted)]))
     # strictly inside the all-one-hot region: (max/beta)*beta may round back onto the largest entry
-    return int(round(r_tot)), float(base), float(mu_top) * (1 + 1e-9)
+    return int(round(r_tot)), float(base), float(mu_top) * (1 + 1e-9), bool(weighted)
 
 
 def _resolve_jump(eng, comm, lo: Evaluation, hi: Evaluation, k: float, slack: float):

@@ -131,7 +131,7 @@ def project_tensors(tensors: Sequence[torch.Tensor], sparsity: float, *, vectors
     model scope; in the layer scope ``"layer"`` changes nothing (one tensor, one scale) and ``"vector"`` makes the
     vectors of one tensor compete on shape only (no filter is sparsified more for being small).
     """
-    from .. import project
+    from .. import project, project_groups
 
     mode = check_mode(vectors)
     scope = check_scope(scope)
@@ -142,21 +142,13 @@ def project_tensors(tensors: Sequence[torch.Tensor], sparsity: float, *, vectors
     kw = dict(engine=engine, tol=tol, max_iter=max_iter)
     mats = [as_vectors(t.detach(), mode) for t in tensors]
     scales = scale_factors(mats, normalize)
-    if scope == "layer":
-        results, infos = [], []
-        for t, m, f in zip(tensors, mats, scales):
-            res, info = project(m if f is None else m / f, sparsity, axis=1, return_info=True, **kw)
-            results.append(from_vectors(res if f is None else res * f, t.shape, mode))
-            infos.append(info)
-        return results, infos
     scaled = [m if f is None else m / f for m, f in zip(mats, scales)]
-    rows = [row for m in scaled for row in m.unbind(0)]
-    res_rows, info = project(rows, sparsity, return_info=True, **kw)
-    results, i = [], 0
-    for t, m, f in zip(tensors, mats, scales):
-        block = torch.stack(res_rows[i:i + m.shape[0]])
-        i += m.shape[0]
-        if f is not None:
-            block = block * f
-        results.append(from_vectors(block, t.shape, mode))
-    return results, [info]
+    if scope == "layer":
+        # one call for all layers: batched on GPUs, one layer at a time (cache-friendly) on CPUs
+        res, infos = project_groups(scaled, sparsity, axis=1, return_info=True, **kw)
+    else:
+        # the matrices themselves form the ragged group: no Python list of rows
+        res, info = project(scaled, sparsity, axis=1, return_info=True, **kw)
+        infos = [info]
+    results = [from_vectors(r if f is None else r * f, t.shape, mode) for t, r, f in zip(tensors, res, scales)]
+    return results, infos
