@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -365,7 +365,7 @@ def test_project_each_is_not_touched_by_warnings():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_compiled_small_path_equals_general_solver(seed, monkeypatch):
-    import groupsparse.projection._numba_small as small
+    import groupsparse.projection._numba as small
 
     rng = np.random.default_rng(seed)
     vecs = [rng.normal(size=n) for n in rng.integers(2, 50, size=12)]

@@ -26,7 +26,6 @@ gathering of weights. ``"fan_out"`` and ``"layer"`` vectors cross the shard boun
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -347,19 +346,10 @@ class DistributedGSPPruner(GSPPruner):
         self.group = group
         self.strategy = check_strategy(strategy)
 
-    @torch.no_grad()
-    def project(self, sparsity: float | None = None) -> list:
-        s = self.schedule.target if sparsity is None else check_fraction(sparsity, "sparsity")
-        t0 = time.perf_counter()
-        infos = project_params_([t.param for t in self._projectable], s, vectors=self.vectors, scope=self.scope,
-                                normalize=self.normalize, group=self.group, strategy=self.strategy,
-                                engine=self.engine, tol=self.tol, max_iter=self.max_iter)
-        self.apply_masks()
-        self.last_time = time.perf_counter() - t0
-        self.last_info = infos
-        self.history.append({"step": self.step_count, "target": s, "seconds": self.last_time,
-                             "sparsity": [float(i.sparsity) for i in infos]})
-        return infos
+    def _project_params(self, params: list, s: float) -> list:
+        return project_params_(params, s, vectors=self.vectors, scope=self.scope, normalize=self.normalize,
+                               group=self.group, strategy=self.strategy, engine=self.engine, tol=self.tol,
+                               max_iter=self.max_iter)
 
 
 def replicas_identical(model_or_tensors, group=None) -> bool:

@@ -4,7 +4,7 @@ Why: the projected fast gradient calls the projection up to 10 times per outer i
 500-iteration fit). Running the whole inner loop, projection included, in one Numba call removes NumPy's
 per-operation overhead: 0.13 s per synthetic fit against 0.24 s with ``groupsparse.project`` called from a Python
 loop (measured). The projection itself is the core's compiled small-group solve
-(``groupsparse.projection._numba_small.solve_plain_small``); when it cannot finish (a jump of the average at tied
+(``groupsparse.projection._numba.solve_plain_small``); when it cannot finish (a jump of the average at tied
 largest entries, no convergence) the caller redoes the step with ``groupsparse.project``, which resolves ties.
 """
 
@@ -15,7 +15,7 @@ import math
 import numba as nb
 import numpy as np
 
-from ..projection._numba_small import solve_plain_small
+from ..projection._numba import solve_plain_small
 
 
 def _row_offsets(r: int, p: int) -> np.ndarray:

@@ -46,7 +46,7 @@ def _engine_for(group: Group, engine: str):
 
 def _try_small(group: Group, engine: str, s: float, tol: float, max_iter: int):
     """Small unweighted CPU groups: the whole solve in one compiled call (None: use the general solver)."""
-    from ._numba_small import SMALL_MAX_ENTRIES, solve_plain_small
+    from ._numba import SMALL_MAX_ENTRIES, solve_plain_small
 
     data = group.data
     if engine not in ("auto", "numba") or group.weights is not None or data.shape[0] > SMALL_MAX_ENTRIES:

@@ -98,8 +98,6 @@ def solve_shared(eng, sparsity: float, *, tol: float, max_iter: int, comm=None):
     Returns ``(flat_output, ProjectionInfo)``.
     """
     comm = comm or LocalComm()
-    r_loc = eng.n_vectors
-    beta_h, wnorm_h = eng.beta_host, eng.wnorm_host
     r_tot, base, mu_top, weighted = _group_constants(eng, comm)
     k = base - r_tot * sparsity
     # g is a sum of r terms each about beta*||w||: this is its rounding noise, in g's units.

@@ -89,17 +89,20 @@ class GSPPruner(Pruner):
         """
         s = self.schedule.target if sparsity is None else check_fraction(sparsity, "sparsity")
         t0 = time.perf_counter()
-        params = [t.param for t in self._projectable]
-        results, infos = project_tensors(params, s, vectors=self.vectors, scope=self.scope,
-                                         normalize=self.normalize, engine=self.engine, tol=self.tol,
-                                         max_iter=self.max_iter)
-        for p, r in zip(params, results):
-            p.copy_(r)
+        infos = self._project_params([t.param for t in self._projectable], s)
         self.apply_masks()
         self.last_time = time.perf_counter() - t0
         self.last_info = infos
         self.history.append({"step": self.step_count, "target": s, "seconds": self.last_time,
                              "sparsity": [float(i.sparsity) for i in infos]})
+        return infos
+
+    def _project_params(self, params: list, s: float) -> list:
+        """Write the projection of ``params`` into them; returns the infos (subclasses change where it runs)."""
+        results, infos = project_tensors(params, s, vectors=self.vectors, scope=self.scope, normalize=self.normalize,
+                                         engine=self.engine, tol=self.tol, max_iter=self.max_iter)
+        for p, r in zip(params, results):
+            p.copy_(r)
         return infos
 
     def step(self, step: int | None = None) -> bool:
