@@ -219,3 +219,11 @@ def test_prune_run_resumes_from_its_checkpoints(tmp_path):
     again = run(cfg)
     assert again["timings"]["dense_cached"] and again["accuracy"] == first["accuracy"]
     assert again["zero_fraction"] == first["zero_fraction"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path):
+    from groupsparse.experiments.runner import Config
+
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        Config("digits", "mlp", "gsp", 0.9, 0, str(tmp_path), device="cuda").resolve()

@@ -34,7 +34,7 @@ from .runner import METHODS
               help="gsp/deephoyer: the part of --finetune-epochs spent projecting/regularizing [half].")
 @click.option("--gsp-sparsity", type=float, default=None,
               help="Hoyer target of the GSP projection [from --sparsity by REFERENCE.md §3's table, e.g. "
-                   "0.80->0.675, 0.90->0.775, 0.95->0.86, 0.98->0.925].")
+                   "0.80->0.675, 0.90->0.778, 0.95->0.86, 0.98->0.925].")
 @click.option("--gsp-every", type=int, default=None, help="gsp: project every k iterations [a third of an epoch].")
 @click.option("--hoyer-lambda", type=float, default=None, help="deephoyer: regularizer weight [digits 2e-4, cifar10 1e-5].")
 @click.option("--batch-size", type=int, default=None, help="[digits 64, cifar10 128]")

@@ -29,7 +29,7 @@ from ..prune import GSPPruner, MagnitudePruner, Pruner, RandomPruner, hoyer_squa
 from . import _pruning as P
 from .datasets import DATASETS, default_cache_dir, load_dataset
 from .models import MODELS, build_model, prunable_parameters
-from .training import SCHEDULES, evaluate, load_state_dict, save_state_dict, train
+from .training import SCHEDULES, evaluate, save_state_dict, train
 
 METHODS = ("gsp", "gsp-single-shot", "magnitude", "deephoyer", "random")
 
@@ -98,6 +98,12 @@ class Config:
             raise ValueError(f"gsp_sparsity: got {c.gsp_sparsity!r}, expected a Hoyer target in (0, 1]")
         if c.device == "auto":
             c.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            dev = torch.device(c.device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: got {c.device!r}, expected auto, cpu, cuda or cuda:N") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: got {c.device!r}, but CUDA is not available here; expected cpu or auto")
         return c
 
 
@@ -151,9 +157,10 @@ def run(config: Config) -> dict:
     if induce:
         hook = extra = before = None
         if c.method == "gsp":
-            def hook(step, opt):
+            def gsp_hook(step, opt):
                 if step % gsp_every == 0:
                     project_now()
+            hook = gsp_hook
             before = lambda opt: project_now()  # noqa: E731
         else:
             extra = lambda m: c.hoyer_lambda * hoyer_square(list(params.values()))  # noqa: E731
