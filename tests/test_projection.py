@@ -79,8 +79,14 @@ def test_matches_bruteforce_ragged_weighted(engine, seed):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_long_vectors_span_chunks(engine):
+@pytest.mark.parametrize("threads", [False, True])
+def test_long_vectors_span_chunks(engine, threads, monkeypatch):
     """Vectors longer than the engine's chunk are split for threading: results must not depend on it."""
+    import groupsparse.projection._numba as K
+
+    monkeypatch.setattr(K, "SMALL_MAX_ENTRIES", -1)  # the chunked kernels, not the whole-solve compiled path
+    monkeypatch.setattr(K, "PARALLEL_MIN_ENTRIES", 0 if threads else 1 << 62)
+    monkeypatch.setattr(K, "COMPACT_AFTER", 1 if threads else 4)  # active-set compaction from the first step
     rng = np.random.default_rng(3)
     vecs = [rng.normal(size=40_000), rng.normal(size=17), rng.normal(size=70_001)]
     ref, _ = gsp_bruteforce(vecs, 0.7, iters=200)
