@@ -86,6 +86,7 @@ def test_long_vectors_span_chunks(engine, threads, monkeypatch):
 
     monkeypatch.setattr(K, "SMALL_MAX_ENTRIES", -1)  # the chunked kernels, not the whole-solve compiled path
     monkeypatch.setattr(K, "PARALLEL_MIN_ENTRIES", 0 if threads else 1 << 62)
+    monkeypatch.setattr(K, "PARALLEL_MIN_THREADS", 1)
     monkeypatch.setattr(K, "COMPACT_AFTER", 1 if threads else 4)  # active-set compaction from the first step
     rng = np.random.default_rng(3)
     vecs = [rng.normal(size=40_000), rng.normal(size=17), rng.normal(size=70_001)]

@@ -211,7 +211,8 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
     group. The result equals ``[project(g, s) for g, s in zip(groups, sparsity)]`` (same tolerances, tie
     handling and early returns) but all groups share every pass over the data and every kernel launch: one
     batched Newton over a vector of dual variables. Groups still unsettled after a few passes (a discontinuity
-    from tied largest entries, or a hard case) are finished by the scalar solver, one by one. ``return_info=True`` adds a list of :class:`ProjectionInfo`, one per group.
+    from tied largest entries, or a hard case) are finished by the scalar solver, one by one.
+    ``return_info=True`` adds a list of :class:`ProjectionInfo`, one per group.
     """
     from ._solver import solve_groups
 
@@ -239,8 +240,8 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
             if len(wl) != len(bl):
                 raise ValueError(f"weights[{gi}]: got {len(wl)} blocks, expected {len(bl)} (the group's structure)")
             wblocks += wl
-    group = as_group(blocks, axis=axis, weights=wblocks)
-    on_cuda = group.backend == "torch" and group.data.device.type != "cpu"
+    first = blocks[0] if blocks else None
+    on_cuda = is_tensor(first) and first.device.type != "cpu"
     if engine == "numba" or (engine == "auto" and not on_cuda):
         # On the CPU one group at a time is faster: a layer's repeated passes stay in cache, and small groups take
         # the compiled path. Batching pays where each pass costs kernel launches and host syncs (GPU).
@@ -249,6 +250,7 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
                for gi, (grp, s) in enumerate(zip(groups, targets))]
         results, infos = [r for r, _ in out], [i for _, i in out]
         return (results, infos) if return_info else results
+    group = as_group(blocks, axis=axis, weights=wblocks)
     # each group keeps the precision contract of its own dtype, even when mixed dtypes are solved together
     sizes, i = [], 0
     for nb_, _ in layout:

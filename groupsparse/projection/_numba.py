@@ -225,8 +225,11 @@ FIRST_PASS_PLAIN = _twin(_first_pass_plain)
 EVALUATE_PLAIN = _twin(_evaluate_plain)
 EVALUATE_PLAIN_COMPACT = _twin(_evaluate_plain_compact)
 WRITE_PLAIN = _twin(_write_plain)
-# Threads pay off only on large groups (measured on a 2-core VM: below this the serial loop wins).
+# Threads pay off only on large groups and with enough cores.
 PARALLEL_MIN_ENTRIES = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_ENTRIES", 1 << 23))
+# Measured: on a 2-core VM threads never beat the serial vectorized loop (1e7 entries: 18-97 ms threaded vs 32 ms
+# serial; 1e8: 0.28-0.31 s both), while 16 cores ran 1e7 entries at 0.9 ns/entry, below a copy.
+PARALLEL_MIN_THREADS = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_THREADS", 4))
 # A vectorized pass over the whole group costs about half a copy, while compacting costs ~1 cycle per entry:
 # on typical groups Newton needs 3-4 evaluations and compaction does not pay (measured: ResNet-50 benchmark 1.7x
 # copy without, 2.4x with). Solves that keep going (ties, bisection, weighted brackets) shrink the active set.
@@ -275,7 +278,7 @@ class NumbaEngine:
         self.w = weights if weights is not None else data  # placeholder keeps one kernel signature
         self.weighted = weights is not None
         self.offsets = offsets
-        self.par = int(data.shape[0] >= PARALLEL_MIN_ENTRIES and nb.get_num_threads() > 1)
+        self.par = int(data.shape[0] >= PARALLEL_MIN_ENTRIES and nb.get_num_threads() >= PARALLEL_MIN_THREADS)
         r = len(offsets) - 1
         self.n_vectors = r
         lengths = np.diff(offsets)
