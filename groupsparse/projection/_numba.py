@@ -226,9 +226,10 @@ EVALUATE_PLAIN = _twin(_evaluate_plain)
 EVALUATE_PLAIN_COMPACT = _twin(_evaluate_plain_compact)
 WRITE_PLAIN = _twin(_write_plain)
 # Threads pay off only on large groups and with enough cores.
-PARALLEL_MIN_ENTRIES = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_ENTRIES", 1 << 23))
+PARALLEL_MIN_ENTRIES = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_ENTRIES", 1 << 20))
 # Measured: on a 2-core VM threads never beat the serial vectorized loop (1e7 entries: 18-97 ms threaded vs 32 ms
-# serial; 1e8: 0.28-0.31 s both), while 16 cores ran 1e7 entries at 0.9 ns/entry, below a copy.
+# serial; 1e8: 0.28-0.31 s both), while 16 cores ran 1e7 entries at 0.9 ns/entry, below a copy, and the ResNet-50
+# benchmark at 3.1-3.7x copy with threads from 0.25-1M entries against 6.0x with threads only from 8M.
 PARALLEL_MIN_THREADS = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_THREADS", 4))
 # A vectorized pass over the whole group costs about half a copy, while compacting costs ~1 cycle per entry:
 # on typical groups Newton needs 3-4 evaluations and compaction does not pay (measured: ResNet-50 benchmark 1.7x
