@@ -30,11 +30,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, errdir):
+def _entry(rank, world, port, fn, errdir, backend="gloo"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         try:
             fn(rank, world)
             dist.barrier()  # no rank tears down while a peer's last send is in flight (gloo aborts then)
@@ -46,10 +48,10 @@ def _entry(rank, world, port, fn, errdir):
         raise
 
 
-def run_group(world: int, fn, tmp_path, timeout: float = TIMEOUT_S):
-    """Run ``fn(rank, world)`` on ``world`` spawned gloo ranks; fail with the children's tracebacks."""
-    ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")
+def run_group(world: int, fn, tmp_path, timeout: float = TIMEOUT_S, backend: str = "gloo"):
+    """Run ``fn(rank, world)`` on ``world`` spawned ranks; fail with the children's tracebacks."""
+    ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, str(tmp_path), backend), nprocs=world,
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
@@ -311,39 +313,12 @@ def _cuda_cases(rank, world):
         assert gd.replicas_identical(ws)
 
 
-def _nccl_entry(rank, world, port, fn, errdir):
-    torch.cuda.set_device(rank)
-    try:
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        try:
-            fn(rank, world)
-            dist.barrier()  # no rank tears down while a peer's last send is in flight (gloo aborts then)
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(errdir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_vectors_nccl_and_gloo(tmp_path):
     # NCCL needs one GPU per rank: as many ranks as GPUs (one is enough to check where the buffers live)
     world = min(torch.cuda.device_count(), 2)
-    ctx = mp.start_processes(_nccl_entry, args=(world, _free_port(), _cuda_cases, str(tmp_path)), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail("NCCL group did not finish in time")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
-        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.err")))
-        pytest.fail(f"a rank failed ({type(e).__name__}: {e}):\n{errs}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    (tmp_path / "nccl").mkdir()
+    run_group(world, _cuda_cases, tmp_path / "nccl", backend="nccl")
     (tmp_path / "gloo").mkdir()
     run_group(2, _cuda_cases, tmp_path / "gloo")  # CUDA tensors, collectives over gloo on CPU buffers

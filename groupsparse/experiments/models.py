@@ -11,6 +11,12 @@ import torch.nn.functional as F
 MODELS = ("mlp", "lenet5", "resnet20", "resnet56", "vgg16")
 
 
+def _kaiming_convs(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 class MLP(nn.Module):
     """LeNet-300-100: two ReLU hidden layers of 300 and 100 units (flattens image inputs)."""
 
@@ -86,9 +92,7 @@ class CifarResNet(nn.Module):
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _kaiming_convs(self)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -115,9 +119,7 @@ class VGG16(nn.Module):
                 cin = v
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(512, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _kaiming_convs(self)
 
     def forward(self, x):
         return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
