@@ -232,8 +232,9 @@ PARALLEL_MIN_ENTRIES = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_ENTRIES", 1 
 # benchmark at 3.1-3.7x copy with threads from 0.25-1M entries against 6.0x with threads only from 8M.
 PARALLEL_MIN_THREADS = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_THREADS", 4))
 # A vectorized pass over the whole group costs about half a copy, while compacting costs ~1 cycle per entry:
-# on typical groups Newton needs 3-4 evaluations and compaction does not pay (measured: ResNet-50 benchmark 1.7x
-# copy without, 2.4x with). Solves that keep going (ties, bisection, weighted brackets) shrink the active set.
+# on typical groups Newton needs 3-4 evaluations and compaction does not pay (measured: compacting from the first
+# step made the ResNet-50 benchmark 1.2-1.5x slower). Solves that keep going (ties, bisection, weighted
+# brackets) still shrink the active set.
 COMPACT_AFTER = 4
 
 
