@@ -129,3 +129,26 @@ def test_atomic_write_permissions_and_no_leftovers(tmp_path):
         with atomic_path(tmp_path / "b.npy"):
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_each_weighted_one_hot_regime_is_feasible(engine):
+    """With weights, reaching high sparsity can need the one-hot to move to a lighter entry (past max |c|/w)."""
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        n = int(rng.integers(2, 6))
+        x, w = rng.normal(size=(3, n)), rng.uniform(0.2, 3, size=(3, n))
+        s = float(rng.uniform(0.3, 1.0))
+        out = gs.project_each(x, s, axis=1, weights=w, engine=engine)
+        assert np.all(gs.hoyer_sparsity(out, axis=1, weights=w) >= s - 1e-9), (trial, s)
+    out = gs.project_each(np.array([[10.0, 1.0]]), 0.5, axis=1, weights=np.array([[2.0, 1.0]]), engine=engine)
+    assert gs.hoyer_sparsity(out, axis=1, weights=np.array([[2.0, 1.0]]))[0] >= 0.5
+
+
+def test_each_max_iter_warns_and_stays_feasible():
+    from groupsparse.projection import ProjectionWarning
+
+    x = np.random.default_rng(0).normal(size=(4, 50))
+    with pytest.warns(ProjectionWarning):
+        out = gs.project_each(x, 0.5, axis=1, max_iter=1)
+    assert np.all(gs.hoyer_sparsity(out, axis=1) >= 0.5 - 1e-9)

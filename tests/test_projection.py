@@ -409,3 +409,48 @@ def test_project_groups_equals_one_call_per_group(engine):
     assert infos[2].discontinuity and infos[4].already_sparse
     with pytest.raises(ValueError, match="one per group"):
         gs.project_groups(groups, [0.5, 0.5], axis=1)
+
+
+# ---------------------------------------------------------------- found in review
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_weighted_sparsity_one_keeps_largest_among_lightest(engine):
+    x = np.array([[1.0, 5.0, 2.0], [3.0, -7.0, 0.5]])
+    plain = gs.project(x, 1.0, axis=1, engine=engine)
+    for scale in (1.0, 1e9):  # equal weights; huge weights once overflowed t * w
+        np.testing.assert_array_equal(gs.project(x, 1.0, axis=1, weights=np.full_like(x, scale), engine=engine), plain)
+    w = np.array([[1.0, 2.0, 1.0], [1.0, 1.0, 3.0]])
+    out = gs.project(x, 1.0, axis=1, weights=w, engine=engine)
+    np.testing.assert_array_equal(out, [[0, 0, 2.0], [0, -7.0, 0]])
+    assert np.allclose(gs.hoyer_sparsity(out, axis=1, weights=w), 1.0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_read_only_inputs(engine):
+    x = np.random.default_rng(0).random((6, 8))
+    w = np.ones_like(x) + 1
+    x.setflags(write=False)
+    w.setflags(write=False)
+    a = gs.project(x, 0.7, axis=1, weights=w, engine=engine)
+    b = gs.project_each(x, 0.7, axis=1, weights=w, engine=engine)
+    assert gs.hoyer_sparsity(a, axis=1, weights=w).mean() == pytest.approx(0.7, abs=1e-9)
+    np.testing.assert_allclose(gs.hoyer_sparsity(b, axis=1, weights=w), 0.7, atol=1e-9)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_results_stay_feasible(engine, dtype):
+    for seed in range(8):
+        x = torch.from_numpy(np.random.default_rng(seed).normal(size=(50, 20))).to(dtype)
+        out = gs.project(x, 0.6, axis=1, engine=engine)
+        assert out.dtype == dtype
+        sp = gs.hoyer_sparsity(out.double(), axis=1).mean().item()
+        assert 0.6 <= sp <= 0.6 + (2e-3 if dtype == torch.bfloat16 else 2e-4)
+
+
+def test_long_double_input():
+    x = np.random.default_rng(0).random((4, 6)).astype(np.longdouble)
+    out = gs.project(x, 0.5)
+    assert out.dtype == np.longdouble
+    np.testing.assert_allclose(out.astype(np.float64), gs.project(x.astype(np.float64), 0.5))

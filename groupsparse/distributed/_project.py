@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..projection._api import _MARGIN, ENGINES, _check_solver_options, _convert_back, _engine_for, _itemsize
+from ..projection._api import (_COARSER, _MARGIN, ENGINES, _check_solver_options, _convert_back, _engine_for,
+                               _precision)
 from ..projection._group import _validate_axis, as_group, is_tensor, validate_sparsity
 from ..projection._solver import Evaluation, solve_shared
 
@@ -154,7 +155,7 @@ def _has_float64(vectors: Any) -> bool:
 
 
 # Layout of the one all_gather that validates the call across ranks (before any solver collective).
-_F_ERR, _F_F64, _F_W, _F_UW, _F_R, _F_S, _F_TOL, _F_IT, _F_ENG = range(9)
+_F_ERR, _F_F64, _F_W, _F_UW, _F_R, _F_S, _F_TOL, _F_IT, _F_ENG, _F_PREC = range(10)
 
 
 def _raise_agreed(comm: TorchDistComm, local_err: BaseException | None, flags: np.ndarray):
@@ -196,14 +197,14 @@ def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, a
                            "torch.distributed.init_process_group(...) to have been called")
     comm = TorchDistComm(group)
     err: BaseException | None = None
-    flags = np.zeros(9)
+    flags = np.zeros(10)
     eng = back = grp = None
     r_loc = 0
     try:
         s = validate_sparsity(sparsity)
         if not isinstance(engine, str) or engine not in ENGINES:
             raise ValueError(f"engine: got {engine!r}, expected one of {ENGINES}")
-        _check_solver_options(tol, max_iter, 8)  # format only; the dtype-dependent default comes later
+        _check_solver_options(tol, max_iter, "float64")  # format only; the dtype-dependent default comes later
         r_loc = _n_vectors(vectors, axis)
         if r_loc == 0:
             if weights is not None and _n_vectors(weights, axis) != 0:
@@ -217,6 +218,7 @@ def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, a
             flags[_F_W] = float(weights is not None)
             flags[_F_UW] = float(weights is None)
             flags[_F_R] = r_loc
+            flags[_F_PREC] = _COARSER.index(_precision(grp.out_dtypes))  # the group's contract: coarsest dtype
         flags[_F_S] = s
         flags[_F_TOL] = -1.0 if tol is None else float(tol)
         flags[_F_IT] = -1.0 if max_iter is None else float(max_iter)
@@ -241,16 +243,16 @@ def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, a
     group_f64 = bool(rows[:, _F_F64].any())
 
     promoted = False
-    if grp is not None and group_f64 and _itemsize(grp) == 4:
+    if grp is not None and group_f64 and grp.data.dtype not in (np.float64, torch.float64):
         # Single-process project computes a mixed float32/float64 group in float64: do the same here.
         promoted = True
         grp = as_group(_promote(vectors), axis=axis, weights=_promote(weights))
         eng, back = _engine_for(grp, engine)
     if eng is None:
         eng = EmptyEngine(weighted)
-    itemsize = 8 if group_f64 else 4
-    tol_, max_iter_ = _check_solver_options(tol, max_iter, itemsize)
-    s_aim = min(1.0, s + _MARGIN.get(itemsize, 2e-7)) if s > 0 else s
+    precision = _COARSER[int(rows[:, _F_PREC].max())]
+    tol_, max_iter_ = _check_solver_options(tol, max_iter, precision)
+    s_aim = min(1.0, s + _MARGIN[precision]) if s > 0 else s
     flat, info = solve_shared(eng, s_aim, tol=tol_, max_iter=max_iter_, comm=comm)
     info.target = s
     if grp is None:

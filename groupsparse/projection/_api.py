@@ -12,8 +12,21 @@ from ._solver import ProjectionInfo, solve_each, solve_shared
 ENGINES = ("auto", "numba", "torch")
 # The result is checked in the input's dtype, so aim a little inside the feasible side for float32: rounding the
 # output to float32 moves its measured sparsity by ~1e-7.
-_TOL = {8: 1e-12, 4: 5e-7}
-_MARGIN = {8: 0.0, 4: 2e-7}
+_TOL = {"float64": 1e-12, "float32": 5e-7, "float16": 5e-5, "bfloat16": 5e-4}
+# Results are judged in their own dtype, so aim inside the feasible side by more than rounding the output moves its
+# measured sparsity (measured worst shortfalls without a margin: float32 ~1e-7, float16 ~8e-6, bfloat16 ~7e-5).
+_MARGIN = {"float64": 0.0, "float32": 2e-7, "float16": 4e-5, "bfloat16": 3e-4}
+_COARSER = ("float64", "float32", "float16", "bfloat16")
+
+
+def _precision(dtypes) -> str:
+    """The coarsest output dtype among ``dtypes``, as a key of _TOL/_MARGIN."""
+    worst = 0
+    for d in dtypes:
+        name = str(d).replace("torch.", "")
+        key = name if name in _TOL else "float64"  # longdouble and friends are solved and returned at >= float64
+        worst = max(worst, _COARSER.index(key))
+    return _COARSER[worst]
 
 
 def _engine_for(group: Group, engine: str):
@@ -79,13 +92,9 @@ def _convert_back(flat, how):
     return flat
 
 
-def _itemsize(group: Group) -> int:
-    return group.data.element_size() if group.backend == "torch" else group.data.itemsize
-
-
-def _check_solver_options(tol, max_iter, itemsize):
+def _check_solver_options(tol, max_iter, precision):
     if tol is None:
-        tol = _TOL[itemsize]
+        tol = _TOL[precision]
     elif isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1):
         raise ValueError(f"tol: got {tol!r}, expected a float in (0, 1) (average-sparsity units)")
     if max_iter is None:
@@ -121,7 +130,8 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     tol : float, optional
         Accepted excess of the achieved average sparsity over the target: the result lies in
         ``[sparsity, sparsity + tol]`` unless a discontinuity (tied largest entries) forces it higher.
-        Default 1e-12 for float64, 5e-7 (after a 2e-7 margin) for float32 and lower precisions.
+        Default 1e-12 for float64, 5e-7 for float32 (aimed 2e-7 inside), 5e-5 for float16 (4e-5 inside) and
+        5e-4 for bfloat16 (3e-4 inside), so that the result, rounded to its dtype, is still feasible.
     max_iter : int, optional
         Newton/bisection iterations (default 100); on exhaustion a ``ProjectionWarning`` is raised and the
         feasible end of the bracket is returned.
@@ -143,9 +153,9 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     """
     s = validate_sparsity(sparsity)
     group = as_group(vectors, axis=axis, weights=weights)
-    itemsize = _itemsize(group)
-    tol, max_iter = _check_solver_options(tol, max_iter, itemsize)
-    s_aim = min(1.0, s + _MARGIN.get(itemsize, 2e-7)) if s > 0 else s
+    precision = _precision(group.out_dtypes)
+    tol, max_iter = _check_solver_options(tol, max_iter, precision)
+    s_aim = min(1.0, s + _MARGIN[precision]) if s > 0 else s
     solved = _try_small(group, engine, s_aim, tol, max_iter)
     if solved is None:
         eng, back = _engine_for(group, engine)
@@ -191,8 +201,7 @@ def project_each(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any =
     """
     s = validate_sparsity(sparsity)
     group = as_group(vectors, axis=axis, weights=weights)
-    itemsize = _itemsize(group)
-    tol, max_iter = _check_solver_options(tol, max_iter, itemsize)
+    tol, max_iter = _check_solver_options(tol, max_iter, _precision(group.out_dtypes))
     eng, back = _engine_for(group, engine)
     flat, per_vector, iters = solve_each(eng, s, tol=max(tol, 1e-13), max_iter=max_iter)
     out = group.rebuild(_convert_back(flat, back))
@@ -252,14 +261,12 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
         return (results, infos) if return_info else results
     group = as_group(blocks, axis=axis, weights=wblocks)
     # each group keeps the precision contract of its own dtype, even when mixed dtypes are solved together
-    sizes, i = [], 0
+    precisions, i = [], 0
     for nb_, _ in layout:
-        b = blocks[i]
-        sizes.append(b.element_size() if is_tensor(b) else b.dtype.itemsize)
+        precisions.append(_precision([b.dtype for b in blocks[i : i + nb_]]))
         i += nb_
-    sizes = [8 if sz >= 8 else 4 for sz in sizes]
-    tols = np.array([_check_solver_options(tol, max_iter, sz)[0] for sz in sizes])
-    tol, max_iter = _check_solver_options(tol, max_iter, _itemsize(group))
+    tols = np.array([_check_solver_options(tol, max_iter, p)[0] for p in precisions])
+    max_iter = _check_solver_options(tol, max_iter, precisions[0])[1]
     per_block = [1 if b.ndim == 1 else int(np.prod(b.shape, dtype=np.int64)) // b.shape[axis] for b in blocks]
     vec_counts, i = [], 0
     for nb_, _ in layout:
@@ -269,7 +276,7 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
     np.cumsum(vec_counts, out=starts[1:])
     eng, back = _engine_for(group, engine)
     gid = eng.from_host(np.repeat(np.arange(G, dtype=np.int64), vec_counts))
-    margins = np.array([_MARGIN[sz] for sz in sizes])
+    margins = np.array([_MARGIN[p] for p in precisions])
     aims = np.where(targets > 0, np.minimum(1.0, targets + margins), targets)
     flat, mu, g, base, iters, evals, jumped, converged = solve_groups(eng, gid, starts, aims, tol=tols,
                                                                       max_iter=max_iter)

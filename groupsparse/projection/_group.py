@@ -48,6 +48,8 @@ def _flat_float_buffer(x: Any):
         return x.detach().reshape(-1).contiguous()
     if x.dtype == np.float16:
         x = x.astype(np.float32)
+    elif x.dtype.itemsize > 8:  # long double: the kernels run in float64
+        x = x.astype(np.float64)
     return np.ascontiguousarray(x).reshape(-1)
 
 
@@ -61,6 +63,7 @@ class Group:
     backend: str  # "numpy" or "torch"
     rebuild: Callable[[Any], Any] = field(repr=False)
     uniform_length: int | None = None  # all vectors have this length (lets engines use 2-D layouts)
+    out_dtypes: tuple = ()  # the dtypes results are returned in (they set the precision contract)
 
     @property
     def n_vectors(self) -> int:
@@ -163,7 +166,8 @@ def as_group(vectors: Any, *, axis: int = 0, weights: Any = None) -> Group:
         out = out if last else np.moveaxis(out, -1, ax)
         return np.ascontiguousarray(out, dtype=orig_dtype)
 
-    return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=n)
+    return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=n,
+                 out_dtypes=(orig_dtype,))
 
 
 def _group_from_list(vectors: Sequence[Any], weights: Any, axis: int) -> Group:
@@ -230,7 +234,8 @@ def _group_from_list(vectors: Sequence[Any], weights: Any, axis: int) -> Group:
                 parts.append(np.array(seg, dtype=d, order="C"))
         return parts
 
-    return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=uniform)
+    return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=uniform,
+                 out_dtypes=tuple(dtypes))
 
 
 def validate_sparsity(sparsity: Any) -> float:

@@ -254,16 +254,31 @@ def _argmax_abs(x, offsets, vids, out):
 
 @nb.njit(parallel=True, cache=True)
 def _argmax_shifted(x, w, offsets, vids, t, zero, out):
-    """Weighted one-hot position: argmax_j |x_j| - t w_j (for a zero vector: the smallest weight)."""
+    """Weighted one-hot position: argmax_j |x_j| - t w_j.
+
+    In the limit t -> inf (and for a zero vector) that is the smallest weight, ties going to the largest |x_j|:
+    decided exactly here, since |x| - t w rounds to -t w (or overflows) long before.
+    """
     for q in nb.prange(vids.shape[0]):
         i = vids[q]
-        best = -math.inf
         arg = offsets[i]
-        for j in range(offsets[i], offsets[i + 1]):
-            v = -np.float64(w[j]) if zero[i] else abs(np.float64(x[j])) - t[i] * np.float64(w[j])
-            if v > best:
-                best = v
-                arg = j
+        if zero[i] or math.isinf(t[i]):
+            bw = math.inf
+            ba = -1.0
+            for j in range(offsets[i], offsets[i + 1]):
+                wj = np.float64(w[j])
+                aj = abs(np.float64(x[j]))
+                if wj < bw or (wj == bw and aj > ba):
+                    bw = wj
+                    ba = aj
+                    arg = j
+        else:
+            best = -math.inf
+            for j in range(offsets[i], offsets[i + 1]):
+                v = abs(np.float64(x[j])) - t[i] * np.float64(w[j])
+                if v > best:
+                    best = v
+                    arg = j
         out[q] = arg
 
 
@@ -364,7 +379,9 @@ class NumbaEngine:
     def _stats(self, t: np.ndarray, mu: float | None):
         nch = len(self.cvec)
         out = np.empty((nch, 3))
-        compact, tdrop, dst, dstw, dlen = False, t, self.src, self.srcw, self.slen
+        # a writable stand-in when nothing is compacted: the caller's arrays may be read-only
+        scratch = np.empty(1, dtype=self.x.dtype)
+        compact, tdrop, dst, dstw, dlen = False, t, scratch, scratch, self.slen
         if mu is not None and mu > 0:
             self.n_evals += 1
         if mu is not None and mu > 0 and self.n_evals >= COMPACT_AFTER:
@@ -376,7 +393,7 @@ class NumbaEngine:
                 dst, dstw, dlen = self.work, self.workw, np.empty_like(self.clen)
             elif self.lo_confirmed > self.lo_applied:
                 compact, tdrop = True, self.lo_confirmed * self.beta
-                dlen = np.empty_like(self.clen)
+                dst, dstw, dlen = self.src, self.srcw, np.empty_like(self.clen)
                 self.lo_applied = self.lo_confirmed
         if self.weighted:
             _evaluate(self.src, self.srcw, self.weighted, self.cstart, self.slen, self.cvec, t, compact, tdrop,
@@ -418,8 +435,7 @@ class NumbaEngine:
         if len(vids):
             if self.weighted:
                 pos = np.empty(len(vids), dtype=np.int64)
-                _argmax_shifted(self.x, self.w, self.offsets, vids, np.where(np.isinf(t), 1e300, t),
-                                self.zero_mask, pos)
+                _argmax_shifted(self.x, self.w, self.offsets, vids, t, self.zero_mask, pos)
                 hval[vids] = self.w[pos]
             else:
                 pos = self.argmax(vids)

@@ -254,9 +254,22 @@ def solve_each(eng, sparsity: float, *, tol: float, max_iter: int):
         ev = eng.evaluate_vec(t)
         width_tiny = (hi_eff - lo_eff) <= 4 * xp.abs(hi_eff) * np.finfo(np.float64).eps
         done = done | (xp.abs(ev.h - target) <= tol / beta) | width_tiny
-    # A vector whose target lies in a jump (ties at the top) goes to the sparser side: its one-hot.
-    t = xp.where(ev.h > target + tol / beta, xp.maximum(t, top), t)
+    if not bool(xp.all(done)):
+        warnings.warn(f"project_each stopped after max_iter={max_iter} iterations with some vectors unsettled; "
+                      "those are returned at the sparser end of their bracket", ProjectionWarning, stacklevel=3)
+        t = xp.where(done, t, xp.where(xp.isfinite(hi), hi, top))
+        ev = eng.evaluate_vec(t)
+    # A vector whose target lies in a jump (ties at the top) goes to the sparser side: its one-hot. With weights
+    # the one-hot keeps moving to lighter entries past ``top``: push those thresholds out until feasible.
+    need = ev.h > target + tol / beta
+    t = xp.where(need, xp.maximum(t, top), t)
     ev = eng.evaluate_vec(t)
+    for step in range(65 if eng.weighted else 0):
+        need = ev.h > target + tol / beta
+        if not bool(xp.any(need)):
+            break
+        t = xp.where(need, 2 * t if step < 64 else xp.inf * t, t)  # the last resort is the t -> inf limit
+        ev = eng.evaluate_vec(t)
     out = eng.write_each(ev)
     sp = eng.to_host(beta * (eng.wnorm - ev.h))
     sp = np.where(eng.to_host(eng.zero_mask), 1.0, sp)

@@ -132,9 +132,11 @@ class TorchEngine:
     def _onehot(self, stats, t):
         empty = (stats[:, 0] == 0) | self.zero_mask
         if self.weighted:
-            te = self.seg.expand(torch.where(torch.isinf(t), 1e300, t))
-            zero_e = self.seg.expand(self.zero_mask)
-            v = torch.where(zero_e, -self.w, self.a - te * self.w)
+            # t -> inf (and zero vectors): the smallest weight, ties to the largest |c|, decided exactly
+            limit = self.seg.expand(torch.isinf(t) | self.zero_mask)
+            lightest = self.w == self.seg.expand(self.wmin)
+            te = self.seg.expand(torch.where(torch.isinf(t), 0.0, t))
+            v = torch.where(limit, torch.where(lightest, self.a, -1.0), self.a - te * self.w)
             pos = self.seg.argmax(v)
             hval = self.w[pos]
         else:
