@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -51,8 +52,10 @@ def _engine_for(group: Group, engine: str):
     from ._torch import TorchEngine
 
     if group.backend == "numpy":
-        x = torch.from_numpy(data)
-        w = torch.from_numpy(group.weights) if group.weights is not None else None
+        with warnings.catch_warnings():  # read-only arrays are fine: the engine never writes into its inputs
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(data)
+            w = torch.from_numpy(group.weights) if group.weights is not None else None
         return TorchEngine(x, group.offsets, w, group.uniform_length), "to_numpy"
     return TorchEngine(data, group.offsets, group.weights, group.uniform_length), None
 
