@@ -57,6 +57,9 @@ def hoyer_sparsity(x: Any, *, axis: int | None = None, weights: Any = None):
     n = a.shape[vec_axis]
     if n < 2:
         raise ValueError(f"x: got vectors of length {n}, expected length >= 2 (Hoyer sparsity is 0/0 below that)")
+    # scale invariant: divide each vector by its largest magnitude so squares neither overflow nor underflow
+    peak = a.max(axis=vec_axis, keepdims=True)
+    a = a / np.where(peak > 0, peak, 1.0)
     l1 = (a if w is None else w * a).sum(axis=vec_axis)
     l2 = np.sqrt((a * a).sum(axis=vec_axis))
     if w is None:

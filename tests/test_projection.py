@@ -454,3 +454,16 @@ def test_long_double_input():
     out = gs.project(x, 0.5)
     assert out.dtype == np.longdouble
     np.testing.assert_allclose(out.astype(np.float64), gs.project(x.astype(np.float64), 0.5))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("scale", [1e154, 1e300, 1e-160, 1e-300])
+def test_extreme_scales_are_rescaled_exactly(engine, scale):
+    """Squares over/underflow float64 beyond ~1e154 / below ~1e-154: solved on a power-of-two rescaled copy."""
+    x = np.array([[1.0, 2, 3, 0.5], [2, -1, 0.3, 0.2]])
+    out, info = gs.project(x * scale, 0.6, axis=1, engine=engine, return_info=True)
+    np.testing.assert_allclose(out, gs.project(x, 0.6, axis=1) * scale, rtol=1e-12, atol=0)
+    assert info.sparsity == pytest.approx(0.6, abs=1e-9)
+    np.testing.assert_allclose(gs.project_each(x * scale, 0.6, axis=1, engine=engine),
+                               gs.project_each(x, 0.6, axis=1) * scale, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(gs.hoyer_sparsity(x * scale, axis=1), gs.hoyer_sparsity(x, axis=1), rtol=1e-12)

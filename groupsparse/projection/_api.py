@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import numpy as np
 
-from ._group import Group, as_group, is_tensor, validate_sparsity
+from ._group import Group, NeedsRescale, as_group, is_tensor, validate_sparsity
 from ._solver import ProjectionInfo, solve_each, solve_shared
 
 ENGINES = ("auto", "numba", "torch")
@@ -77,12 +78,30 @@ def _try_small(group: Group, engine: str, s: float, tol: float, max_iter: int):
     out = np.empty_like(data)
     stats = np.zeros(4)
     status = solve_plain_small(data, group.offsets, s, tol, max_iter, out, stats)
+    if status == -2:
+        raise NeedsRescale
     if status < 0:
         return None
     info = ProjectionInfo(mu=float(stats[0]), iterations=int(stats[1]), evaluations=int(stats[2]),
                           sparsity=float(stats[3]), target=s, discontinuity=False, converged=True, engine="numba",
                           n_vectors=group.n_vectors, already_sparse=status == 0)
     return out, info, back
+
+
+def _rescaled_if_needed(group: Group, solve):
+    """Run ``solve(group)``; if squares of the entries over/underflow, solve a copy scaled by a power of two
+    (exact, and the projection is scale-equivariant) and scale the result back."""
+    try:
+        return solve(group)
+    except NeedsRescale:
+        pass
+    data = group.data
+    top = float(data.abs().max()) if group.backend == "torch" else float(np.abs(data).max())
+    scale = 2.0 ** -math.floor(math.log2(top))
+    scaled = Group(data * scale, group.offsets, group.weights, group.backend, group.rebuild,
+                   group.uniform_length, group.out_dtypes)
+    flat, info, back = solve(scaled)
+    return flat / scale, info, back
 
 
 def _convert_back(flat, how):
@@ -159,12 +178,15 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     precision = _precision(group.out_dtypes)
     tol, max_iter = _check_solver_options(tol, max_iter, precision)
     s_aim = min(1.0, s + _MARGIN[precision]) if s > 0 else s
-    solved = _try_small(group, engine, s_aim, tol, max_iter)
-    if solved is None:
-        eng, back = _engine_for(group, engine)
-        flat, info = solve_shared(eng, s_aim, tol=tol, max_iter=max_iter)
-    else:
-        flat, info, back = solved
+
+    def solve(grp):
+        solved = _try_small(grp, engine, s_aim, tol, max_iter)
+        if solved is not None:
+            return solved
+        eng, back = _engine_for(grp, engine)
+        return (*solve_shared(eng, s_aim, tol=tol, max_iter=max_iter), back)
+
+    flat, info, back = _rescaled_if_needed(group, solve)
     info.target = s
     out = group.rebuild(_convert_back(flat, back))
     return (out, info) if return_info else out
@@ -205,12 +227,17 @@ def project_each(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any =
     s = validate_sparsity(sparsity)
     group = as_group(vectors, axis=axis, weights=weights)
     tol, max_iter = _check_solver_options(tol, max_iter, _precision(group.out_dtypes))
-    eng, back = _engine_for(group, engine)
-    flat, per_vector, iters = solve_each(eng, s, tol=max(tol, 1e-13), max_iter=max_iter)
+
+    def solve(grp):
+        eng, back = _engine_for(grp, engine)
+        flat, per_vector, iters = solve_each(eng, s, tol=max(tol, 1e-13), max_iter=max_iter)
+        return flat, (per_vector, iters, eng.name), back
+
+    flat, (per_vector, iters, engine_name), back = _rescaled_if_needed(group, solve)
     out = group.rebuild(_convert_back(flat, back))
     if not return_info:
         return out
-    info = {"engine": eng.name, "iterations": iters, "sparsity": per_vector, "target": s}
+    info = {"engine": engine_name, "iterations": iters, "sparsity": per_vector, "target": s}
     return out, info
 
 

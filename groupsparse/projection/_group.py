@@ -18,6 +18,15 @@ except Exception:  # pragma: no cover
     torch = None
 
 
+class NeedsRescale(Exception):
+    """Squares of the entries over- or underflow float64: solve a power-of-two rescaled copy instead."""
+
+
+def scale_trouble(sa, saa) -> bool:
+    """Per-vector sums of |c| and c^2 show overflow (inf) or underflow (squares subnormal or flushed to 0)."""
+    return bool(((~(saa < float("inf"))) | ((saa < 2.2250738585072014e-308) & (sa > 0))).any())
+
+
 def is_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 

@@ -18,6 +18,7 @@ import types
 import numba as nb
 import numpy as np
 
+from ._group import NeedsRescale, scale_trouble
 from ._solver import Evaluation
 
 CHUNK = 1 << 14
@@ -317,6 +318,8 @@ class NumbaEngine:
             fp[:, 3] = np.where(fp[:, 2] > 0, np.sqrt(fp[:, 2]), fp[:, 1])
         if not np.all(np.isfinite(fp[:, 1])):
             raise ValueError("vectors: got NaN or Inf entries, expected finite values")
+        if scale_trouble(fp[:, 1], fp[:, 2]):
+            raise NeedsRescale
         if self.first is None:
             per = fp
             maxratio, wmin = fp[:, 3], fp[:, 6]
@@ -541,7 +544,7 @@ def _g_plain(x, offsets, beta, mu, with_slope):
 
 @nb.njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
 def solve_plain_small(x, offsets, s, tol, max_iter, out, stats):
-    """Returns 0 (already sparse: out = x), 1 (solved), -1 (ask the general solver).
+    """Returns 0 (already sparse: out = x), 1 (solved), -1 (ask the general solver), -2 (rescale first).
 
     ``stats`` receives [mu, iterations, evaluations, achieved average sparsity].
     """
@@ -555,6 +558,8 @@ def solve_plain_small(x, offsets, s, tol, max_iter, out, stats):
         beta[i] = 1.0 / (sq - 1.0)
         base += beta[i] * sq
         _, sa, saa = _plain_sums(x[offsets[i] : offsets[i + 1]], 0.0)
+        if not saa < math.inf or (saa < 2.2250738585072014e-308 and sa > 0.0):
+            return -2  # squares over/underflow: the caller rescales
         # an upper bound on max |x| (a max reduction would not vectorize); sum |x| if squares underflow
         top = max(top, (math.sqrt(saa) if saa > 0.0 else sa) / beta[i])
     k = base - r * s

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from ._group import NeedsRescale, scale_trouble
 from ._numba import h_and_slope
 from ._solver import Evaluation
 
@@ -83,7 +84,10 @@ class TorchEngine:
             self.wmin = torch.ones_like(self.wnorm)
         self.beta = 1.0 / (self.wnorm - self.wmin)
         self.zero_mask = self.ratio_max == 0
-        self.cnorm = self.seg.sum(self.a * self.a).sqrt()
+        sq = self.seg.sum(torch.stack([self.a, self.a * self.a], 1))
+        self.cnorm = sq[:, 1].sqrt()
+        if scale_trouble(*sq.T.cpu().numpy()):
+            raise NeedsRescale
         self.beta_host, self.wnorm_host, self.wmin_host = torch.stack([self.beta, self.wnorm, self.wmin]).cpu().numpy()
 
     def _seg_ids(self):
