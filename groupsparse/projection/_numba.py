@@ -525,21 +525,29 @@ SMALL_MAX_ENTRIES = 1 << 20
 
 
 @nb.njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
-def _g_plain(x, offsets, beta, mu, with_slope):
-    """g(mu) = sum_i beta_i h_i(mu beta_i) and g'(mu), unweighted (REFERENCE.md §2)."""
+def _g_from_sums(beta, sums):
+    """g = sum_i beta_i h_i and g' from per-vector (support size, sum u, sum u^2), unweighted."""
     g = 0.0
     dg = 0.0
-    for i in range(offsets.shape[0] - 1):
-        m, su, suu = _plain_sums(x[offsets[i] : offsets[i + 1]], mu * beta[i])
+    for i in range(beta.shape[0]):
+        m, su, suu = sums[i, 0], sums[i, 1], sums[i, 2]
         if suu > 0.0:
             nu = math.sqrt(suu)
             h = su / nu
             g += beta[i] * h
-            if with_slope:
-                dg += beta[i] * beta[i] * (-m + h * h) / nu
+            dg += beta[i] * beta[i] * (-m + h * h) / nu
         else:
             g += beta[i]  # one-hot (or zero) vector: h = 1
     return g, dg
+
+
+@nb.njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
+def _g_plain(x, offsets, beta, mu, sums):
+    """g(mu) and g'(mu), unweighted (REFERENCE.md §2). The per-vector sums stay in ``sums``: the output pass
+    after the last evaluation reuses them instead of another pass over the data."""
+    for i in range(offsets.shape[0] - 1):
+        sums[i, 0], sums[i, 1], sums[i, 2] = _plain_sums(x[offsets[i] : offsets[i + 1]], mu * beta[i])
+    return _g_from_sums(beta, sums)
 
 
 @nb.njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
@@ -550,6 +558,7 @@ def solve_plain_small(x, offsets, s, tol, max_iter, out, stats):
     """
     r = offsets.shape[0] - 1
     beta = np.empty(r)
+    sums = np.empty((r, 3))
     base = 0.0
     top = 0.0
     for i in range(r):
@@ -557,7 +566,9 @@ def solve_plain_small(x, offsets, s, tol, max_iter, out, stats):
         sq = math.sqrt(n)
         beta[i] = 1.0 / (sq - 1.0)
         base += beta[i] * sq
-        _, sa, saa = _plain_sums(x[offsets[i] : offsets[i + 1]], 0.0)
+        sums[i, 0], sa, saa = _plain_sums(x[offsets[i] : offsets[i + 1]], 0.0)
+        sums[i, 1] = sa
+        sums[i, 2] = saa
         if not saa < math.inf or (saa < 2.2250738585072014e-308 and sa > 0.0):
             return -2  # squares over/underflow: the caller rescales
         # an upper bound on max |x| (a max reduction would not vectorize); sum |x| if squares underflow
@@ -566,7 +577,7 @@ def solve_plain_small(x, offsets, s, tol, max_iter, out, stats):
     slack = 64 * EPS * max(base, 1.0)
     band = tol * r
     aim = k - 0.5 * band
-    g, dg = _g_plain(x, offsets, beta, 0.0, True)
+    g, dg = _g_from_sums(beta, sums)  # at mu = 0 the sums above are the evaluation
     evals = 1
     if g <= k + slack:
         out[:] = x
@@ -594,7 +605,7 @@ def solve_plain_small(x, offsets, s, tol, max_iter, out, stats):
             cand = 0.5 * (lo + hi)
             slow = 0
         mu = cand
-        g, dg = _g_plain(x, offsets, beta, mu, True)
+        g, dg = _g_plain(x, offsets, beta, mu, sums)
         evals += 1
         res = abs(g - aim)
         slow = slow + 1 if res > 0.5 * prev_res else 0
@@ -615,7 +626,7 @@ def solve_plain_small(x, offsets, s, tol, max_iter, out, stats):
         o0 = offsets[i]
         o1 = offsets[i + 1]
         t = hi * beta[i]
-        _, su, suu = _plain_sums(x[o0:o1], t)
+        su, suu = sums[i, 1], sums[i, 2]  # the loop ended on an evaluation at hi
         if suu > 0.0:
             sc = (suu + t * su) / suu  # alpha_i / ||u_i|| with alpha_i = <x_i, a_i> = (sum u^2 + t sum u) / ||u_i||
             xs = x[o0:o1]
