@@ -78,12 +78,8 @@ class Group:
     def n_vectors(self) -> int:
         return len(self.offsets) - 1
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
-
-def _validate_sparsity(sparsity: Any) -> float:
+def validate_sparsity(sparsity: Any) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.floating, np.integer)):
         raise TypeError(f"sparsity: got {type(sparsity).__name__}, expected a float in [0, 1]")
     s = float(sparsity)
@@ -246,6 +242,3 @@ def _group_from_list(vectors: Sequence[Any], weights: Any, axis: int) -> Group:
     return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=uniform,
                  out_dtypes=tuple(dtypes))
 
-
-def validate_sparsity(sparsity: Any) -> float:
-    return _validate_sparsity(sparsity)

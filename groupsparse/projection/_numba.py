@@ -47,25 +47,24 @@ def _write_onehot(x, out, s0, n, oh):
         out[j] = x[j] if j == oh else 0.0
 
 
+# Weighted kernels (the unweighted group uses the vectorized twins below).
+
+
 @nb.njit(parallel=True, cache=True, fastmath=_FM)
-def _first_pass(x, w, weighted, cstart, clen, out):
-    """Per chunk: [support size or sum w^2 on support, sum w a, sum a^2, max a/w, argmax, sum w^2, min w]."""
+def _first_pass(x, w, cstart, clen, out):
+    """Per chunk: [sum w^2 on the support, sum w a, sum a^2, max a/w, sum w^2, min w]."""
     for c in nb.prange(cstart.shape[0]):
         s0 = cstart[c]
         m = 0.0
         swa = 0.0
         saa = 0.0
         best = -1.0
-        arg = s0
         sww = 0.0
         wmin = math.inf
         for j in range(s0, s0 + clen[c]):
             a = abs(np.float64(x[j]))
-            wj = np.float64(w[j]) if weighted else 1.0
-            ratio = a / wj
-            if ratio > best:
-                best = ratio
-                arg = j
+            wj = np.float64(w[j])
+            best = max(best, a / wj)
             if a > 0.0:
                 m += wj * wj
             swa += wj * a
@@ -76,17 +75,16 @@ def _first_pass(x, w, weighted, cstart, clen, out):
         out[c, 1] = swa
         out[c, 2] = saa
         out[c, 3] = best
-        out[c, 4] = arg
-        out[c, 5] = sww
-        out[c, 6] = wmin
+        out[c, 4] = sww
+        out[c, 5] = wmin
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FM)
-def _evaluate(src, srcw, weighted, sstart, slen, cvec, t, compact, tdrop, dst, dstw, dlen, out):
+def _evaluate(src, srcw, sstart, slen, cvec, t, compact, tdrop, dst, dstw, dlen, out):
     """Per chunk, at thresholds t[vector]: [sum w^2 on support, sum w u, sum u^2] with u = (a - t w)_+.
 
-    With ``compact``, entries with a > tdrop[vector] w are also copied (as |c|) to ``dst`` at the same chunk start
-    (``dst`` may be ``src``: the write index never passes the read index).
+    With ``compact``, entries with a > tdrop[vector] w are also copied (as |c|, with their weight) to ``dst`` at
+    the same chunk start (``dst`` may be ``src``: the write index never passes the read index).
     """
     for c in nb.prange(sstart.shape[0]):
         i = cvec[c]
@@ -99,7 +97,7 @@ def _evaluate(src, srcw, weighted, sstart, slen, cvec, t, compact, tdrop, dst, d
         kept = 0
         for j in range(s0, s0 + slen[c]):
             a = abs(np.float64(src[j]))
-            wj = np.float64(srcw[j]) if weighted else 1.0
+            wj = np.float64(srcw[j])
             u = a - ti * wj
             if u > 0.0:
                 m += wj * wj
@@ -107,8 +105,7 @@ def _evaluate(src, srcw, weighted, sstart, slen, cvec, t, compact, tdrop, dst, d
                 suu += u * u
             if compact and a > td * wj:
                 dst[s0 + kept] = a
-                if weighted:
-                    dstw[s0 + kept] = wj
+                dstw[s0 + kept] = wj
                 kept += 1
         if compact:
             dlen[c] = kept
@@ -118,7 +115,7 @@ def _evaluate(src, srcw, weighted, sstart, slen, cvec, t, compact, tdrop, dst, d
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_FM)
-def _write(x, w, weighted, cstart, clen, cvec, t, scale, onehot, out):
+def _write(x, w, cstart, clen, cvec, t, scale, onehot, out):
     """out = sign(x) (|x| - t w)_+ scale per vector; vectors with onehot[i] >= 0 keep only that entry."""
     for c in nb.prange(cstart.shape[0]):
         i = cvec[c]
@@ -131,8 +128,7 @@ def _write(x, w, weighted, cstart, clen, cvec, t, scale, onehot, out):
         sc = scale[i]
         for j in range(s0, s0 + clen[c]):
             xv = np.float64(x[j])
-            wj = np.float64(w[j]) if weighted else 1.0
-            u = abs(xv) - ti * wj
+            u = abs(xv) - ti * np.float64(w[j])
             out[j] = math.copysign(u * sc, xv) if u > 0.0 else 0.0
 
 
@@ -293,7 +289,7 @@ class NumbaEngine:
 
     def __init__(self, data: np.ndarray, offsets: np.ndarray, weights: np.ndarray | None):
         self.x = data
-        self.w = weights if weights is not None else data  # placeholder keeps one kernel signature
+        self.w = weights if weights is not None else data  # unweighted kernels never read it
         self.weighted = weights is not None
         self.offsets = offsets
         self.par = int(data.shape[0] >= PARALLEL_MIN_ENTRIES and nb.get_num_threads() >= PARALLEL_MIN_THREADS)
@@ -309,9 +305,9 @@ class NumbaEngine:
         self.clen = np.minimum(CHUNK, offsets[self.cvec + 1] - self.cstart)
         self.first = None if len(self.cvec) == r else first
 
-        fp = np.zeros((len(self.cvec), 7))
+        fp = np.zeros((len(self.cvec), 6))  # columns as in _first_pass
         if self.weighted:
-            _first_pass(self.x, self.w, self.weighted, self.cstart, self.clen, fp)
+            _first_pass(self.x, self.w, self.cstart, self.clen, fp)
         else:
             FIRST_PASS_PLAIN[self.par](self.x, self.cstart, self.clen, fp)
             # An upper bound on max |c| is all the bracket needs; sum |c| stands in when squares underflow.
@@ -320,14 +316,13 @@ class NumbaEngine:
             raise ValueError("vectors: got NaN or Inf entries, expected finite values")
         if scale_trouble(fp[:, 1], fp[:, 2]):
             raise NeedsRescale
+        per = _reduce_rows(fp, self.first)
         if self.first is None:
-            per = fp
-            maxratio, wmin = fp[:, 3], fp[:, 6]
+            maxratio, wmin = fp[:, 3], fp[:, 5]
         else:
-            per = np.add.reduceat(fp, self.first, axis=0)
             maxratio = np.maximum.reduceat(fp[:, 3], self.first)
-            wmin = np.minimum.reduceat(fp[:, 6], self.first)
-        wsq = per[:, 5] if self.weighted else lengths.astype(np.float64)
+            wmin = np.minimum.reduceat(fp[:, 5], self.first)
+        wsq = per[:, 4] if self.weighted else lengths.astype(np.float64)
         self.wnorm = np.sqrt(wsq)
         self.wmin = wmin if self.weighted else np.ones(r)
         self.beta = 1.0 / (self.wnorm - self.wmin)
@@ -369,8 +364,10 @@ class NumbaEngine:
     def group_sum(self, values, gid, n_groups):
         return np.bincount(gid, weights=values, minlength=n_groups)
 
-    def group_max(self, values, starts):
-        return np.maximum.reduceat(values, starts[:-1])
+    def group_max(self, values, gid, n_groups):
+        out = np.full(n_groups, -np.inf)
+        np.maximum.at(out, gid, values)
+        return out
 
     def mu_top(self) -> float:
         return float(np.max(self.ratio_max / self.beta)) if self.n_vectors else 0.0
@@ -399,8 +396,8 @@ class NumbaEngine:
                 dst, dstw, dlen = self.src, self.srcw, np.empty_like(self.clen)
                 self.lo_applied = self.lo_confirmed
         if self.weighted:
-            _evaluate(self.src, self.srcw, self.weighted, self.cstart, self.slen, self.cvec, t, compact, tdrop,
-                      dst, dstw, dlen, out)
+            _evaluate(self.src, self.srcw, self.cstart, self.slen, self.cvec, t, compact, tdrop, dst, dstw, dlen,
+                      out)
         elif compact:
             EVALUATE_PLAIN_COMPACT[self.par](self.src, self.cstart, self.slen, self.cvec, t, tdrop, dst, dlen, out)
         else:
@@ -467,7 +464,7 @@ class NumbaEngine:
     def _write(self, t, scale, onehot):
         out = np.empty_like(self.x)
         if self.weighted:
-            _write(self.x, self.w, self.weighted, self.cstart, self.clen, self.cvec, t, scale, onehot, out)
+            _write(self.x, self.w, self.cstart, self.clen, self.cvec, t, scale, onehot, out)
         else:
             WRITE_PLAIN[self.par](self.x, self.cstart, self.clen, self.cvec, t, scale, onehot, out)
         return out

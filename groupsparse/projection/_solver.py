@@ -304,7 +304,7 @@ def solve_groups(eng, gid, starts, sparsity, *, tol, max_iter: int):
     band = tol * counts
     k_d, slack_d, band_d = dev(k), dev(slack), dev(band)
     aim = k_d - 0.5 * band_d
-    mu_top = dev(eng.to_host(eng.group_max(eng.ratio_max / beta, starts)) * (1 + 1e-9))
+    mu_top = dev(eng.to_host(eng.group_max(eng.ratio_max / beta, gid, G)) * (1 + 1e-9))
 
     def evaluate(mu):
         ev = eng.evaluate_vec(mu[gid] * beta)

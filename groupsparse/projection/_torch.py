@@ -108,10 +108,8 @@ class TorchEngine:
         out = torch.zeros(n_groups, dtype=values.dtype, device=self.device)
         return out.index_add_(0, gid, values)
 
-    def group_max(self, values, starts):
-        gid = torch.repeat_interleave(torch.arange(len(starts) - 1, device=self.device),
-                                      torch.as_tensor(np.diff(starts), device=self.device))
-        out = torch.full((len(starts) - 1,), -math.inf, dtype=values.dtype, device=self.device)
+    def group_max(self, values, gid, n_groups):
+        out = torch.full((n_groups,), -math.inf, dtype=values.dtype, device=self.device)
         return out.scatter_reduce(0, gid, values, "amax")
 
     def mu_top(self) -> float:
