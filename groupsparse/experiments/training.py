@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_path
+from ..prune.checkpoint import save_state_dict as write_state_dict
 from .datasets import Dataset
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -63,11 +64,8 @@ def _autocast(dev: torch.device):
 
 
 def save_state_dict(path: Path, model: nn.Module) -> None:
-    from safetensors.torch import save_file
-
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(sd, str(tmp))
+    """The model's weights as safetensors on the CPU (atomic; the pruning library's writer)."""
+    write_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
 def load_state_dict(path: Path, model: nn.Module) -> None:
