@@ -1,71 +1,207 @@
-"""Array files in and out: .npy, .npz, .safetensors (and torch .pt state_dicts), always written atomically."""
+"""Files in and out: the output-path guard, atomic writes, and .npy/.npz/.safetensors array files.
+
+Every command routes its writes through :func:`check_paths` (no output may be an input or another output,
+whatever symlinks or hard links say) and :func:`atomic_path` (temp file beside the target, fsync, rename).
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
-import tempfile
+import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
+from typing import Any, Iterator, Mapping
 
 ARRAY_SUFFIXES = (".npy", ".npz", ".safetensors")
+
+# Temp files are named ".<target name>.groupsparse-tmp-<pid>-<n><suffix>" (the suffix keeps writers that pick a
+# format from the name working). A run killed mid-write leaves one behind; the next write into that folder removes
+# those whose process is gone.
+TMP_MARK = ".groupsparse-tmp-"
+_TMP_RE = re.compile(r"^\..+\.groupsparse-tmp-(\d+)-\d+")
+_counter = itertools.count()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else, or cannot tell: keep its file
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that killed groupsparse writers left in ``folder``; returns the removed paths."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TMP_RE.match(e.name)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+            except OSError:
+                pass  # another run removed it first, or no permission: not ours to fight over
+    return removed
+
+
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return  # some file systems cannot open folders; the rename is still atomic
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path`` (readers never see a half file)."""
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``, so readers
+    never see a half file. On failure the temp file is removed; an ``OSError`` names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+    folder = path.parent
+    tmp = folder / f".{path.name}{TMP_MARK}{os.getpid()}-{next(_counter)}{path.suffix}"
     try:
-        yield Path(tmp)
-        # mkstemp makes the file owner-only; give it the permissions a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(folder)
+        # O_EXCL: never reuse a file; mode 0o666 lets the umask decide, as a plain open() would
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        _fsync(folder, directory=True)
+    except BaseException as e:
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.errno is not None:
+            # the temp name means nothing to the user: report the file they asked for
+            raise OSError(e.errno, f"cannot write {str(path)!r}: {e.strerror or e}") from e
         raise
 
 
+def _identity(path: str | os.PathLike) -> tuple:
+    """Same value for two names of one file: (device, inode) when it exists, else the resolved path."""
+    try:
+        st = os.stat(path)  # follows symlinks; hard links share the inode
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.normcase(os.path.realpath(path)))
+
+
+def check_paths(reads: Mapping[str, Any], writes: Mapping[str, Any]) -> None:
+    """Refuse a write path that names an input or another output (``None`` entries are ignored).
+
+    ``reads``/``writes`` map what the user calls the path (``"IN"``, ``"--weights"``, ``"--out"``) to the path;
+    symlinks and hard links are resolved, so ``-o`` through a link to IN is caught too. Raises ``ValueError``.
+    """
+    seen_reads = [(label, p, _identity(p)) for label, p in reads.items() if p is not None]
+    seen_writes: list[tuple[str, Any, tuple]] = []
+    for label, p in writes.items():
+        if p is None:
+            continue
+        ident = _identity(p)
+        for rlabel, rp, rid in seen_reads:
+            if ident == rid:
+                raise ValueError(f"{label}: got {str(p)!r}, the same file as {rlabel} {str(rp)!r}; expected a "
+                                 "different path (inputs are never overwritten)")
+        for wlabel, wp, wid in seen_writes:
+            if ident == wid:
+                raise ValueError(f"{label}: got {str(p)!r}, the same file as {wlabel} {str(wp)!r}; expected a "
+                                 "different path for each output")
+        seen_writes.append((label, p, ident))
+
+
 def check_distinct(inp: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Refuse to write over the input file."""
-    a, b = Path(inp), Path(out)
-    if a.resolve() == b.resolve():
-        raise ValueError(f"--out: got the input file {str(a)!r}, expected a different path (inputs are never overwritten)")
+    """Refuse to write over the input file (see :func:`check_paths`)."""
+    check_paths({"the input": inp}, {"--out": out})
 
 
-def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read every array of a .npy (key ``"array"``), .npz or .safetensors file as NumPy arrays."""
+def check_suffix(path: str | os.PathLike, suffixes: tuple[str, ...], what: str = "--out") -> str:
+    """The lower-case suffix of ``path``; ``ValueError`` unless it is one of ``suffixes``."""
+    s = Path(path).suffix.lower()
+    if s not in suffixes:
+        raise ValueError(f"{what}: got {str(path)!r}, expected a file ending in {', '.join(suffixes)}")
+    return s
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    # the torch API reads every dtype (bfloat16, float8 too) and copies each tensor once out of a mapped file
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            try:
+                out[k] = t.numpy()  # shares memory; NumPy has no bfloat16, those stay tensors
+            except TypeError:
+                out[k] = t
+    return out
+
+
+def load_arrays(path: str | os.PathLike) -> dict[str, Any]:
+    """Read every array of a .npy (key ``"array"``), .npz or .safetensors file.
+
+    Arrays come back as NumPy arrays, except dtypes NumPy lacks (``bfloat16``...), which stay torch tensors.
+    A file that cannot be parsed is a ``ValueError`` naming it; a missing or unreadable one an ``OSError``.
+    """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"input: got {str(path)!r}, which does not exist; expected a {'/'.join(ARRAY_SUFFIXES)} file")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return {"array": np.load(path, allow_pickle=False)}
-    if suffix == ".npz":
+    suffix = check_suffix(path, ARRAY_SUFFIXES, "input")
+    if not path.is_file():
+        raise FileNotFoundError(2, f"input: no such file, expected a {'/'.join(ARRAY_SUFFIXES)} file", str(path))
+    try:
+        if suffix == ".safetensors":
+            return _read_safetensors(path)
+        import numpy as np
+
+        if suffix == ".npy":
+            return {"array": np.load(path, allow_pickle=False)}
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    if suffix == ".safetensors":
-        from safetensors.numpy import load_file
+    except OSError as e:
+        if e.errno is not None:
+            raise  # permission, I/O error: the OSError already names the file
+        raise ValueError(f"input: cannot read {str(path)!r} as {suffix} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - parsers raise anything from ValueError to SafetensorError
+        what = "it declares an array larger than memory" if isinstance(e, MemoryError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"input: cannot read {str(path)!r} as {suffix} (truncated or not a {suffix} file? {what})") from e
 
-        return load_file(str(path))
-    raise ValueError(f"input: got {str(path)!r}, expected a file ending in {', '.join(ARRAY_SUFFIXES)}")
+
+def _c_contiguous(v):
+    # np.ascontiguousarray would turn a 0-d array into shape (1,)
+    return v if v.flags.c_contiguous else v.copy(order="C")
 
 
-def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays in the format named by ``path``'s suffix, atomically."""
+def save_arrays(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
+    """Write arrays (NumPy, or torch tensors for dtypes NumPy lacks) in the format named by ``path``'s suffix,
+    atomically. Check the suffix with :func:`check_suffix` before long work: this raises the same error."""
+    import numpy as np
+
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in ARRAY_SUFFIXES:
-        raise ValueError(f"--out: got {str(path)!r}, expected a file ending in {', '.join(ARRAY_SUFFIXES)}")
+    suffix = check_suffix(path, ARRAY_SUFFIXES)
     if suffix == ".npy" and len(arrays) != 1:
         raise ValueError(f"--out: got a .npy path for {len(arrays)} arrays, expected .npz or .safetensors")
+    tensors = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+    if tensors and suffix != ".safetensors":
+        raise ValueError(f"--out: got {str(path)!r} for {tensors[0]!r} of dtype {arrays[tensors[0]].dtype}, which "
+                         f"{suffix} cannot hold; expected a .safetensors output")
     with atomic_path(path) as tmp:
         if suffix == ".npy":
             with open(tmp, "wb") as f:
@@ -73,7 +209,13 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
         elif suffix == ".npz":
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
+        elif tensors:
+            import torch
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() if isinstance(v, torch.Tensor) else torch.from_numpy(_c_contiguous(v))
+                       for k, v in arrays.items()}, str(tmp))
         else:
             from safetensors.numpy import save_file
 
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+            save_file({k: _c_contiguous(v) for k, v in arrays.items()}, str(tmp))
