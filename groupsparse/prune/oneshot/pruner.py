@@ -1,0 +1,168 @@
+"""``prune_model``: one-shot pruning of a decoder LM (or any module with Linear layers) from calibration data."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..masks import check_fraction
+from .gsp import gsp_allocation, gsp_masks
+from .methods import layer_mask, nm_mask, parse_pattern, row_mask, sparsegpt, wanda_scores
+from .owl import outlier_ratio, owl_sparsities
+from .walker import collect_stats, find_blocks, linear_layers, set_weight_matrix, walk, weight_matrix
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "gsp", "owl")
+GROUPS = ("row", "layer", "model")
+
+
+@dataclass
+class PruneResult:
+    """What ``prune_model`` did: per-layer targets and achieved zeros, block allocation, time."""
+
+    method: str
+    pattern: str
+    sparsity: float | None
+    group: str | None
+    refit: bool
+    layers: list[dict] = field(default_factory=list)
+    blocks: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def zero_fraction(self) -> float:
+        n = sum(layer["numel"] for layer in self.layers)
+        return sum(layer["zeros"] for layer in self.layers) / n if n else 0.0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "pattern": self.pattern, "sparsity": self.sparsity, "group": self.group,
+                "refit": self.refit, "zero_fraction": self.zero_fraction, "seconds": self.seconds,
+                "blocks": self.blocks, "layers": self.layers}
+
+
+def _selected(block: nn.Module, exclude) -> dict[str, nn.Module]:
+    return {n: m for n, m in linear_layers(block).items() if not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+
+
+def _check(method, sparsity, pattern, group, refit):
+    if method not in METHODS:
+        raise ValueError(f"method: got {method!r}, expected one of {METHODS}")
+    nm = parse_pattern(pattern)
+    if (sparsity is None) == (nm is None):
+        raise ValueError(f"got sparsity={sparsity!r} and pattern={pattern!r}, expected exactly one of a sparsity "
+                         "(unstructured) or an N:M pattern")
+    if sparsity is not None:
+        sparsity = check_fraction(sparsity, "sparsity")
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"group: got {group!r}, expected one of {GROUPS}")
+    if group is not None and method != "gsp":
+        raise ValueError(f"group: got {group!r} for method {method!r}, expected it only with method='gsp'")
+    if refit and method not in ("gsp", "wanda", "owl"):
+        raise ValueError(f"refit: got True for {method!r}, expected it only for mask-only methods (SparseGPT refits itself)")
+    return sparsity, nm
+
+
+def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sparsity: float | None = None,
+                pattern: str | tuple | None = None, group: str | None = None, refit: bool = False,
+                normalize: str | None = "layer", owl_m: float = 5.0, owl_lambda: float = 0.08,
+                exclude: tuple[str, ...] = (), batch_size: int = 8, blocksize: int = 128, damp: float = 0.01,
+                progress: bool = True) -> PruneResult:
+    """Prune every Linear inside the decoder blocks of ``model`` in place (real zeros) and return a report.
+
+    ``calibration``: (n, L) token ids for HF models, an (n, ...) input tensor for plain modules, or a list of
+    batches; not needed for ``magnitude``. Exactly one of ``sparsity`` (unstructured zero fraction) and
+    ``pattern`` ("2:4", "4:8") is given. ``group`` (GSP only): "row" (each output row, as Wanda), "layer"
+    (default; the rows of a layer share the projection's μ) or "model" (all layers share it: a layer
+    allocation). ``refit`` re-solves the kept weights by the SparseGPT sweep with the mask fixed. Embeddings,
+    the LM head and anything outside the blocks stay dense; ``exclude`` adds globs of block-relative names
+    (e.g. ``"*.o_proj"``). Plain modules without decoder blocks are one block.
+    """
+    sparsity, nm = _check(method, sparsity, pattern, group, refit)
+    if method == "gsp" and group is None:
+        group = "layer"
+    if calibration is None and method != "magnitude":
+        raise ValueError(f"calibration: got None for method {method!r}, expected calibration inputs")
+    res = PruneResult(method, "unstructured" if nm is None else f"{nm[0]}:{nm[1]}", sparsity, group, refit)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    blocks, _ = find_blocks(model)
+    block_list = list(blocks) if blocks is not None else [model]
+    targets: dict[tuple[int, str], float] = {}
+    if method == "magnitude":
+        for b, block in enumerate(block_list):
+            _prune_block(b, block, None, method, sparsity, nm, None, refit, normalize, exclude, blocksize, damp, {}, res)
+    else:
+        if nm is None and (method == "owl" or group == "model"):
+            targets = _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda, exclude,
+                                batch_size, progress, res)
+        gram = method == "sparsegpt" or refit
+
+        def on_block(b, block, stats):
+            _prune_block(b, block, stats, method, sparsity, nm, group, refit, normalize, exclude, blocksize, damp,
+                         targets, res)
+
+        walk(model, calibration, on_block, gram=gram, batch_size=batch_size, progress=progress,
+             description=f"{method} {res.pattern if nm else sparsity}")
+    res.seconds = time.perf_counter() - t0
+    model.train(was_training)
+    return res
+
+
+def _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda, exclude, batch_size, progress, res):
+    """Dense pass: Wanda scores of every layer from the unpruned model, then OWL's or GSP's per-layer budget."""
+    scores: dict[tuple[int, str], torch.Tensor] = {}
+
+    def on_block(b, block, stats):
+        for name, mod in _selected(block, exclude).items():
+            scores[(b, name)] = wanda_scores(weight_matrix(mod), stats[name].col_norm)
+
+    walk(model, calibration, on_block, gram=False, batch_size=batch_size, progress=progress, description="allocation")
+    n_blocks = 1 + max(b for b, _ in scores)
+    if method == "owl":
+        ratios = [outlier_ratio([s for (b, _), s in scores.items() if b == i], owl_m) for i in range(n_blocks)]
+        sp = owl_sparsities(ratios, sparsity, owl_lambda)
+        res.blocks = [{"block": i, "outlier_ratio": r, "sparsity": s} for i, r, s in zip(range(n_blocks), ratios, sp)]
+        return {key: sp[key[0]] for key in scores}
+    keys = list(scores)
+    alloc = gsp_allocation({f"{b}/{n}": scores[(b, n)] for b, n in keys}, sparsity, normalize)
+    targets = {key: alloc[f"{key[0]}/{key[1]}"] for key in keys}
+    for i in range(n_blocks):
+        ks = [k for k in keys if k[0] == i]
+        tot = sum(scores[k].numel() for k in ks)
+        res.blocks.append({"block": i, "sparsity": sum(targets[k] * scores[k].numel() for k in ks) / tot})
+    return targets
+
+
+def _prune_block(b, block, stats, method, sparsity, nm, group, refit, normalize, exclude, blocksize, damp, targets, res):
+    layers = _selected(block, exclude)
+    for name, mod in layers.items():
+        w = weight_matrix(mod)
+        st = stats[name] if stats else None
+        frac = targets.get((b, name), sparsity)
+        if method == "magnitude":
+            sc = w.abs().double()
+        else:
+            sc = wanda_scores(w, st.col_norm)
+        new_w = None
+        if method == "sparsegpt":
+            new_w, mask = sparsegpt(w, st.gram, fraction=frac or 0.0, nm=nm, blocksize=blocksize, damp=damp)
+        elif nm is not None:
+            mask = nm_mask(sc, *nm)          # for GSP this is its N:M mask too (see gsp.py)
+        elif method == "magnitude":
+            mask = layer_mask(sc, frac)
+        elif method in ("wanda", "owl") or group == "row":
+            mask = row_mask(sc, frac)
+        else:                                 # gsp layer, or gsp model with the allocated fraction
+            mask = gsp_masks([sc], frac, scope="layer", normalize=normalize)[0][0]
+        if refit:
+            new_w, mask = sparsegpt(w, st.gram, mask=mask, blocksize=blocksize, damp=damp)
+        if new_w is None:
+            new_w = w.masked_fill(mask, 0.0)
+        set_weight_matrix(mod, new_w)
+        zeros = int((weight_matrix(mod) == 0).sum())
+        res.layers.append({"block": b, "name": name, "shape": list(w.shape), "numel": w.numel(), "target": frac,
+                           "zeros": zeros, "zero_fraction": zeros / w.numel()})

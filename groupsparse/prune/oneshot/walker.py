@@ -1,0 +1,187 @@
+"""Walk a model block by block on calibration batches, accumulating each Linear layer's input statistics.
+
+The protocol of SparseGPT and Wanda: capture the inputs of the first decoder block (a forward pre-hook with
+kwargs, so the attention mask, position ids and the rotary ``position_embeddings`` that transformers 5 hands to
+Llama layers come along), run each block on them with hooks that accumulate, per Linear, the column norms
+``Σ_t x_tj²`` and (when asked) ``XᵀX``, let a callback prune the block, then recompute the block's outputs with
+the pruned weights and feed them to the next block. Memory holds one block's activations.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing past the first block needs to run."""
+
+
+@dataclass
+class InputStats:
+    """Input statistics of one Linear layer over the calibration tokens (float64 for exact sums)."""
+
+    sumsq: torch.Tensor            # (in,) Σ_t x_tj²; Wanda's ‖X_j‖₂ is its square root
+    gram: torch.Tensor | None      # (in, in) XᵀX, only when a method needs the Hessian
+    tokens: int = 0
+
+    @property
+    def col_norm(self) -> torch.Tensor:
+        return self.sumsq.sqrt()
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """Linear-like modules of ``block`` by qualified name: ``nn.Linear`` and HF's GPT-2 ``Conv1D``."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in): rows are output units, columns input features (Conv1D stores (in, out))."""
+    return module.weight.data.t() if type(module).__name__ == "Conv1D" else module.weight.data
+
+
+def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    w = w.t() if type(module).__name__ == "Conv1D" else w
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def find_blocks(model: nn.Module) -> tuple[nn.ModuleList | None, str]:
+    """The decoder blocks of a Llama/Mistral/Qwen (``model.layers``), GPT-2 (``transformer.h``) or OPT
+    (``model.decoder.layers``) model, and their path; ``(None, "")`` for a plain module (one block: itself)."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "decoder.layers", "layers", "h"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0 and linear_layers(obj[0]):
+            return obj, path
+    return None, ""
+
+
+def _batches(calibration, batch_size: int):
+    if isinstance(calibration, torch.Tensor):
+        return [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
+    return list(calibration)
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) the first block receives for each calibration batch (token ids or input tensors)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        captured.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                if torch.is_tensor(b) and not torch.is_floating_point(b):
+                    model(input_ids=b, use_cache=False)
+                elif isinstance(b, dict):
+                    model(**b, use_cache=False)
+                else:
+                    model(b)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(batches):
+        raise RuntimeError(f"captured {len(captured)} block inputs for {len(batches)} batches: the model did not reach its first block")
+    # a cache object in kwargs would grow across batches; the walk never needs one
+    for _, kw in captured:
+        for k in ("past_key_value", "past_key_values", "layer_past"):
+            if k in kw:
+                kw[k] = None
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+    return captured
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def collect_stats(block: nn.Module, inputs, *, gram: bool, names=None) -> dict[str, InputStats]:
+    """Run ``block`` on every (args, kwargs) of ``inputs`` and accumulate each Linear's input statistics."""
+    layers = linear_layers(block)
+    if names is not None:
+        layers = {n: layers[n] for n in names}
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for name, mod in layers.items():
+        n_in = weight_matrix(mod).shape[1]
+        st = InputStats(torch.zeros(n_in, dtype=torch.float64),
+                        torch.zeros(n_in, n_in, dtype=torch.float64) if gram else None)
+        stats[name] = st
+
+        def hook(_m, args, _out, st=st):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            st.sumsq += (x * x).sum(0)
+            if st.gram is not None:
+                st.gram += x.t() @ x
+            st.tokens += x.shape[0]
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def run_block(block: nn.Module, inputs) -> list[tuple[tuple, dict]]:
+    """Outputs of ``block`` as the next block's (args, kwargs): the first positional tensor is replaced."""
+    out = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            y = _first(block(*args, **kwargs))
+            out.append(((y,) + tuple(args[1:]), kwargs))
+    return out
+
+
+def walk(model: nn.Module, calibration, on_block, *, gram: bool, batch_size: int = 8, progress: bool = True,
+         description: str = "pruning") -> None:
+    """Call ``on_block(index, block, stats)`` for every block in order, stats from the (pruned) preceding blocks.
+
+    ``calibration`` is an (n, L) tensor of token ids (HF models), an (n, ...) float tensor (plain modules) or a
+    list of ready batches. A plain module without decoder blocks is one block whose input is the batch itself.
+    """
+    blocks, _ = find_blocks(model)
+    batches = _batches(calibration, batch_size)
+    if not batches:
+        raise ValueError("calibration: got no batches, expected at least one")
+    with torch.no_grad():
+        if blocks is None:
+            blocks = [model]
+            inputs = [((b,), {}) for b in batches]
+        else:
+            inputs = capture_block_inputs(model, blocks, batches)
+        bar = _progress(progress)
+        with bar:
+            task = bar.add_task(description, total=len(blocks)) if bar is not None and hasattr(bar, "add_task") else None
+            for i, block in enumerate(blocks):
+                stats = collect_stats(block, inputs, gram=gram)
+                on_block(i, block, stats)
+                if i + 1 < len(blocks):
+                    inputs = run_block(block, inputs)
+                if task is not None:
+                    bar.update(task, advance=1)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return nullcontext()
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:  # rich is a dependency, but the walk must not fail for a progress bar
+        return nullcontext()
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True)
