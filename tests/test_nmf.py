@@ -214,8 +214,8 @@ def test_bad_params(X_small, params, exc, match):
 def test_bad_data():
     with pytest.raises(ValueError, match="Negative values"):
         SparseNMF(2).fit(np.array([[1.0, -1.0], [2.0, 3.0]]))
-    with pytest.raises(ValueError, match="NaN"):
-        SparseNMF(2).fit(np.array([[1.0, np.nan], [2.0, 3.0]]))
+    with pytest.raises(ValueError, match="row 0 with no observed entry"):
+        SparseNMF(2).fit(np.array([[np.nan, np.nan], [2.0, 3.0]]))
     with pytest.raises(ValueError, match="infinity"):
         sparse_nmf(np.array([[1.0, np.inf], [2.0, 3.0]]), 2)
     with pytest.raises(ValueError, match="n_features >= 2"):

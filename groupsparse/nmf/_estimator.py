@@ -2,7 +2,6 @@ r"""Sparse NMF with grouped sparse projection: the :class:`SparseNMF` estimator 
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import numpy as np
@@ -11,151 +10,53 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
 
-from ._solvers import FREE_SOLVERS, PROJECTIONS, NMFInfo, Options, factorize
+from ._data import is_torch
+from ._frobenius import factorize
+from ._input import prepare, start_factor, to_output
+from ._kl import factorize_kl
+from ._params import INITS, OBJECTIVE_DOC, PARAMS_DOC, check_choice, check_int, check_real, options
+from ._solvers import NMFInfo
 
-INITS = (None, "random", "custom")
-
-_OBJECTIVE_DOC = r"""
-    Solves, for a non-negative :math:`X \in \mathbb{R}^{n \times m}` (n samples, m features),
-
-    .. math::
-
-        \min_{W \ge 0,\ H \ge 0} \ \|X - WH\|_F
-        \quad\text{s.t.}\quad
-        \frac1r \sum_{k=1}^{r} \mathrm{sp}(H_{k,:}) \ge s_H, \qquad
-        \frac1r \sum_{k=1}^{r} \mathrm{sp}(W_{:,k}) \ge s_W,
-
-    with :math:`W \in \mathbb{R}^{n\times r}`, :math:`H \in \mathbb{R}^{r\times m}` and the Hoyer sparsity
-    :math:`\mathrm{sp}(x) = (\sqrt{d} - \|x\|_1/\|x\|_2)/(\sqrt{d} - 1)` of a vector of length :math:`d`. Only the
-    *average* sparsity of a factor is fixed; each vector finds its own (the grouped sparse
-    projection, REFERENCE.md §1-§4). A constraint whose target is ``None`` is absent.
-
-    **Mapping to the paper.** The paper factors a features x samples matrix :math:`X_p \approx W_p H_p` with sparse
-    *columns* of :math:`W_p` (e.g. basis images). Passing :math:`X = X_p^\top` here gives
-    :math:`W = H_p^\top` and :math:`H = W_p^\top`: the paper's sparse columns of :math:`W_p` are the rows of
-    ``components_`` and its target :math:`s` is ``sparsity_H``.
-
-    Algorithm (REFERENCE.md §4): each iteration balances every rank-one term (:math:`\|W_{:,k}\| = \|H_{k,:}\|`),
-    updates W then H, and computes the error from products the updates already formed. A factor without a target
-    is updated by accelerated HALS (``solver="hals"``) or Nesterov's fast gradient (``"fgm"``, NeNMF-like); a
-    factor with a target by the projected fast gradient, the projection being GSP (``projection="group"``) or
-    every vector exactly at the target (``"column"``), or by HALS with an adaptive l1 penalty (``"l1"``, which
-    steers the average sparsity to the target only approximately). The best iterate is returned.
-"""
-
-_PARAMS_DOC = r"""
-    n_components : int or None, default=None
-        Rank r. None: ``n_features``.
-    sparsity_H : float in [0, 1] or None, default=None
-        Target average Hoyer sparsity of the rows of H (``components_``). Needs ``n_features >= 2``.
-    sparsity_W : float in [0, 1] or None, default=None
-        Target average Hoyer sparsity of the columns of W. Needs ``n_samples >= 2``.
-    projection : {"group", "column", "l1"}, default="group"
-        How a target is enforced: grouped sparse projection (average at the target, each vector free), the
-        column-wise baseline (every vector exactly at the target, ``groupsparse.project_each``), or the adaptive
-        l1-penalized HALS baseline.
-    init : {None, "random", "custom"}, default=None
-        ``"random"``: uniform [0, 1) entries from ``random_state``, W then scaled to the least-squares best
-        multiple. ``"custom"``: the ``W`` and ``H`` given to ``fit`` (also chosen by None when they are given).
-        The start is projected once onto the constraints.
-    max_iter : int, default=200
-        Outer iterations (each updates W once and H once).
-    tol : float >= 0, default=1e-4
-        Stop when the relative error changes by at most ``tol`` times its previous value in one iteration.
-        ``tol=0`` runs exactly ``max_iter`` iterations. Stopping at ``max_iter`` with ``tol > 0`` raises a
-        :class:`~sklearn.exceptions.ConvergenceWarning`.
-    random_state : int, RandomState instance or None, default=None
-        Seed of the random start (and of the start of ``transform``).
-    verbose : int, default=0
-        Print the relative error every ``max(1, 50 // verbose)`` iterations.
-    solver : {"hals", "fgm"}, default="hals"
-        Update of a factor without a target: accelerated HALS or the fast gradient (NeNMF-like).
-    max_inner : int, default=10
-        Inner HALS sweeps or fast-gradient steps per factor update.
-    inner_ratio : float in [0, 1), default=0.1
-        Fast gradient: stop the inner loop when a step is shorter than this fraction of the first.
-    hals_delta : float in [0, 1), default=0.1
-        HALS: stop the sweeps when one moves less than ``hals_delta**2`` times the first sweep's squared change.
-    l1_rate : float in (0, 1), default=0.01
-        ``projection="l1"``: the penalties are multiplied by ``1 + l1_rate`` (too dense) or ``1 - l1_rate``.
-    balance : bool, default=True
-        Balance the rank-one terms before each iteration (the grouped projection depends on the scales).
-"""
-
-
-def _check_real(name, value, lo, hi, *, lo_open=False, hi_open=False, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise TypeError(f"{name}: got {value!r}, expected a real number{' or None' if allow_none else ''}")
-    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
-    if bad:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ValueError(f"{name}: got {value!r}, expected a value in {lb}{lo}, {hi}{rb}")
-    return float(value)
-
-
-def _check_int(name, value, lo, *, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: got {value!r}, expected an int{' or None' if allow_none else ''}")
-    if value < lo:
-        raise ValueError(f"{name}: got {value!r}, expected an int >= {lo}")
-    return int(value)
-
-
-def _check_choice(name, value, choices):
-    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
-        raise ValueError(f"{name}: got {value!r}, expected one of {choices}")
-    return value
-
-
-def _options(p: dict) -> Options:
-    """Validate the parameters shared by the estimator and the function."""
-    return Options(
-        sparsity_W=_check_real("sparsity_W", p["sparsity_W"], 0, 1, allow_none=True),
-        sparsity_H=_check_real("sparsity_H", p["sparsity_H"], 0, 1, allow_none=True),
-        projection=_check_choice("projection", p["projection"], PROJECTIONS),
-        free_solver=_check_choice("solver", p["solver"], FREE_SOLVERS),
-        max_iter=_check_int("max_iter", p["max_iter"], 1),
-        tol=_check_real("tol", p["tol"], 0, np.inf),
-        max_inner=_check_int("max_inner", p["max_inner"], 1),
-        inner_ratio=_check_real("inner_ratio", p["inner_ratio"], 0, 1, hi_open=True),
-        hals_delta=_check_real("hals_delta", p["hals_delta"], 0, 1, hi_open=True),
-        l1_rate=_check_real("l1_rate", p["l1_rate"], 0, 1, lo_open=True, hi_open=True),
-        balance=bool(_check_choice("balance", p["balance"], (True, False))),
-    )
+_DTYPES = [np.float64, np.float32]
 
 
 def _check_factor(name, A, shape):
     if A is None:
         raise ValueError(f"{name}: got None with init='custom', expected an array of shape {shape}")
-    A = check_array(A, dtype=[np.float64, np.float32], input_name=name)
+    if is_torch(A):
+        A = A.detach().cpu().numpy()
+    A = check_array(A, dtype=_DTYPES, input_name=name)
     if A.shape != shape:
         raise ValueError(f"{name}: got shape {A.shape}, expected {shape}")
     check_non_negative(A, f"{name} (initial factor)")
     return np.asarray(A, dtype=np.float64)
 
 
-def _run(X: np.ndarray, p: dict, W=None, H=None, *, update_H=True, estimator_name="SparseNMF", callback=None):
-    """The core shared by ``SparseNMF.fit``/``transform`` and ``sparse_nmf`` (X already validated, finite)."""
-    check_non_negative(X, f"{estimator_name} (input X)")
-    opts = _options(p)
-    n, m = X.shape
-    r = _check_int("n_components", p["n_components"], 1, allow_none=True)
+def _params(p: dict, update_H: bool, n: int, m: int, H=None):
+    opts = options(p)
+    r = check_int("n_components", p["n_components"], 1, allow_none=True)
     if r is None:
         r = m if update_H else H.shape[0]
-    init = _check_choice("init", p["init"], INITS)
-    verbose = _check_int("verbose", int(p["verbose"]) if isinstance(p["verbose"], bool) else p["verbose"], 0)
     if opts.sparsity_H is not None and m < 2 and update_H:
         raise ValueError(f"sparsity_H: got a target for rows of length n_features={m}, expected n_features >= 2")
     if opts.sparsity_W is not None and n < 2:
         raise ValueError(f"sparsity_W: got a target for columns of length n_samples={n}, expected n_samples >= 2")
+    if opts.beta_loss == "kullback-leibler" and opts.projection == "l1":
+        raise ValueError("projection: got 'l1' with beta_loss='kullback-leibler', expected 'group' or 'column'")
+    opts.update_H = update_H
+    return opts, r
+
+
+def _run(prep, p: dict, W=None, H=None, *, update_H=True, estimator_name="SparseNMF", callback=None):
+    """The core shared by ``SparseNMF.fit``/``transform``/``partial_fit`` and ``sparse_nmf``."""
+    D = prep.D
+    n, m = D.n, D.m
+    opts, r = _params(p, update_H, n, m, H)
+    init = check_choice("init", p["init"], INITS)
+    verbose = check_int("verbose", int(p["verbose"]) if isinstance(p["verbose"], bool) else p["verbose"], 0)
     rng = check_random_state(p["random_state"])
     if not update_H:  # transform: H is the fitted components_, W starts random
-        H0 = np.asarray(H, dtype=np.float64)
+        H0 = H.detach().cpu().double().numpy() if is_torch(H) else np.asarray(H, dtype=np.float64)
         W0 = rng.random_sample((n, H0.shape[0]))
     else:
         custom = init == "custom" or (init is None and (W is not None or H is not None))
@@ -167,7 +68,6 @@ def _run(X: np.ndarray, p: dict, W=None, H=None, *, update_H=True, estimator_nam
         else:
             W0 = rng.random_sample((n, r))
             H0 = rng.random_sample((r, m))
-    opts.update_H = update_H
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: got {callback!r}, expected a callable (iteration, relative_error) or None")
     if verbose:
@@ -180,13 +80,13 @@ def _run(X: np.ndarray, p: dict, W=None, H=None, *, update_H=True, estimator_nam
             if user_cb is not None:
                 user_cb(it, err)
 
-    Xd = np.asarray(X, dtype=np.float64)
-    if not np.any(Xd):
+    if D.xnorm2 == 0:
         # Nothing to fit: the exact factorization is zero (and a relative error would divide by zero).
-        W_out, H_out = np.zeros_like(W0), (np.zeros_like(H0) if update_H else H0.copy())
+        Wt_out, H_out = 0 * start_factor(W0.T, prep), start_factor(H0, prep) * (0 if update_H else 1)
         info = NMFInfo(0, 0.0, np.zeros(1), True, 0, 1.0, 1.0, 0.0)
     else:
-        W_out, H_out, info = factorize(Xd, W0, H0, opts, callback)
+        solve = factorize_kl if opts.beta_loss == "kullback-leibler" else factorize
+        Wt_out, H_out, info = solve(D, start_factor(W0.T, prep), start_factor(H0, prep), opts, callback)
     if opts.tol > 0 and not info.converged:
         warnings.warn(
             f"{estimator_name}: maximum number of iterations {opts.max_iter} reached before the relative error "
@@ -194,18 +94,31 @@ def _run(X: np.ndarray, p: dict, W=None, H=None, *, update_H=True, estimator_nam
             ConvergenceWarning,
             stacklevel=3,
         )
-    return W_out.astype(X.dtype, copy=False), H_out.astype(X.dtype, copy=False), info
+    return to_output(Wt_out.T, prep), to_output(H_out, prep), info
+
+
+def _validated(est, X, mask, reset, need_cols):
+    """scikit-learn's checks for NumPy/scipy input (NaN allowed: missing), ours for torch; then :func:`prepare`."""
+    if is_torch(X):
+        if reset:
+            est.n_features_in_ = int(X.shape[1])
+        elif X.ndim == 2 and X.shape[1] != est.n_features_in_:
+            raise ValueError(f"X: got {X.shape[1]} features, expected {est.n_features_in_}")
+    else:
+        X = validate_data(est, X, dtype=_DTYPES, accept_sparse=("csr", "csc"), ensure_all_finite=False,
+                          reset=reset)
+    return prepare(X, mask, name=type(est).__name__, need_cols=need_cols)
 
 
 class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     __doc__ = (
         r"""Non-negative matrix factorization with an average-Hoyer-sparsity constraint (gspNMF).
 """
-        + _OBJECTIVE_DOC
+        + OBJECTIVE_DOC
         + r"""
     Parameters
     ----------"""
-        + _PARAMS_DOC
+        + PARAMS_DOC
         + r"""
     Attributes
     ----------
@@ -243,7 +156,8 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
 
     def __init__(self, n_components=None, *, sparsity_H=None, sparsity_W=None, projection="group", init=None,
                  max_iter=200, tol=1e-4, random_state=None, verbose=0, solver="hals", max_inner=10,
-                 inner_ratio=0.1, hals_delta=0.1, l1_rate=0.01, balance=True):
+                 inner_ratio=0.1, hals_delta=0.1, l1_rate=0.01, balance=True, beta_loss="frobenius",
+                 forget_factor=0.7):
         self.n_components = n_components
         self.sparsity_H = sparsity_H
         self.sparsity_W = sparsity_W
@@ -259,11 +173,10 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         self.hals_delta = hals_delta
         self.l1_rate = l1_rate
         self.balance = balance
+        self.beta_loss = beta_loss
+        self.forget_factor = forget_factor
 
-    def fit_transform(self, X, y=None, W=None, H=None):
-        """Fit to X and return W (n_samples, n_components). ``W``/``H``: starting factors (init="custom")."""
-        X = validate_data(self, X, dtype=[np.float64, np.float32])
-        W_out, H_out, info = _run(X, self.get_params(), W, H)
+    def _set_fitted(self, H_out, info):
         self.components_ = H_out
         self.n_components_ = H_out.shape[0]
         self.reconstruction_err_ = float(info.reconstruction_err)
@@ -272,25 +185,57 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         self.best_iter_ = int(info.best_iter)
         self.sparsity_W_ = float(info.sparsity_W)
         self.sparsity_H_ = float(info.sparsity_H)
+
+    def fit_transform(self, X, y=None, W=None, H=None, mask=None):
+        """Fit to X and return W (n_samples, n_components).
+
+        ``X``: array-like (NaN = missing), scipy.sparse CSR/CSC or a torch tensor. ``W``/``H``: starting factors
+        (init="custom"). ``mask``: bool array of X's shape, True = observed (hidden entries are ignored)."""
+        prep = _validated(self, X, mask, reset=True, need_cols=True)
+        W_out, H_out, info = _run(prep, self.get_params(), W, H)
+        self._set_fitted(H_out, info)
+        self._online = None
         return W_out
 
-    def fit(self, X, y=None, W=None, H=None):
-        """Fit to X (n_samples, n_features); returns self."""
-        self.fit_transform(X, y, W=W, H=H)
+    def fit(self, X, y=None, W=None, H=None, mask=None):
+        """Fit to X (n_samples, n_features); returns self. See :meth:`fit_transform` for the arguments."""
+        self.fit_transform(X, y, W=W, H=H, mask=mask)
         return self
 
-    def transform(self, X):
-        """W for new data with ``components_`` fixed (same solver, targets on W applied to the new samples)."""
+    def transform(self, X, mask=None):
+        """W for new data with ``components_`` fixed (same solver and loss, targets on W applied to the new
+        samples). Rows may have missing entries (NaN or ``mask``), not all of them."""
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        W_out, _, _ = _run(X, self.get_params(), H=self.components_, update_H=False)
+        prep = _validated(self, X, mask, reset=False, need_cols=False)
+        W_out, _, _ = _run(prep, self.get_params(), H=self.components_, update_H=False)
         return W_out
+
+    def partial_fit(self, X, y=None, W=None, H=None, mask=None):
+        """Update the components with one block of rows (data larger than memory); returns self.
+
+        Online NMF in the style of scikit-learn's ``MiniBatchNMF``: the block's W is solved with H fixed, the
+        statistics ``A = W^T W`` and ``B = W^T X`` are accumulated with weight ``forget_factor`` on the old ones,
+        and H takes one update on them (the projected fast gradient when ``sparsity_H`` is set, so the target
+        holds after every block). ``H`` may give the starting components on the first call. Frobenius loss only.
+        """
+        from ._online import partial_fit
+
+        return partial_fit(self, X, H, mask)
+
+    def score(self, X, y=None, mask=None):
+        """Minus the root-mean-square error (Frobenius) or minus the mean KL divergence per entry over the
+        observed entries of X, with W from :meth:`transform` (higher is better). For choosing ``n_components``
+        or a sparsity target on entries hidden from the fit, see :func:`groupsparse.nmf.heldout_error`."""
+        from ._online import score
+
+        return score(self, X, mask)
 
     def inverse_transform(self, X):
         """Map W (n_samples, n_components) back to data space: ``X @ components_``."""
         check_is_fitted(self)
-        X = check_array(X, dtype=[np.float64, np.float32])
-        if X.shape[1] != self.components_.shape[0]:
+        if not is_torch(X):
+            X = check_array(X, dtype=_DTYPES)
+        if X.ndim != 2 or X.shape[1] != self.components_.shape[0]:
             raise ValueError(f"X: got {X.shape[1]} columns, expected n_components={self.components_.shape[0]}")
         return X @ self.components_
 
@@ -301,33 +246,41 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.positive_only = True
+        tags.input_tags.allow_nan = True
+        tags.input_tags.sparse = True
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
 
 def sparse_nmf(X, n_components=None, *, W=None, H=None, sparsity_H=None, sparsity_W=None, projection="group",
                init=None, max_iter=200, tol=1e-4, random_state=None, verbose=0, solver="hals", max_inner=10,
-               inner_ratio=0.1, hals_delta=0.1, l1_rate=0.01, balance=True, callback=None):
+               inner_ratio=0.1, hals_delta=0.1, l1_rate=0.01, balance=True, beta_loss="frobenius", mask=None,
+               callback=None):
     params = dict(n_components=n_components, sparsity_H=sparsity_H, sparsity_W=sparsity_W, projection=projection,
                   init=init, max_iter=max_iter, tol=tol, random_state=random_state, verbose=verbose, solver=solver,
                   max_inner=max_inner, inner_ratio=inner_ratio, hals_delta=hals_delta, l1_rate=l1_rate,
-                  balance=balance)
-    X = check_array(X, dtype=[np.float64, np.float32], input_name="X")
-    return _run(X, params, W, H, estimator_name="sparse_nmf", callback=callback)
+                  balance=balance, beta_loss=beta_loss)
+    if not is_torch(X):
+        X = check_array(X, dtype=_DTYPES, accept_sparse=("csr", "csc"), ensure_all_finite=False, input_name="X")
+    prep = prepare(X, mask, name="sparse_nmf")
+    return _run(prep, params, W, H, estimator_name="sparse_nmf", callback=callback)
 
 
 sparse_nmf.__doc__ = (
     r"""Sparse NMF as a function: the same computation as :class:`SparseNMF` (``fit_transform``).
 """
-    + _OBJECTIVE_DOC
+    + OBJECTIVE_DOC
     + r"""
     Parameters
     ----------
-    X : array-like of shape (n_samples, n_features), non-negative and finite
+    X : array-like (NaN = missing), scipy.sparse CSR/CSC or torch tensor of shape (n_samples, n_features)
+        Non-negative; observed entries finite.
     W, H : array-like, optional
         Starting factors of shapes (n_samples, n_components) and (n_components, n_features) (init="custom")."""
-    + _PARAMS_DOC
-    + r"""    callback : callable(iteration, relative_error) or None
+    + PARAMS_DOC
+    + r"""    mask : bool array of X's shape or None
+        True = observed; hidden entries (and NaN) are ignored.
+    callback : callable(iteration, relative_error) or None
         Called after every iteration (progress bars).
 
     Returns

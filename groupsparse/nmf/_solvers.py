@@ -23,8 +23,7 @@ Update rules (REFERENCE.md §4):
   ``1 + l1_rate`` when the average sparsity is below target and by ``1 - l1_rate`` otherwise, which steers the
   average sparsity to the target (approximately, and only in the long run).
 
-The error comes from products that the last update already formed,
-``||X||^2 - 2<H, W^T X> + <W^T W, H H^T>``, so an iteration never forms ``WH``.
+The outer loops live in ``_frobenius.py`` (Frobenius loss) and ``_kl.py`` (Kullback-Leibler).
 """
 
 from __future__ import annotations
@@ -37,11 +36,12 @@ from typing import Callable
 import numba as nb
 import numpy as np
 
-from ..projection import project, project_each
-from ._fastproj import _fgm_rows, gsp_rows
+from ._data import NumpyOps
+from ._fastproj import fgm_rows, gsp_rows
 
 FREE_SOLVERS = ("hals", "fgm")
 PROJECTIONS = ("group", "column", "l1")
+BETA_LOSSES = ("frobenius", "kullback-leibler")
 
 
 @nb.njit(cache=True)
@@ -97,8 +97,33 @@ def _hals_rows(F, A, B, lam, max_sweeps, delta2):
     return sweeps
 
 
-def _row_sparsity(F: np.ndarray) -> np.ndarray:
-    """Hoyer sparsity of each row (a zero row counts as 1, as in the projection core)."""
+def _hals_rows_torch(F, A, B, lam, max_sweeps, delta2):
+    """The same sweeps as :func:`_hals_rows` with tensor rows (any device), in place."""
+    r = F.shape[0]
+    first = 0.0
+    for sweep in range(max_sweeps):
+        moved = 0.0
+        for k in range(r):
+            akk = float(A[k, k])
+            if akk <= 0.0:
+                continue
+            g = B[k] - lam[k] - A[k] @ F
+            new = (F[k] + g / akk).clamp(min=0)
+            moved += float(((new - F[k]) ** 2).sum())
+            if not bool((new > 0).any()):
+                top = float(F.max())
+                new.fill_(1e-16 * top if top > 0 else 1e-16)
+            F[k] = new
+        if sweep == 0:
+            first = moved
+        elif moved <= delta2 * first:
+            break
+
+
+def row_sparsity(F) -> np.ndarray:
+    """Hoyer sparsity of each row (a zero row counts as 1, as in the projection core); NumPy or torch rows."""
+    if not isinstance(F, np.ndarray):
+        F = F.detach().cpu().double().numpy()
     p = F.shape[1]
     l1 = np.abs(F).sum(axis=1)
     l2 = np.sqrt(np.einsum("ij,ij->i", F, F))
@@ -108,47 +133,51 @@ def _row_sparsity(F: np.ndarray) -> np.ndarray:
     return np.where(l2 > 0, sp, 1.0)
 
 
+_row_sparsity = row_sparsity  # the name the experiments import
+
+
 class Projector:
-    """The projection P applied after every fast-gradient step on a constrained row factor.
+    """The projection P applied after every (fast) gradient step on a constrained row factor.
 
     ``"group"``: GSP (average sparsity of the rows >= s, least-squares rescaled by the core). ``"column"``: every
     row exactly at s via ``project_each``, then rescaled by the same least-squares factor ``<x, c>/||x||^2`` so the
-    two projections differ only in how sparsity is shared. ``None``: identity.
+    two projections differ only in how sparsity is shared. ``None``: identity. ``mu`` is the last GSP root, the
+    warm start of the next compiled solve.
     """
 
-    def __init__(self, sparsity: float | None, kind: str):
+    def __init__(self, sparsity: float | None, kind: str, ops=None):
         self.s = sparsity
         self.kind = kind
+        self.ops = ops or NumpyOps()
         self.calls = 0
         self.fallbacks = 0
-        # The compiled path covers float64 factors; anything else goes through the core.
-        self.fast = True
         self.seconds = 0.0
+        self.mu = 0.0
 
-    def __call__(self, F: np.ndarray) -> np.ndarray:
+    def __call__(self, F):
         if self.s is None or F.shape[1] < 2:
             return F
         t0 = time.perf_counter()
-        if self.kind == "group":
-            self.calls += 1
-            out = gsp_rows(F, self.s) if self.fast else None
+        self.calls += 1
+        out = None
+        if self.kind == "group" and self.ops.name == "numpy":
+            out = gsp_rows(F, self.s, mu0=self.mu)
             if out is None:
                 self.fallbacks += 1
-                out = project(F, self.s, axis=1)
-        else:
-            self.calls += 1
-            out = project_each(F, self.s, axis=1)
-            num = np.einsum("ij,ij->i", out, F)
-            den = np.einsum("ij,ij->i", out, out)
-            out *= np.divide(num, den, out=np.zeros_like(num), where=den > 0)[:, None]
+        if out is None:
+            out = self.ops.project(F, self.s, self.kind)
+        if self.kind == "column":
+            num = (out * F).sum(1)
+            den = (out * out).sum(1)
+            out = out * self.ops.where(den > 0, num / self.ops.where(den > 0, den, 1.0), 0.0 * den)[:, None]
         self.seconds += time.perf_counter() - t0
         return out
 
 
-def fast_gradient(F: np.ndarray, A: np.ndarray, B: np.ndarray, proj: Callable[[np.ndarray], np.ndarray],
-                  max_inner: int, inner_ratio: float) -> tuple[np.ndarray, int]:
+def fast_gradient(F, A, B, proj: Callable, max_inner: int, inner_ratio: float, ops=None):
     """Projected Nesterov fast gradient on the NNLS subproblem from ``F``; returns the new factor and steps."""
-    L = float(np.linalg.eigvalsh(A)[-1])
+    ops = ops or NumpyOps()
+    L = ops.eigmax(A)
     if not L > 0:
         return F, 0
     Y = F
@@ -157,12 +186,8 @@ def fast_gradient(F: np.ndarray, A: np.ndarray, B: np.ndarray, proj: Callable[[n
     steps = 0
     for _ in range(max_inner):
         steps += 1
-        G = A @ Y
-        G -= B
-        Fn = Y - G * (1.0 / L)
-        np.maximum(Fn, 0.0, out=Fn)
-        Fn = proj(Fn)
-        step = float(np.linalg.norm(Fn - F))
+        Fn = proj(ops.clamp0(Y - (A @ Y - B) * (1.0 / L)))
+        step = ops.norm(Fn - F)
         alpha_next = 0.5 * (math.sqrt(alpha**4 + 4 * alpha**2) - alpha**2)
         beta = alpha * (1 - alpha) / (alpha**2 + alpha_next)
         alpha = alpha_next
@@ -183,6 +208,7 @@ class Options:
     sparsity_H: float | None = None
     projection: str = "group"
     free_solver: str = "hals"
+    beta_loss: str = "frobenius"
     max_iter: int = 200
     tol: float = 1e-4
     max_inner: int = 10
@@ -198,7 +224,9 @@ class Options:
 
 @dataclass
 class NMFInfo:
-    """What a run did. ``history[i]`` is ||X - WH||_F / ||X||_F after i iterations (``history[0]``: the start)."""
+    """What a run did. ``history[i]`` is the relative error after i iterations (``history[0]``: the start):
+    ||X - WH||_F / ||X||_F over the observed entries, or for KL sqrt(2 D(X || WH)) / ||X||_F (the 'beta
+    divergence' scale scikit-learn reports)."""
 
     n_iter: int
     reconstruction_err: float
@@ -214,25 +242,31 @@ class NMFInfo:
     notes: list = field(default_factory=list)
 
 
-class _Factor:
-    """One row factor (W.T or H) and how it is updated."""
+class Factor:
+    """One row factor (W.T or H) and how it is updated on the NNLS subproblem (A, B)."""
 
-    def __init__(self, F: np.ndarray, sparsity: float | None, opts: Options):
+    def __init__(self, F, sparsity: float | None, opts: Options, ops=None):
         self.F = F
         self.s = sparsity
         self.opts = opts
-        if sparsity is None or opts.projection == "l1":
-            self.proj = Projector(None, "group")
-        else:
-            self.proj = Projector(sparsity, opts.projection)
+        self.ops = ops or NumpyOps()
+        kind = opts.projection if sparsity is not None and opts.projection != "l1" else "group"
+        self.proj = Projector(sparsity if kind == opts.projection else None, kind, self.ops)
         self.l1 = sparsity is not None and opts.projection == "l1"
-        self.lam: np.ndarray | None = None
+        self.lam = None
 
     def start(self) -> None:
         """Make the starting point feasible."""
         self.F = self.proj(self.F)
 
-    def update(self, A: np.ndarray, B: np.ndarray) -> None:
+    def _hals(self, A, B, lam) -> None:
+        o = self.opts
+        if self.ops.name == "numpy":
+            _hals_rows(self.F, A, B, lam, o.max_inner, o.hals_delta**2)
+        else:
+            _hals_rows_torch(self.F, A, B, lam, o.max_inner, o.hals_delta**2)
+
+    def update(self, A, B) -> None:
         o = self.opts
         if self.l1:
             # The penalty is relative to each row's data term max(B_k): the balancing step rescales the factors
@@ -240,114 +274,49 @@ class _Factor:
             if self.lam is None:
                 self.lam = np.full(A.shape[0], o.l1_start)
             else:
-                avg = float(np.mean(_row_sparsity(self.F)))
+                avg = float(np.mean(row_sparsity(self.F)))
                 self.lam *= (1.0 + o.l1_rate) if avg < self.s else (1.0 - o.l1_rate)
-            lam = self.lam * np.maximum(B.max(axis=1), 0.0)
-            _hals_rows(self.F, A, B, lam, o.max_inner, o.hals_delta**2)
+            bmax = np.maximum(self.ops.to_numpy(B.max(axis=1) if self.ops.name == "numpy" else B.max(dim=1).values),
+                              0.0)
+            self._hals(A, B, self.ops.asarray(self.lam * bmax))
         elif self.s is None and o.free_solver == "hals":
-            _hals_rows(self.F, A, B, np.zeros(A.shape[0]), o.max_inner, o.hals_delta**2)
+            self._hals(A, B, self.ops.asarray(np.zeros(A.shape[0])))
         else:
             mode = self.proj.kind if self.proj.s is not None else None
-            if mode in (None, "group"):
+            if mode in (None, "group") and self.ops.name == "numpy":
                 L = float(np.linalg.eigvalsh(A)[-1])
                 if L > 0:
                     s = self.proj.s if mode == "group" else 0.0
-                    F, _, ok = _fgm_rows(self.F, A, B, L, s, mode == "group", o.max_inner, o.inner_ratio)
+                    F, _, ok, mu = fgm_rows(self.F, A, B, L, s, mode == "group", o.max_inner, o.inner_ratio,
+                                            self.proj.mu)
                     if ok:
                         self.F = F
+                        self.proj.mu = mu
                         return
                     self.proj.fallbacks += 1
-            self.F, _ = fast_gradient(self.F, A, B, self.proj, o.max_inner, o.inner_ratio)
+            self.F, _ = fast_gradient(self.F, A, B, self.proj, o.max_inner, o.inner_ratio, self.ops)
 
 
-def _rel(err2: float, xnorm2: float) -> float:
-    return math.sqrt(max(err2, 0.0) / xnorm2) if xnorm2 > 0 else 0.0
-
-
-def factorize(X: np.ndarray, W: np.ndarray, H: np.ndarray, opts: Options,
-              callback: Callable[[int, float], None] | None = None) -> tuple[np.ndarray, np.ndarray, NMFInfo]:
-    """Run the alternating scheme from ``(W, H)`` (float64, not modified); return the best ``(W, H)`` and info.
-
-    Per outer iteration: balance the rank-one terms (``||W_:k|| = ||H_k:||``; sparsity is scale invariant but the
-    grouped projection is not, so the balance decides how the sparsity budget is shared), update W, then H
-    (the paper's H then W when its X is passed transposed), then the error from cached products.
-    """
-    t0 = time.perf_counter()
-    X = np.ascontiguousarray(X, dtype=np.float64)
-    Xt = np.ascontiguousarray(X.T)
-    xnorm2 = float(np.einsum("ij,ij->", X, X))
-    Wf = _Factor(np.array(W, dtype=np.float64, order="C").T.copy(), opts.sparsity_W, opts)
-    Hf = _Factor(np.array(H, dtype=np.float64, order="C"), opts.sparsity_H, opts)
-
-    # Scale W so WH best fits X in least squares (a random start is off by an arbitrary factor), then make the
-    # start feasible.
-    if opts.update_W:
-        WtX = Wf.F @ X
-        WtW = Wf.F @ Wf.F.T
-        HHt = Hf.F @ Hf.F.T
-        den = float(np.einsum("ij,ij->", WtW, HHt))
-        a = float(np.einsum("ij,ij->", WtX, Hf.F)) / den if den > 0 else 1.0
-        if a > 0 and math.isfinite(a):
-            Wf.F *= a
-    if opts.update_W:
-        Wf.start()
-    if opts.update_H:
-        Hf.start()
-
-    def error2(Wt: np.ndarray, H_: np.ndarray) -> float:
-        WtX = Wt @ X
-        return xnorm2 - 2 * float(np.einsum("ij,ij->", WtX, H_)) + float(np.einsum("ij,ij->", Wt @ Wt.T, H_ @ H_.T))
-
-    err = _rel(error2(Wf.F, Hf.F), xnorm2)
-    history = [err]
-    best = (err, 0, Wf.F.copy(), Hf.F.copy())
-    converged = False
-    n_iter = 0
-    for it in range(1, opts.max_iter + 1):
-        n_iter = it
-        if opts.balance and opts.update_W and opts.update_H:
-            nw = np.sqrt(np.einsum("ij,ij->i", Wf.F, Wf.F))
-            nh = np.sqrt(np.einsum("ij,ij->i", Hf.F, Hf.F))
-            ok = (nw > 0) & (nh > 0)
-            d = np.sqrt(np.divide(nh, nw, out=np.ones_like(nh), where=ok))
-            Wf.F *= d[:, None]
-            Hf.F /= d[:, None]
-        if opts.update_W:
-            HHt = Hf.F @ Hf.F.T
-            HXt = Hf.F @ Xt
-            Wf.update(HHt, HXt)
-        if opts.update_H:
-            WtW = Wf.F @ Wf.F.T
-            WtX = Wf.F @ X
-            Hf.update(WtW, WtX)
-            e2 = xnorm2 - 2 * float(np.einsum("ij,ij->", WtX, Hf.F)) + float(
-                np.einsum("ij,ij->", WtW, Hf.F @ Hf.F.T))
-        else:
-            e2 = xnorm2 - 2 * float(np.einsum("ij,ij->", HXt, Wf.F)) + float(
-                np.einsum("ij,ij->", HHt, Wf.F @ Wf.F.T))
-        new = _rel(e2, xnorm2)
-        history.append(new)
-        if callback is not None:
-            callback(it, new)
-        if new < best[0] or not opts.keep_best:
-            best = (new, it, Wf.F.copy(), Hf.F.copy())
-        prev, err = err, new
-        if new == 0.0 or (opts.tol > 0 and abs(prev - new) <= opts.tol * max(prev, 1e-300)):
-            converged = opts.tol > 0 or new == 0.0
-            break
-    err, best_it, Wt_best, H_best = best
-    W_out = Wt_best.T.copy()
-    info = NMFInfo(
-        n_iter=n_iter,
-        reconstruction_err=err * math.sqrt(xnorm2),
-        history=np.asarray(history),
-        converged=converged,
-        best_iter=best_it,
-        sparsity_W=float(np.mean(_row_sparsity(Wt_best))) if Wt_best.shape[1] > 1 else float("nan"),
-        sparsity_H=float(np.mean(_row_sparsity(H_best))) if H_best.shape[1] > 1 else float("nan"),
+def finish_info(info_kw: dict, Wf: Factor, Hf: Factor, Wt_best, H_best, t0: float) -> NMFInfo:
+    """NMFInfo with the sparsities of the returned factors and the projection counters of both factors."""
+    return NMFInfo(
+        **info_kw,
+        sparsity_W=float(np.mean(row_sparsity(Wt_best))) if Wt_best.shape[1] > 1 else float("nan"),
+        sparsity_H=float(np.mean(row_sparsity(H_best))) if H_best.shape[1] > 1 else float("nan"),
         seconds=time.perf_counter() - t0,
         projection_seconds=Wf.proj.seconds + Hf.proj.seconds,
         projection_calls=Wf.proj.calls + Hf.proj.calls,
         projection_fallbacks=Wf.proj.fallbacks + Hf.proj.fallbacks,
     )
-    return W_out, H_best, info
+
+
+def balance(Wf: Factor, Hf: Factor) -> None:
+    """Scale each rank-one term so ||W_:k|| = ||H_k:|| (WH unchanged; the grouped projection is not scale
+    invariant, so the balance decides how the sparsity budget is shared)."""
+    ops = Wf.ops
+    nw = ops.rownorm(Wf.F)
+    nh = ops.rownorm(Hf.F)
+    ok = (nw > 0) & (nh > 0)
+    d = ops.where(ok, nh / ops.where(ok, nw, 1.0), 1.0 + 0.0 * nh) ** 0.5
+    Wf.F = Wf.F * d[:, None]
+    Hf.F = Hf.F / d[:, None]

@@ -1,0 +1,129 @@
+r"""Minibatch fitting (``SparseNMF.partial_fit``), the estimator's ``score`` and a held-out error for choosing
+``n_components`` and sparsity targets by cross-validation on hidden entries.
+
+Online NMF (Mairal et al. 2010; scikit-learn's ``MiniBatchNMF``): for a block :math:`X_b` the coefficients
+:math:`W_b` are solved with H fixed, then :math:`A \leftarrow \rho A + W_b^\top W_b`,
+:math:`B \leftarrow \rho B + W_b^\top \tilde X_b` (:math:`\tilde X_b`: the block with hidden entries filled by
+:math:`W_b H`, the same majorization as the batch solver), and H takes one update of the NNLS subproblem
+:math:`\min_H \tfrac12\langle A, HH^\top\rangle - \langle B, H\rangle` under its sparsity target.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from ._data import is_torch
+from ._estimator import _params, _run, _validated
+from ._input import start_factor, to_output
+from ._solvers import Factor, row_sparsity
+from ._params import check_real
+
+
+def partial_fit(est, X, H=None, mask=None):
+    first = not hasattr(est, "components_") or getattr(est, "_online", None) is None
+    prep = _validated(est, X, mask, reset=first, need_cols=False)
+    p = est.get_params()
+    rho = check_real("forget_factor", p["forget_factor"], 0, 1, lo_open=True)
+    opts, r = _params(p, True, prep.D.n, prep.D.m)
+    if opts.beta_loss != "frobenius":
+        raise ValueError(f"beta_loss: got {opts.beta_loss!r} with partial_fit, expected 'frobenius'")
+    ops = prep.D.ops
+    if first:
+        if H is not None:
+            from ._estimator import _check_factor
+
+            H0 = _check_factor("H", H, (r, prep.D.m))
+        else:
+            # scikit-learn's scale for a random start: entries of WH about the mean of X.
+            scale = math.sqrt(prep.D.xnorm2 / (prep.D.n * prep.D.m)) / math.sqrt(r)
+            H0 = check_random_state(p["random_state"]).random_sample((r, prep.D.m)) * scale
+        Hf = Factor(start_factor(H0, prep), opts.sparsity_H, opts, ops)
+        Hf.start()
+        est._online = dict(A=None, B=None, steps=0)
+        est.components_ = to_output(Hf.F, prep)
+    state = est._online
+    W_b, _, _ = _run(prep, {**p, "tol": max(p["tol"], 1e-4)}, H=est.components_, update_H=False,
+                     estimator_name=type(est).__name__)
+    Wt = start_factor(W_b.detach().cpu().numpy().T if is_torch(W_b) else np.asarray(W_b).T, prep)
+    H_cur = start_factor(est.components_.detach().cpu().numpy() if is_torch(est.components_) else est.components_,
+                         prep)
+    D = prep.D
+    if D.M is not None:
+        Xf = ops.where(D.M, D.X, Wt.T @ H_cur)
+        WtX = Wt @ Xf
+    else:
+        WtX = D.WtX(Wt)
+    A, B = Wt @ Wt.T, WtX
+    if state["A"] is not None:
+        A, B = rho * state["A"] + A, rho * state["B"] + B
+    state["A"], state["B"] = A, B
+    Hf = Factor(H_cur, opts.sparsity_H, opts, ops)
+    Hf.update(A, B)
+    state["steps"] += 1
+    est.components_ = to_output(Hf.F, prep)
+    est.n_components_ = r
+    est.n_steps_ = state["steps"]
+    est.sparsity_H_ = float(np.mean(row_sparsity(Hf.F))) if prep.D.m > 1 else float("nan")
+    return est
+
+
+def _observed_error(X, W, H, M, beta_loss):
+    """(sum of the loss over observed entries, number of observed entries), NumPy float64."""
+    V = W @ H
+    if M is None:
+        M = np.ones(X.shape, dtype=bool)
+    x, v = X[M], V[M]
+    if beta_loss == "frobenius":
+        return float(np.sum((x - v) ** 2)), int(M.sum())
+    v = v + 1e-10 * max(float(x.mean()), 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(x > 0, x * np.log(x / v), 0.0)
+    return float(np.sum(t - x + v)), int(M.sum())
+
+
+def _numpy(a):
+    if is_torch(a):
+        return a.detach().cpu().double().numpy()
+    return a.toarray() if hasattr(a, "toarray") else np.asarray(a, dtype=np.float64)
+
+
+def score(est, X, mask=None):
+    check_is_fitted(est)
+    W = est.transform(X, mask=mask)
+    prep = _validated(est, X, mask, reset=False, need_cols=False)
+    M = None if prep.D.M is None else _numpy(prep.D.M).astype(bool)
+    total, count = _observed_error(_numpy(prep.D.X), _numpy(W), _numpy(est.components_), M,
+                                   est.get_params()["beta_loss"] if est.beta_loss != 2 else "frobenius")
+    return -math.sqrt(total / count) if est.beta_loss in ("frobenius", 2) else -total / count
+
+
+def heldout_error(estimator, X, *, fraction=0.1, n_splits=3, mask=None, random_state=None):
+    """Error on entries hidden from the fit, for choosing ``n_components`` or a sparsity target.
+
+    Each split hides a random ``fraction`` of the observed entries of X (dense), fits a clone of ``estimator``
+    with them masked, and measures the root-mean-square error (Frobenius) or the mean KL divergence per entry
+    on the hidden entries. Returns an array of ``n_splits`` errors (lower is better).
+    """
+    fraction = check_real("fraction", fraction, 0, 1, lo_open=True, hi_open=True)
+    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
+        raise ValueError(f"n_splits: got {n_splits!r}, expected an int >= 1")
+    Xn = _numpy(X)
+    observed = ~np.isnan(Xn)
+    if mask is not None:
+        observed &= np.asarray(mask, dtype=bool)
+    rng = check_random_state(random_state)
+    errors = []
+    for _ in range(n_splits):
+        hide = observed & (rng.random_sample(Xn.shape) < fraction)
+        est = clone(estimator)
+        W = est.fit_transform(X, mask=observed & ~hide)
+        total, count = _observed_error(np.where(hide, Xn, 0.0), _numpy(W), _numpy(est.components_), hide,
+                                       "frobenius" if est.beta_loss in ("frobenius", 2) else "kullback-leibler")
+        errors.append(math.sqrt(total / max(count, 1)) if est.beta_loss in ("frobenius", 2)
+                      else total / max(count, 1))
+    return np.asarray(errors)
