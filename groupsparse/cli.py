@@ -24,6 +24,7 @@ _SUBCOMMANDS = [
     ("groupsparse.prune.cli", "commands"),
     ("groupsparse.experiments.cli", "commands"),
     ("groupsparse.demo", "commands"),
+    ("groupsparse.prune.lm_cli", "commands"),
 ]
 # Names and one-line help of the registered commands, so that `groupsparse --help` and running one command need
 # no import of the others. A module of _SUBCOMMANDS whose commands are not listed here still works: it is imported
