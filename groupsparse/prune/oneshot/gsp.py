@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import smallest_k
 from ..vectors import project_tensors
+from .methods import lowest_k
 
 
 def _zeros_at(scores, s, scope, normalize):
@@ -60,7 +60,7 @@ def gsp_masks(scores: list[torch.Tensor], fraction: float, *, scope: str = "laye
     if need > 0:
         # the remaining slots go to the smallest projected magnitudes; current zeros are excluded by +inf
         key = torch.cat([torch.where(m, torch.full_like(r, float("inf")), r.abs()).reshape(-1) for m, r in zip(zero, best)])
-        extra = smallest_k(key, need)
+        extra = lowest_k(key, need)
         i = 0
         for m in zero:
             n = m.numel()
