@@ -6,6 +6,10 @@ from pathlib import Path
 
 import click
 
+# Defaults live in the user's home, never under the current directory: run from a checkout, a default of
+# "results/nmf/..." overwrote the committed results. Pass --out to write elsewhere.
+RUNS = Path.home() / "groupsparse-runs" / "nmf"
+
 
 @click.group("nmf", context_settings={"help_option_names": ["-h", "--help"]})
 def nmf() -> None:
@@ -16,7 +20,7 @@ def nmf() -> None:
 @click.option("--trials", type=click.IntRange(min=1), default=5, show_default=True, help="Random problems (the paper used 50).")
 @click.option("--iters", type=click.IntRange(min=1), default=500, show_default=True, help="Outer iterations per run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of trial 0 (trial t uses seed + t).")
-@click.option("--out", type=click.Path(file_okay=False), default="results/nmf/synthetic", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=str(RUNS / "synthetic"), show_default=True)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def synthetic_cmd(trials, iters, seed, out, no_progress):
     """m = n = 100, r = 10, X = WH with W = max(0, randn), H = rand; all methods at W's true average sparsity."""
@@ -47,7 +51,7 @@ def _shape(ctx, param, value):
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="CBCL.mat (variable X, 361 x 2429) or any non-negative matrix (.mat/.npy/.npz/.safetensors/.csv/.txt). "
                    "Default: ../shared/data/CBCL.mat beside the repository.")
-@click.option("--out", type=click.Path(file_okay=False), default="results/nmf/cbcl", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=str(RUNS / "cbcl"), show_default=True)
 @click.option("--rank", "-r", type=click.IntRange(min=1), default=49, show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -67,11 +71,20 @@ def cbcl_cmd(data, out, rank, iters, seed, sparsity, layout, image_shape, key, n
             f"--data: got {str(path)!r}, which does not exist; expected CBCL.mat (variable X, 361 x 2429, pixels x "
             f"images). Put it at {DEFAULT_CBCL} or pass --data PATH."
         )
+    from ..io import check_paths
+
+    check_paths({"--data": path}, {"--out": out})
+    if Path(out).resolve() in path.resolve().parents:
+        raise ValueError(f"--out: got {out!r}, which holds the input {str(path)!r}; expected a folder that does not")
     try:
         summary = cbcl(path, out=out, r=rank, iters=iters, seed=seed, sparse_target=sparsity, layout=layout,
                        image_shape=image_shape, key=key, progress=not no_progress)
     except ValueError as e:
-        raise click.ClickException(str(e)) from e
+        if key is not None and str(e).startswith("data: got variables"):
+            # the loader's text speaks of the default choice; the user named a key
+            held = str(e)[len("data: "):].split(", expected")[0]  # "got variables [...] in 'file'"
+            raise ValueError(f"--key: got {key!r}, expected a variable of {str(path)!r} ({held})") from e
+        raise
     click.echo(f"{'method':<16} {'error %':>8} {'sparsity':>9} {'zeros':>7} {'coef 0':>7} {'time s':>7}")
     for r in summary["results"]:
         click.echo(f"{r['method']:<16} {r['rel_err_percent']:>8.3f} {r['sparsity']:>9.4f} "

@@ -1,74 +1,151 @@
-"""State-dict files: safetensors and torch ``.pt``/``.pth``/``.bin``, read safely and written atomically."""
+"""State-dict files: safetensors and torch ``.pt``/``.pth``/``.bin``, read safely and written atomically.
+
+A training checkpoint often nests the weights (``{"model": sd, "epoch": 3, "optimizer": ...}``): it is read as a
+:class:`Checkpoint` that remembers the rest, so a pruned copy keeps everything else unchanged.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from ..io import atomic_path, check_distinct
+from ..io import atomic_path, check_distinct, check_suffix
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SUFFIXES = (".safetensors",) + TORCH_SUFFIXES
 # keys under which training scripts commonly nest the weights in a .pt checkpoint
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+# (output head, input embedding) names that language models tie (Hugging Face layouts, Meta's Llama format);
+# matched after any common prefix such as "module."
+_TIED_NAMES = (("lm_head.weight", "model.embed_tokens.weight"), ("lm_head.weight", "transformer.wte.weight"),
+               ("lm_head.weight", "model.decoder.embed_tokens.weight"), ("lm_head.weight", "embed_tokens.weight"),
+               ("lm_head.weight", "transformer.word_embeddings.weight"), ("lm_head.weight", "wte.weight"),
+               ("embed_out.weight", "gpt_neox.embed_in.weight"), ("output.weight", "tok_embeddings.weight"))
 
 
-def _suffix(path: Path, what: str) -> str:
-    s = path.suffix.lower()
-    if s not in SUFFIXES:
-        raise ValueError(f"{what}: got {str(path)!r}, expected a file ending in {', '.join(SUFFIXES)}")
-    return s
+@dataclass
+class Checkpoint:
+    """A checkpoint file's content: the ``state_dict`` to prune and where it sits in the file."""
+
+    state_dict: dict[str, Any]
+    container: Any = None  # the whole object of a .pt file whose state_dict is nested under ``key``
+    key: str | None = None
+    metadata: dict[str, str] | None = None  # safetensors header metadata, written back
+    config: dict | None = field(default=None, repr=False)  # config.json beside the file (Hugging Face layout)
+
+    @property
+    def extras(self) -> list[str]:
+        """Keys of the container besides the state_dict (``epoch``, ``optimizer``, ``ema``...)."""
+        return [k for k in self.container if k != self.key] if self.container is not None else []
+
+    def with_state_dict(self, state_dict: Mapping[str, Any]) -> Any:
+        """The object to write: the container with the new state_dict in place (a shallow copy), or the dict."""
+        if self.container is None:
+            return dict(state_dict)
+        out = dict(self.container)
+        out[self.key] = dict(state_dict)
+        return out
+
+
+def _unreadable(path: Path, e: BaseException) -> ValueError:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+    # torch's refusal starts with advice to trust the file; the line naming the refused class is the useful one
+    first = next((ln for ln in lines if "Unsupported global" in ln), lines[0]).split(". ")[0][:300]
+    if type(e).__name__ == "UnpicklingError":
+        return ValueError(f"checkpoint: {str(path)!r} holds objects a safe load refuses ({first}); expected a "
+                          "state_dict saved with torch.save(model.state_dict()): a pickled module or custom class "
+                          "could run code when loaded")
+    what = "declares more data than memory holds" if isinstance(e, MemoryError) else f"{type(e).__name__}: {first}"
+    return ValueError(f"checkpoint: cannot read {str(path)!r} (truncated or not a {path.suffix} file? {what})")
+
+
+def _read_config(path: Path) -> dict | None:
+    cfg = path.parent / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        doc = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"config: cannot read {str(cfg)!r} beside the checkpoint ({e})") from e
+    return doc if isinstance(doc, dict) else None
+
+
+def load_checkpoint(path: str | os.PathLike, *, key: str | None = None,
+                    map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint. ``.pt`` files load with ``weights_only=True`` (no arbitrary code runs); a dict whose
+    weights sit under ``state_dict``/``model``/... is unwrapped (or name the ``key``) and the rest kept in
+    ``container``; the ``module.`` prefix of DataParallel checkpoints is kept as is. A file that cannot be
+    parsed is a ``ValueError`` naming it."""
+    path = Path(path)
+    suffix = check_suffix(path, SUFFIXES, "checkpoint")
+    if not path.is_file():
+        raise FileNotFoundError(2, "checkpoint: no such file", str(path))
+    config = _read_config(path)
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+                return Checkpoint({k: f.get_tensor(k) for k in f.keys()}, metadata=f.metadata(), config=config)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        raise _unreadable(path, e) from e
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, SafetensorError, RuntimeError, MemoryError...
+        raise _unreadable(path, e) from e
+    container = None
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            raise KeyError(f"--key: got {key!r}, expected one of {list(obj) if isinstance(obj, Mapping) else []} "
+                           f"(the keys of {str(path)!r})")
+        container = obj
+    elif isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        key = next((k for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        container = obj if key is not None else None
+    sd = obj[key] if container is not None else obj
+    if not isinstance(sd, Mapping):
+        where = f"[{key!r}]" if container is not None else ""
+        raise ValueError(f"checkpoint: {str(path)!r}{where} holds a {type(sd).__name__}, expected a state_dict "
+                         "(name -> tensor)")
+    return Checkpoint(dict(sd), container=container, key=key if container is not None else None, config=config)
 
 
 def load_state_dict(path: str | os.PathLike, *, key: str | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a state_dict. ``.pt`` files load with ``weights_only=True`` (no arbitrary code runs); a dict whose
-    weights sit under ``state_dict``/``model``/... is unwrapped (or name the ``key``); the ``module.`` prefix of
-    DataParallel checkpoints is kept as is."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: got {str(path)!r}, which is not a file")
-    if _suffix(path, "checkpoint") == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device=str(map_location))
-    obj = torch.load(path, map_location=map_location, weights_only=True)
-    if key is not None:
-        if not isinstance(obj, Mapping) or key not in obj:
-            raise KeyError(f"key: got {key!r}, expected one of {list(obj) if isinstance(obj, Mapping) else []}")
-        obj = obj[key]
-    elif isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for k in _NESTED_KEYS:
-            if isinstance(obj.get(k), Mapping):
-                obj = obj[k]
-                break
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint: {str(path)!r} holds a {type(obj).__name__}, expected a state_dict (name -> tensor)")
-    return dict(obj)
+    """The state_dict of a checkpoint file (see :func:`load_checkpoint`, which also keeps the rest)."""
+    return load_checkpoint(path, key=key, map_location=map_location).state_dict
 
 
 def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike, *, input_path=None,
-                    metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``state_dict`` atomically (temp file + rename); refuses to overwrite ``input_path``.
+                    metadata: Mapping[str, str] | None = None, container: Checkpoint | None = None) -> Path:
+    """Write ``state_dict`` atomically (temp file + fsync + rename); refuses to overwrite ``input_path``.
 
-    safetensors needs contiguous tensors that share no storage, so tensors are made contiguous and
-    deduplicated (shared/tied tensors are cloned); non-tensor entries are an error there. ``.pt`` keeps
-    everything as given.
+    With ``container`` (the :class:`Checkpoint` it came from) a ``.pt`` output holds the whole checkpoint with
+    the new state_dict in place, and a ``.safetensors`` one keeps the header metadata. safetensors needs
+    contiguous tensors that share no storage, so tensors are made contiguous and shared (tied) ones cloned;
+    non-tensor entries are an error there. ``.pt`` keeps everything as given, storage sharing included.
     """
     path = Path(path)
-    suffix = _suffix(path, "out")
+    suffix = check_suffix(path, SUFFIXES, "out")
     if input_path is not None:
         check_distinct(input_path, path)
+    if container is not None and metadata is None:
+        metadata = container.metadata
+    if suffix == ".safetensors":
+        bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"state_dict: got non-tensor entries {bad[:5]}, expected only tensors for .safetensors")
     with atomic_path(path) as tmp:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-            if bad:
-                raise TypeError(f"state_dict: got non-tensor entries {bad[:5]}, expected only tensors for .safetensors")
             seen, out = set(), {}
             for k, v in state_dict.items():
                 v = v.detach()
@@ -80,23 +157,72 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike, *, i
                 out[k] = v.contiguous()
             save_file(out, str(tmp), metadata=dict(metadata) if metadata else None)
         else:
-            torch.save(dict(state_dict), tmp)
+            torch.save(container.with_state_dict(state_dict) if container is not None else dict(state_dict), tmp)
     return path
+
+
+def find_ties(state_dict: Mapping[str, Any], *, config: Mapping | None = None) -> list[list[str]]:
+    """Groups of names that hold one weight: tensors sharing storage (the same view), and a language model's
+    output head with its input embedding (by the usual names) when ``config["tie_word_embeddings"]`` says so
+    or, without that entry, when both hold equal values (a tied model saved with cloned copies)."""
+    group_of: dict[str, list[str]] = {}
+
+    def join(a: str, b: str) -> None:
+        ga, gb = group_of.setdefault(a, [a]), group_of.setdefault(b, [b])
+        if ga is not gb:
+            ga.extend(gb)
+            for n in gb:
+                group_of[n] = ga
+
+    first_of = {}
+    for k, v in state_dict.items():
+        if isinstance(v, torch.Tensor) and v.numel():
+            view = (v.untyped_storage().data_ptr(), v.device, v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+            if view in first_of:
+                join(first_of[view], k)
+            else:
+                first_of[view] = k
+    tie_cfg = config.get("tie_word_embeddings") if isinstance(config, Mapping) else None
+    for head in state_dict:
+        for head_name, embed_name in _TIED_NAMES:
+            prefix = head[: -len(head_name)]
+            if not head.endswith(head_name) or (prefix and not prefix.endswith(".")):
+                continue
+            embed = prefix + embed_name
+            a, b = state_dict[head], state_dict.get(embed)
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+                continue
+            if head in group_of and group_of.get(embed) is group_of[head]:
+                continue  # already tied by storage
+            same = a.shape == b.shape and a.dtype == b.dtype
+            if tie_cfg is True or (tie_cfg is None and same and torch.equal(a, b)):
+                join(head, embed)
+    unique = {id(g): g for g in group_of.values()}
+    return [sorted(g, key=list(state_dict).index) for g in unique.values()]
 
 
 def prune_state_dict(state_dict: Mapping[str, Any], sparsity: float, *, vectors: str = "filter",
                      scope: str = "layer", normalize: str | None = None, include=None, exclude=None, rule=None,
-                     engine: str = "auto", tol: float | None = None) -> tuple[dict[str, Any], list[str], list]:
+                     engine: str = "auto", tol: float | None = None, ties: list[list[str]] | None = None,
+                     progress: Callable[[str, int, int], None] | None = None
+                     ) -> tuple[dict[str, Any], list[str], list]:
     """Single-shot GSP of a bare state_dict (no model code): returns ``(new_state_dict, pruned_names, infos)``.
 
     Tensors are chosen by :func:`~groupsparse.prune.select_state_dict_keys` (default rule: 2-D and 3-5-D
     floating ``*weight`` tensors not named like norms or embeddings). Tensors whose vectors in ``vectors`` mode
     would have one entry are left as they are. The input mapping is not modified.
+
+    Tied weights (``ties``, default :func:`find_ties`) stay tied: projected once and written to every name when
+    all of them are selected, else left dense with a warning (as :class:`~groupsparse.prune.GSPPruner` does for a
+    head tied to an embedding). ``infos`` has one entry per pruned name for ``scope="layer"``, one for
+    ``"model"``. ``progress(name, done, total)`` (entries projected so far, of all) is called after each
+    tensor (the layer scope then projects one tensor at a time).
     """
     from .selection import select_state_dict_keys
-    from .vectors import check_mode, project_tensors, vector_shape
+    from .vectors import check_mode, check_scope, project_tensors, vector_shape
 
     mode = check_mode(vectors)
+    scope = check_scope(scope)
     names = select_state_dict_keys(state_dict, include=include, exclude=exclude, rule=rule)
 
     def projectable(v):
@@ -106,12 +232,40 @@ def prune_state_dict(state_dict: Mapping[str, Any], sparsity: float, *, vectors:
             return False
 
     names = [n for n in names if projectable(state_dict[n])]
-    if not names:
-        raise ValueError("state_dict: got no tensor to prune, expected at least one (check --include/--exclude, or "
-                         "--any-tensor to drop the name rule)")
+    group_of = {n: g for g in (find_ties(state_dict) if ties is None else ties) for n in g}
+    chosen, reps = set(names), []
+    for n in names:
+        g = group_of.get(n, [n])
+        left = [m for m in g if m not in chosen]
+        if left:
+            warnings.warn(f"{n} is tied to {', '.join(left)}, which is not selected: left dense (pruning it would "
+                          f"prune {left[0]} too; select both to prune them together)", stacklevel=2)
+        elif n == next(m for m in g if m in chosen):
+            reps.append(n)
+    if not reps:
+        floating = sum(isinstance(v, torch.Tensor) and v.is_floating_point() for v in state_dict.values())
+        raise ValueError(f"state_dict: got no tensor to prune among {len(state_dict)} entries ({floating} floating), "
+                         "expected at least one (check --include/--exclude"
+                         + (")" if rule is not None else ", or --any-tensor to drop the name rule)"))
     out = dict(state_dict)
-    results, infos = project_tensors([state_dict[n] for n in names], sparsity, vectors=mode, scope=scope,
-                                     normalize=normalize, engine=engine, tol=tol)
-    for n, r in zip(names, results):
-        out[n] = r
-    return out, names, infos
+    kw = dict(vectors=mode, scope=scope, normalize=normalize, engine=engine, tol=tol)
+    total = sum(state_dict[n].numel() for n in reps)
+    if progress is not None and scope == "layer":
+        results, infos, done = [], [], 0
+        for n in reps:
+            r, i = project_tensors([state_dict[n]], sparsity, **kw)
+            results += r
+            infos += i
+            done += state_dict[n].numel()
+            progress(n, done, total)
+    else:
+        results, infos = project_tensors([state_dict[n] for n in reps], sparsity, **kw)
+        if progress is not None:
+            progress(reps[-1], total, total)
+    pruned, pruned_infos = [], []
+    for k, (n, r) in enumerate(zip(reps, results)):
+        for m in group_of.get(n, [n]):
+            out[m] = r  # one tensor for all tied names: a .pt output keeps them sharing storage
+            pruned.append(m)
+            pruned_infos.append(infos[k] if scope == "layer" else None)
+    return out, pruned, pruned_infos if scope == "layer" else infos

@@ -8,10 +8,12 @@ import click
 
 TENSOR_RULE_HELP = ("Without --any-tensor, a tensor is pruned when it is floating, 2-D (linear) or 3-5-D (conv), "
                     "its name ends in 'weight' and does not look like a norm or embedding (norm, bn, ln, embed, wte, wpe).")
+# below this many floating entries a checkpoint takes about a second: no progress bar
+_PROGRESS_MIN = 20_000_000
 
 
 @click.command("prune-checkpoint")
-@click.argument("inp", metavar="IN", type=click.Path(exists=True, dir_okay=False))
+@click.argument("inp", metavar="IN", type=click.Path(dir_okay=False))
 @click.option("--sparsity", "-s", type=float, required=True, help="Target average Hoyer sparsity in [0, 1].")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True,
               help="Output .safetensors/.pt (never the input; written atomically).")
@@ -27,31 +29,65 @@ TENSOR_RULE_HELP = ("Without --any-tensor, a tensor is pruned when it is floatin
               "tensor matching --include (or every floating tensor) is pruned.")
 @click.option("--key", default=None, help="Key of the state_dict inside a .pt checkpoint (default: auto).")
 @click.option("--engine", type=click.Choice(["auto", "numba", "torch"]), default="auto", show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON.")
-def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exclude, any_tensor, key, engine, json_path):
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as JSON (a path other than IN and OUT).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [on a terminal, for large checkpoints].")
+def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exclude, any_tensor, key, engine,
+                     json_path, progress):
     """Project the layer weights of checkpoint IN to an average Hoyer sparsity and write all tensors to OUT.
 
     \b
     Which tensors: see --any-tensor. Tensors whose vectors would have one entry (e.g. 1x1 convs with
-    --vectors kernel) are left as they are. Everything else in IN is copied unchanged.
+    --vectors kernel) are left as they are. Tied weights (shared storage; lm_head tied to the embedding, by
+    name and config.json's tie_word_embeddings) stay tied: pruned together, or left dense when one of them is
+    not selected. Everything else in IN (optimizer state, epoch, EMA weights of a .pt) is copied unchanged.
     """
-    from ..io import check_distinct
-    from .checkpoint import load_state_dict, prune_state_dict, save_state_dict
-    from .report import sparsity_report
+    import re
+    import warnings
+    from pathlib import Path
 
-    try:
-        check_distinct(inp, out)
-        sd = load_state_dict(inp, key=key)
-        t0 = time.perf_counter()
+    from ..io import check_paths, check_suffix
+    from .checkpoint import SUFFIXES, load_checkpoint, prune_state_dict, save_state_dict
+
+    if not 0 <= sparsity <= 1:  # checked before reading a possibly large file
+        raise ValueError(f"sparsity: got {sparsity}, expected a number in [0, 1]")
+    check_suffix(out, SUFFIXES)
+    cfg = Path(inp).parent / "config.json"
+    check_paths({"IN": inp, "config.json beside IN": cfg if cfg.exists() else None},
+                {"--out": out, "--json": json_path})
+    for p in include + exclude:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"--include/--exclude: got {p!r}, expected a valid regular expression ({e})") from e
+    t = {}
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(inp, key=key)
+    t["load"] = time.perf_counter() - t0
+    sd = ckpt.state_dict
+    if Path(out).suffix.lower() == ".safetensors" and ckpt.extras:
+        click.echo(f"note: {', '.join(map(repr, ckpt.extras))} of IN are not written: .safetensors holds the "
+                   "tensors only (use a .pt OUT to keep them)")
+    size = sum(v.numel() for v in sd.values() if hasattr(v, "is_floating_point") and v.is_floating_point())
+    t0 = time.perf_counter()
+    with _progress_bar(progress, size) as advance, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         new, names, infos = prune_state_dict(sd, sparsity, vectors=vectors, scope=scope,
                                              normalize=None if normalize == "none" else normalize,
                                              include=list(include) or None, exclude=list(exclude) or None,
-                                             rule=(lambda n, t: True) if any_tensor else None, engine=engine)
-        elapsed = time.perf_counter() - t0
-        save_state_dict(new, out, input_path=inp)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
-    report = sparsity_report(new, vectors=vectors, names=names)
+                                             rule=(lambda n, t: True) if any_tensor else None, engine=engine,
+                                             progress=advance)
+    t["project"] = time.perf_counter() - t0
+    for w in caught:
+        click.echo(f"note: {w.message}")
+    t0 = time.perf_counter()
+    report = _report(new, names, vectors)
+    t["report"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    save_state_dict(new, out, input_path=inp, container=ckpt)
+    t["save"] = time.perf_counter() - t0
+    t["total"] = sum(t.values())
     report.print(title=f"{inp} -> {out}")
     if json_path:
         import json
@@ -59,11 +95,69 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
         from ..io import atomic_path
 
         doc = report.to_dict()
-        doc.update(target=sparsity, scope=scope, seconds=elapsed, input=str(inp), output=str(out))
+        doc.update(target=sparsity, scope=scope, seconds=t, input=str(inp), output=str(out),
+                   state_dict_key=ckpt.key, copied_unchanged=ckpt.extras)
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    click.echo(f"{len(names)} tensors projected to average Hoyer sparsity {sparsity} ({vectors}, scope {scope}) in "
-               f"{elapsed:.2f} s -> {out}")
+    where = f" (state_dict under {ckpt.key!r}; {', '.join(map(repr, ckpt.extras))} copied unchanged)" if ckpt.key else ""
+    click.echo(f"{len(names)} tensors projected to average Hoyer sparsity {sparsity} ({vectors}, scope {scope}){where}"
+               f" -> {out}")
+    click.echo("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+
+
+class _progress_bar:
+    """A rich progress bar on stderr for checkpoints of at least _PROGRESS_MIN entries on a terminal (or when
+    asked); yields the ``progress`` callback of prune_state_dict, or None."""
+
+    def __init__(self, wanted: bool | None, size: int):
+        self.wanted, self.size, self.bar = wanted, size, None
+
+    def __enter__(self):
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not (self.wanted if self.wanted is not None else console.is_terminal and self.size >= _PROGRESS_MIN):
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("projecting {task.fields[name]}"), BarColumn(), TimeElapsedColumn(),
+                            console=console, transient=True)
+        self.bar.start()
+        task = self.bar.add_task("project", total=None, name="")
+
+        def advance(name: str, done: int, total: int) -> None:
+            self.bar.update(task, completed=done, total=total, name=name)
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
+def _report(state_dict, names, vectors):
+    """The sparsity report of the pruned tensors in about one pass over them (float32 sums; the general
+    :func:`~groupsparse.prune.sparsity_report` works in float64 copies, several times slower)."""
+    import torch
+
+    from .report import LayerStats, SparsityReport
+    from .vectors import as_vectors, check_mode
+
+    mode = check_mode(vectors)
+    rep = SparsityReport(mode)
+    for n in names:
+        w = state_dict[n].detach()
+        zeros = w.numel() - int(torch.count_nonzero(w))
+        hoyer = None
+        m = as_vectors(w if w.dtype in (torch.float32, torch.float64) else w.float(), mode)
+        if m.shape[0] and m.shape[1] >= 2:
+            l1, l2 = m.abs().sum(1, dtype=torch.float64), torch.linalg.vector_norm(m, dim=1).double()
+            sq = m.shape[1] ** 0.5
+            sp = torch.where(l2 > 0, (sq - l1 / l2.clamp_min(torch.finfo(torch.float64).tiny)) / (sq - 1), 1.0)
+            hoyer = float(sp.clamp(0, 1).mean())
+        rep.layers.append(LayerStats(n, list(w.shape), w.numel(), zeros, zeros / w.numel() if w.numel() else 0.0, hoyer))
+    return rep
 
 
 commands = [prune_checkpoint]
