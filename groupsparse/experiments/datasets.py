@@ -1,7 +1,9 @@
 """Datasets for the pruning experiments, held as tensors and batched with tensor ops (no DataLoader).
 
-``digits``: scikit-learn's bundled 8x8 digits (1797 images), a fixed stratified split of 1437 train / 360 test.
-``cifar10``: read from a path the user gives, in any of these forms:
+``digits``: scikit-learn's bundled 8x8 digits (1797 images), a fixed stratified split of 1437 train / 360 test;
+of the 1437, a fixed stratified 287 are the validation split (1150 train).
+``cifar10``: read from a path the user gives (a fixed 5,000 of the 50,000 training images are the validation
+split, 45,000 train), in any of these forms:
 
 - the standard ``cifar-10-batches-py`` directory (``data_batch_1..5``, ``test_batch``) or its tarball
   ``cifar-10-python.tar.gz``;
@@ -47,7 +49,9 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class Dataset:
-    """Train/test tensors plus what a model needs to know (input shape, classes) and how to batch them.
+    """Train/validation/test tensors plus what a model needs to know (input shape, classes) and how to batch them.
+
+    The validation split is a fixed part of the training data, for choosing hyperparameters (never the test set).
 
     Images are kept as uint8 NHWC (4x smaller than float, and NHWC permuted to NCHW is exactly the
     channels_last layout); flat data (digits) as normalized float32.
@@ -62,6 +66,25 @@ class Dataset:
     input_shape: tuple[int, ...]
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split: got {name!r}, expected 'train', 'val' or 'test'")
+        x, y = getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+        if x is None:
+            raise ValueError(f"split: got 'val', but {self.name} has no validation split")
+        return x, y
+
+    def fingerprint(self) -> str:
+        """sha256 of every split's bytes (the data identity stored in run manifests)."""
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
+            if t is not None:
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def is_image(self) -> bool:
@@ -71,7 +94,7 @@ class Dataset:
         d = torch.device(device)
         mv = lambda t: None if t is None else t.to(d)  # noqa: E731
         return Dataset(self.name, mv(self.x_train), mv(self.y_train), mv(self.x_test), mv(self.y_test),
-                       self.num_classes, self.input_shape, mv(self.mean), mv(self.std))
+                       self.num_classes, self.input_shape, mv(self.mean), mv(self.std), mv(self.x_val), mv(self.y_val))
 
     def _prepare(self, x: torch.Tensor, augment: bool, generator: torch.Generator | None) -> torch.Tensor:
         if not self.is_image:
@@ -83,11 +106,9 @@ class Dataset:
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, augment: bool = False,
                 generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if split not in ("train", "test"):
-            raise ValueError(f"split: got {split!r}, expected 'train' or 'test'")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size!r}, expected a positive int")
-        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        x, y = self.split(split)
         n = len(y)
         if shuffle:
             # The permutation is drawn on the CPU so a seeded generator gives the same order on every device.
@@ -99,8 +120,7 @@ class Dataset:
             yield self._prepare(x[idx], augment, generator), y[idx]
 
     def num_batches(self, split: str, batch_size: int) -> int:
-        n = len(self.y_train if split == "train" else self.y_test)
-        return -(-n // batch_size)
+        return -(-len(self.split(split)[1]) // batch_size)
 
 
 def random_crop_flip(x: torch.Tensor, *, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -139,6 +159,7 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, *, cache_dir:
                              "directory, cifar-10-python.tar.gz, an image-folder tree or zip with "
                              "{train,test}/<class>/*.jpg, or a decoded .npz (nothing is downloaded)")
         ds = _cifar10(Path(path), Path(cache_dir) if cache_dir else default_cache_dir())
+        _hold_out(ds, 5000)
     if train_subset is not None and train_subset < len(ds.y_train):
         # A fixed permutation (independent of the run's seed) so every run of a sweep sees the same subset.
         keep = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(1234))[:train_subset]
@@ -147,17 +168,29 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, *, cache_dir:
     return ds
 
 
+def _hold_out(ds: Dataset, n: int) -> None:
+    """Move a fixed (seed-independent) ``n`` training examples into the validation split."""
+    n = min(n, max(1, len(ds.y_train) // 10))  # tiny test files keep most of their images for training
+    order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(4321))
+    val, train = order[:n].sort().values, order[n:].sort().values
+    ds.x_val, ds.y_val = ds.x_train[val], ds.y_train[val]
+    ds.x_train, ds.y_train = ds.x_train[train], ds.y_train[train]
+
+
 def _digits() -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=360, stratify=y, random_state=0)
+    # The validation part is cut from the same train split as before, so the test set is unchanged.
+    xtr, xva, ytr, yva = train_test_split(xtr, ytr, test_size=287, stratify=ytr, random_state=0)
     mean = xtr.mean(0)
     std = xtr.std(0)
     std[std < 1e-6] = 1.0  # constant border pixels: leave them at 0 instead of dividing by 0
     f = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))  # noqa: E731
-    return Dataset("digits", f(xtr), torch.from_numpy(ytr).long(), f(xte), torch.from_numpy(yte).long(), 10, (64,))
+    return Dataset("digits", f(xtr), torch.from_numpy(ytr).long(), f(xte), torch.from_numpy(yte).long(), 10, (64,),
+                   x_val=f(xva), y_val=torch.from_numpy(yva).long())
 
 
 def _cifar_dataset(arrays: dict[str, np.ndarray]) -> Dataset:

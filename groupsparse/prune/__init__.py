@@ -11,7 +11,7 @@ Typical use (induced GSP in a plain loop)::
     pruner.remove()                          # plain parameters with real zeros
 """
 
-from .baselines import HoyerSquareRegularizer, MagnitudePruner, RandomPruner, hoyer_square
+from .baselines import GradualMagnitudePruner, HoyerSquareRegularizer, MagnitudePruner, RandomPruner, hoyer_square
 from .checkpoint import load_state_dict, prune_state_dict, save_state_dict
 from .masks import MASK_STYLES, Pruner, pruned_state_dict, smallest_k
 from .pruner import GSPPruner
@@ -21,7 +21,7 @@ from .selection import Target, looks_like_layer_weight, select_parameters, selec
 from .vectors import NORMALIZATIONS, SCOPES, VECTOR_MODES, as_vectors, from_vectors, project_tensors, vector_shape
 
 __all__ = [
-    "GSPPruner", "Pruner", "Schedule", "MagnitudePruner", "RandomPruner", "HoyerSquareRegularizer", "hoyer_square",
+    "GSPPruner", "Pruner", "Schedule", "MagnitudePruner", "GradualMagnitudePruner", "RandomPruner", "HoyerSquareRegularizer", "hoyer_square",
     "select_parameters", "select_state_dict_keys", "looks_like_layer_weight", "Target",
     "as_vectors", "from_vectors", "vector_shape", "project_tensors", "VECTOR_MODES", "SCOPES", "NORMALIZATIONS",
     "MASK_STYLES", "smallest_k", "pruned_state_dict", "sparsity_report", "SparsityReport", "LayerStats",

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .masks import Pruner, check_fraction, check_prune_scope
+from .schedule import Schedule
 from .vectors import as_vectors, check_mode
 
 
@@ -34,6 +35,43 @@ class MagnitudePruner(Pruner):
             masks = self._magnitude_masks(zero_fraction, scope, keep_zeros=False)
         self.set_masks(masks, style=style)
         return masks
+
+
+class GradualMagnitudePruner(MagnitudePruner):
+    """Gradual magnitude pruning (Zhu & Gupta 2017): during training, every ``schedule.every`` steps mask the
+    smallest weights up to the schedule's zero fraction (cubic ramp: fast early, slow near the end).
+
+    Masks only grow (entries already masked are pruned first) and are enforced after each optimizer step once
+    :meth:`attach` is called, like every pruner here.
+
+    >>> sched = Schedule(0.9, start=0, every=100, ramp="cubic", ramp_steps=5000)   # zero fraction, not Hoyer
+    >>> gmp = GradualMagnitudePruner(model, sched).attach(optimizer)
+    >>> for x, y in loader:
+    ...     ...; optimizer.step(); gmp.step()
+    """
+
+    def __init__(self, model: nn.Module, schedule: Schedule, *, scope: str = "model", **selection: Any):
+        super().__init__(model, **selection)
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule: got {type(schedule).__name__}, expected a groupsparse.prune.Schedule")
+        self.schedule = schedule
+        self.scope = check_prune_scope(scope)
+        self.step_count = 0
+
+    def step(self, step: int | None = None) -> bool:
+        """Call after ``optimizer.step()``; prunes when the schedule says so. Returns whether masks changed."""
+        if step is None:
+            step = self.step_count
+        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step: got {step!r}, expected a non-negative int")
+        self.step_count = step + 1
+        if not self.schedule.should_project(step):
+            return False
+        f = self.schedule.value(step)
+        if not f:
+            return False
+        self.prune(f, scope=self.scope)
+        return True
 
 
 class RandomPruner(Pruner):

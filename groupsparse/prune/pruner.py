@@ -11,7 +11,7 @@ from torch import nn
 
 from .masks import Pruner, check_fraction
 from .schedule import Schedule
-from .vectors import check_mode, check_normalize, check_scope, project_tensors, vector_shape
+from .vectors import as_vectors, check_mode, check_normalize, check_scope, from_vectors, project_tensors, vector_shape
 
 
 class GSPPruner(Pruner):
@@ -49,7 +49,8 @@ class GSPPruner(Pruner):
 
     def __init__(self, model: nn.Module, sparsity: float | Schedule, *, vectors: str = "filter",
                  scope: str = "layer", normalize: str | None = None, engine: str = "auto",
-                 tol: float | None = None, max_iter: int | None = None, **selection: Any):
+                 tol: float | None = None, max_iter: int | None = None, keep_pre_projection: bool = False,
+                 **selection: Any):
         super().__init__(model, **selection)
         if isinstance(sparsity, Schedule):
             self.schedule = sparsity
@@ -60,6 +61,10 @@ class GSPPruner(Pruner):
         self.normalize = check_normalize(normalize)
         self.engine, self.tol, self.max_iter = engine, tol, max_iter
         self.step_count = 0
+        self.finalized = False
+        # A copy of the weights before the latest projection, for finalize(values="dense"|"rescaled").
+        self.keep_pre_projection = bool(keep_pre_projection)
+        self.pre_projection: dict[str, torch.Tensor] | None = None
         self.last_info: list = []
         self.last_time = 0.0
         self.history: list[dict] = []  # one record per projection: step, target, time, achieved sparsity
@@ -89,6 +94,8 @@ class GSPPruner(Pruner):
         """
         s = self.schedule.target if sparsity is None else check_fraction(sparsity, "sparsity")
         t0 = time.perf_counter()
+        if self.keep_pre_projection:
+            self.pre_projection = {t.name: t.param.detach().clone() for t in self.targets}
         infos = self._project_params([t.param for t in self._projectable], s)
         self.apply_masks()
         self.last_time = time.perf_counter() - t0
@@ -109,7 +116,8 @@ class GSPPruner(Pruner):
         """Plain-loop hook, called after ``optimizer.step()``: projects when the schedule says so.
 
         ``step`` is the global optimizer step; without it an internal counter is used (and advanced).
-        Returns whether a projection happened.
+        Returns whether a projection happened; never after :meth:`finalize` (the masks are fixed then, and a
+        projection would move the surviving weights of a model that is being finetuned).
         """
         if step is None:
             step = self.step_count
@@ -118,7 +126,7 @@ class GSPPruner(Pruner):
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:
                 raise ValueError(f"step: got {step!r}, expected a non-negative int")
             self.step_count = step + 1
-        if not self.schedule.should_project(step):
+        if self.finalized or not self.schedule.should_project(step):
             return False
         s = self.schedule.value(step)
         if s is None or s <= 0:
@@ -127,7 +135,8 @@ class GSPPruner(Pruner):
         return True
 
     def finalize(self, zero_fraction: float | None = None, *, scope: str = "model", keep_zeros: bool = True,
-                 style: str = "buffer") -> dict[str, torch.Tensor]:
+                 style: str = "buffer", values: str = "projected",
+                 reference: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Fix the masks for finetuning; returns ``{target name: bool keep-mask}``.
 
         ``zero_fraction=None`` masks exactly the zeros the projection left. With a value, magnitude pruning over
@@ -137,7 +146,27 @@ class GSPPruner(Pruner):
         a warning says so); with ``keep_zeros=False`` the count is exact and surplus zeros may regrow.
         ``style`` chooses where masks live (``"buffer"``, ``"torch_prune"``, ``"parametrize"``).
         Call :meth:`attach` (before or after) so optimizer steps keep pruned weights at zero.
+
+        ``values`` chooses what the kept weights hold (the mask is the same in every case):
+
+        * ``"projected"``: the projected values (the authors' choice). The projection is a soft threshold per
+          vector, so it also shrinks every surviving weight.
+        * ``"dense"``: the weights before the projection (``reference``, default the copy kept by a pruner made
+          with ``keep_pre_projection=True``) at the kept positions: GSP chooses the mask, the values are undone.
+        * ``"rescaled"``: the projected values times one factor per vector, the least-squares fit
+          ``<p, w> / <p, p>`` of the kept projected vector ``p`` to the reference ``w``: undoes the shrinkage but
+          keeps the projection's relative values inside each vector.
         """
+        if values not in ("projected", "dense", "rescaled"):
+            raise ValueError(f"values: got {values!r}, expected 'projected', 'dense' or 'rescaled'")
+        if values != "projected":
+            reference = self.pre_projection if reference is None else reference
+            if reference is None:
+                raise ValueError(f"values={values!r}: got no reference weights, expected reference= or a pruner made "
+                                 "with keep_pre_projection=True that has projected")
+            missing = [t.name for t in self.targets if t.name not in reference]
+            if missing:
+                raise ValueError(f"reference: got no tensor for {missing[:4]}, expected one per target")
         if zero_fraction is None:
             masks = {t.name: (t.param.detach() != 0) for t in self.targets}
             for t in self.targets:
@@ -146,5 +175,24 @@ class GSPPruner(Pruner):
                     masks[t.name] &= m
         else:
             masks = self._magnitude_masks(zero_fraction, scope, keep_zeros=keep_zeros)
+        if values != "projected":
+            with torch.no_grad():
+                for t in self.targets:
+                    t.param.copy_(self._restored(t, masks[t.name], reference[t.name], values))
         self.set_masks(masks, style=style)
+        self.finalized = True
         return masks
+
+    def _restored(self, t, mask: torch.Tensor, ref: torch.Tensor, values: str) -> torch.Tensor:
+        ref = ref.to(device=t.param.device, dtype=t.param.dtype)
+        if values == "dense":
+            return ref * mask
+        p = t.param.detach() * mask
+        try:
+            pv, wv = as_vectors(p, self.vectors), as_vectors(ref, self.vectors)
+        except ValueError:  # no vectors of this mode in this tensor ("kernel" on a Linear): one factor
+            pv, wv = p.reshape(1, -1), ref.reshape(1, -1)
+        den = (pv * pv).sum(1, keepdim=True)
+        alpha = torch.where(den > 0, (pv * wv).sum(1, keepdim=True) / den.clamp_min(1e-30), torch.ones_like(den))
+        out = pv * alpha
+        return out.reshape(t.shape) if out.shape == (1, t.param.numel()) else from_vectors(out, t.shape, self.vectors)
