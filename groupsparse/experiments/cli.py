@@ -86,17 +86,27 @@ def prune(**kw):
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", "-o", "prefix", default=None,
               help="Write PREFIX.csv and PREFIX.png (table and accuracy-vs-zeros plot).")
-def report(dirs, prefix):
-    """Aggregate run directories (searched for report.json) into an accuracy-vs-zero-fraction table."""
+@click.option("--baseline", default=None,
+              help="Paired statistics against this method (METHOD or METHOD:PROTOCOL, e.g. gmp or gsp:during): "
+                   "mean paired difference over shared seeds, standard error, wins/losses/ties.")
+def report(dirs, prefix, baseline):
+    """Aggregate run folders (searched for report.json) into an accuracy-vs-zero-fraction table.
+
+    Runs are grouped by all their settings (not only method and sparsity), each folder counts once, and the
+    budget (dense + after epochs) is shown. When stdout is not a terminal the table is plain text.
+    """
     from .report import aggregate, find_reports, plot, print_table, write_csv
 
     try:
-        rows = aggregate(find_reports(dirs))
+        rows = aggregate(find_reports(dirs), baseline=baseline)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     if not rows:
         raise click.ClickException(f"got no report.json under {list(dirs)}, expected runs of `groupsparse prune`")
-    print_table(rows)
+    if baseline and not any(r.get("baseline") for r in rows):
+        raise click.ClickException(f"--baseline: got {baseline!r}, which matches no run with the same dataset, "
+                                   "model, zeros and budget; expected a method present in the runs")
+    print_table(rows, baseline)
     if prefix:
         write_csv(rows, f"{prefix}.csv")
         plot(rows, f"{prefix}.png")

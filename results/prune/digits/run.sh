@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Reproduces results/prune/digits/{table.csv,table.png}: digits / MLP (LeNet-300-100 on 64 inputs), 3 seeds,
-# 5 methods x 4 zero fractions, default schedule (30 dense epochs, 20 epochs after the dense model for every
-# method). The dense model of each seed is trained once and reused (cache: runs/cache).
-# sweep.py runs the 60 `groupsparse prune` invocations in one process; `python -m groupsparse.experiments X` is
-# the same command as `groupsparse X`.
+# Reproduces results/prune/digits/{table.csv,table.png,paired_*.csv}: digits / MLP (LeNet-300-100 on 64 inputs),
+# 10 seeds, 90/95/98 % zeros, every method and both protocols, plus GSP with dense/rescaled kept values
+# (sweep.py: 1,170 `groupsparse prune` runs in one process, deephoyer's lambda grid included). The dense model of
+# each seed is trained once and reused (cache: runs/cache). CODE=DIR runs a frozen copy of the package.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-python results/prune/digits/sweep.py
-python -m groupsparse.experiments report runs/digits --out results/prune/digits/table
+export OMP_NUM_THREADS=1
+[ -n "${CODE:-}" ] && export PYTHONPATH=$CODE
+python -P results/prune/digits/sweep.py "${SEEDS:-10}"
+for b in gmp magnitude; do
+  python -P -m groupsparse.experiments report runs/digits-v2 --baseline $b --out results/prune/digits/table-vs-$b
+done
