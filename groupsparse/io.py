@@ -6,6 +6,7 @@ whatever symlinks or hard links say) and :func:`atomic_path` (temp file beside t
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
@@ -70,9 +71,12 @@ def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, writer_errors: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``, so readers
-    never see a half file. On failure the temp file is removed; an ``OSError`` names ``path``."""
+    never see a half file. On failure the temp file is removed; an ``OSError`` names ``path``.
+
+    ``writer_errors=True``: any other exception of the writer in the block (torch's "unexpected pos" or
+    safetensors' I/O errors on a full disk) also becomes an ``OSError`` naming ``path``."""
     path = Path(path)
     folder = path.parent
     tmp = folder / f".{path.name}{TMP_MARK}{os.getpid()}-{next(_counter)}{path.suffix}"
@@ -93,6 +97,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(e, OSError) and e.errno is not None:
             # the temp name means nothing to the user: report the file they asked for
             raise OSError(e.errno, f"cannot write {str(path)!r}: {e.strerror or e}") from e
+        if writer_errors and isinstance(e, Exception) and not isinstance(e, (ValueError, TypeError)):
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise OSError(errno.EIO, f"cannot write {str(path)!r}: {detail} (is the disk full?)") from e
         raise
 
 
@@ -202,7 +209,7 @@ def save_arrays(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
     if tensors and suffix != ".safetensors":
         raise ValueError(f"--out: got {str(path)!r} for {tensors[0]!r} of dtype {arrays[tensors[0]].dtype}, which "
                          f"{suffix} cannot hold; expected a .safetensors output")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, writer_errors=True) as tmp:
         if suffix == ".npy":
             with open(tmp, "wb") as f:
                 np.save(f, next(iter(arrays.values())))

@@ -142,7 +142,7 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike, *, i
         bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise TypeError(f"state_dict: got non-tensor entries {bad[:5]}, expected only tensors for .safetensors")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, writer_errors=True) as tmp:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
 

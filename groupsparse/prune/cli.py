@@ -47,7 +47,7 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
     from pathlib import Path
 
     from ..io import check_paths, check_suffix
-    from .checkpoint import SUFFIXES, load_checkpoint, prune_state_dict, save_state_dict
+    from .checkpoint import SUFFIXES, find_ties, load_checkpoint, prune_state_dict, save_state_dict
 
     if not 0 <= sparsity <= 1:  # checked before reading a possibly large file
         raise ValueError(f"sparsity: got {sparsity}, expected a number in [0, 1]")
@@ -77,7 +77,7 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
                                              normalize=None if normalize == "none" else normalize,
                                              include=list(include) or None, exclude=list(exclude) or None,
                                              rule=(lambda n, t: True) if any_tensor else None, engine=engine,
-                                             progress=advance)
+                                             ties=find_ties(sd, config=ckpt.config), progress=advance)
     t["project"] = time.perf_counter() - t0
     for w in caught:
         click.echo(f"note: {w.message}")
