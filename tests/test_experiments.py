@@ -37,11 +37,16 @@ def test_cifar_pickle_dir_and_tarball(tmp_path):
     x2, _ = _write_batch(d / "data_batch_2", 8, 1)
     xt, yt = _write_batch(d / "test_batch", 10, 2)
     ds = load_dataset("cifar10", tmp_path, cache_dir=tmp_path / "cache")
-    assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_train.dtype == torch.uint8
+    # A fixed tenth of the training images is the validation split.
+    assert ds.x_train.shape == (18, 32, 32, 3) and ds.x_val.shape == (2, 32, 32, 3) and ds.x_train.dtype == torch.uint8
     assert ds.x_test.shape == (10, 32, 32, 3) and ds.y_test.tolist() == yt
     # Rows are R, G, B planes: pixel (row 0, col 1) of image 0 is data[1], data[1025], data[2049].
-    assert ds.x_train[0, 0, 1].tolist() == [x1[0, 1], x1[0, 1025], x1[0, 2049]]
-    assert ds.x_train[12, 31, 31, 2].item() == x2[0, 3071]
+    assert ds.x_test[0, 0, 1].tolist() == [xt[0, 1], xt[0, 1025], xt[0, 2049]]
+    both = torch.cat([ds.x_train, ds.x_val]).reshape(20, -1)
+    orig = torch.from_numpy(np.concatenate([x1, x2]).reshape(20, 3, 32, 32).transpose(0, 2, 3, 1).reshape(20, -1))
+    assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, orig.tolist()))
+    again = load_dataset("cifar10", tmp_path, cache_dir=tmp_path / "cache")
+    assert torch.equal(again.x_val, ds.x_val)  # the split is fixed
     tgz = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(tgz, "w:gz") as tf:
         tf.add(d, arcname="cifar-10-batches-py")
@@ -76,8 +81,9 @@ def test_cifar_image_zip_and_cache(tmp_path):
             zf.writestr(f"cifar10/test/{cls}/0000.jpg", _jpeg((20 * i, 100, 200)))
     cache = tmp_path / "cache"
     ds = load_dataset("cifar10", z, cache_dir=cache)
-    assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_test.shape == (10, 32, 32, 3)
-    assert ds.y_train.tolist() == [i // 2 for i in range(20)] and ds.y_test.tolist() == list(range(10))
+    assert ds.x_train.shape == (18, 32, 32, 3) and ds.x_val.shape == (2, 32, 32, 3) and ds.x_test.shape == (10, 32, 32, 3)
+    assert sorted(ds.y_train.tolist() + ds.y_val.tolist()) == [i // 2 for i in range(20)]
+    assert ds.y_test.tolist() == list(range(10))
     assert abs(int(ds.x_test[3, 5, 5, 0]) - 60) <= 3  # class 3 was painted red = 60 (JPEG is lossy)
     assert len(list(cache.glob("cifar10-*.npz"))) == 1
     ds2 = load_dataset("cifar10", z, cache_dir=cache)  # from the cache this time

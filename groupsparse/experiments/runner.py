@@ -69,7 +69,8 @@ def run(config: Config) -> dict:
     _files.claim_folder(dense_dir, dense_settings, what="dense cache")
     dense_cached = (dense_dir / "state.json").exists() and \
         _files.read_json(dense_dir / "state.json")["epoch"] >= c.epochs
-    keep = {c.epochs // 2} | ({c.start_epoch} if c.start_epoch is not None else set())
+    # Snapshots from the middle on stay (a few MB each), so a later --protocol during run can branch from them.
+    keep = set(range(c.epochs // 2, c.epochs)) | ({c.start_epoch} if c.start_epoch is not None else set())
     dstate = train(model, data, epochs=c.epochs, lr=c.lr, ckpt_dir=dense_dir, seed=c.seed, schedule=c.schedule,
                    desc="dense", keep_epochs=keep, **common)
     last = dstate["history"][-1] if dstate["history"] else {}
@@ -155,7 +156,6 @@ def run(config: Config) -> dict:
             pruner.prune(c.sparsity, scope="model")
         prune_info = {"zero_fraction_before_masks": projection_zeros,
                       "accuracy_before_finetune": evaluate(model, data),
-                      "val_accuracy_before_finetune": evaluate(model, data, split="val"),
                       "prune_s": time.perf_counter() - t0, "projection_s": proj_time[0]}
         from safetensors.torch import save_file
 
