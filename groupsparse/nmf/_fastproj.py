@@ -165,7 +165,7 @@ def gsp_rows(C: np.ndarray, s: float, tol: float = 1e-12, max_iter: int = 100, m
     return None if status < 0 else out
 
 
-@_jit()
+@_jit(fastmath=_FM)
 def fgm_rows(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0):
     """Projected Nesterov fast gradient for min 1/2<A, FF^T> - <B, F>, F >= 0 (rows at average sparsity s).
 
@@ -177,6 +177,7 @@ def fgm_rows(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0):
     Fo = F.copy()
     Fn = np.empty_like(F)
     P = np.empty_like(F)
+    G = np.empty_like(F)
     alpha = 0.1
     first = -1.0
     steps = 0
@@ -184,16 +185,10 @@ def fgm_rows(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0):
     mu = mu0
     for _ in range(max_inner):
         steps += 1
+        np.dot(A, Y, G)  # BLAS: about twice as fast as a compiled loop at r = 10, p = 100 (measured)
         for i in range(r):
             for j in range(p):
-                Fn[i, j] = B[i, j]
-            for l in range(r):
-                a = A[i, l]
-                if a != 0.0:
-                    for j in range(p):
-                        Fn[i, j] -= a * Y[l, j]
-            for j in range(p):
-                v = Y[i, j] + inv * Fn[i, j]
+                v = Y[i, j] + inv * (B[i, j] - G[i, j])
                 Fn[i, j] = v if v > 0.0 else 0.0
         if project_rows:
             status, mu_new = gsp_rows_warm(Fn, s, mu, 1e-12, 100, P)
@@ -218,3 +213,132 @@ def fgm_rows(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0):
         elif step <= inner_ratio * first:
             break
     return Fo, steps, True, mu
+
+
+@_jit(fastmath=_FM)
+def _hals_rows(F, A, B, lam, max_sweeps, delta2):
+    """In place: HALS sweeps over the rows of F for min 1/2<A, FF^T> - <B - lam 1^T, F>, F >= 0.
+
+    Returns the number of sweeps. The residual row is built with the row index outermost so the inner loops
+    stream over contiguous rows of F and B.
+    """
+    r, p = F.shape
+    g = np.empty(p)
+    first = 0.0
+    sweeps = 0
+    for sweep in range(max_sweeps):
+        sweeps += 1
+        moved = 0.0
+        for k in range(r):
+            akk = A[k, k]
+            if akk <= 0.0:
+                continue
+            for j in range(p):
+                g[j] = B[k, j] - lam[k]
+            for l in range(r):
+                alk = A[k, l]
+                if alk != 0.0:
+                    for j in range(p):
+                        g[j] -= alk * F[l, j]
+            nonzero = False
+            for j in range(p):
+                old = F[k, j]
+                new = old + g[j] / akk
+                if new < 0.0:
+                    new = 0.0
+                else:
+                    nonzero = nonzero or new > 0.0
+                d = new - old
+                moved += d * d
+                F[k, j] = new
+            if not nonzero:
+                # A dead row would stay dead forever (its A_kk from the other side goes to 0); a tiny positive
+                # value lets the next update of the other factor revive the component.
+                top = 0.0
+                for l in range(r):
+                    for j in range(p):
+                        top = max(top, F[l, j])
+                tiny = 1e-16 * top if top > 0.0 else 1e-16
+                for j in range(p):
+                    F[k, j] = tiny
+        if sweep == 0:
+            first = moved
+        elif moved <= delta2 * first:
+            break
+    return sweeps
+
+
+@_jit(fastmath=_FM)
+def _vdot(a, b):
+    s = 0.0
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            s += a[i, j] * b[i, j]
+    return s
+
+
+@_jit(fastmath=_FM)
+def _update(F, A, B, s, use_fgm, max_inner, inner_ratio, delta2, mu):
+    """One factor update; returns (F, ok, mu). ``s < 0``: no target (HALS or unprojected fast gradient)."""
+    if not use_fgm:
+        _hals_rows(F, A, B, np.zeros(F.shape[0]), max_inner, delta2)
+        return F, True, mu
+    L = np.linalg.eigvalsh(A)[-1]
+    if not L > 0.0:
+        return F, True, mu
+    Fn, _, ok, mu = fgm_rows(F, A, B, L, max(s, 0.0), s >= 0.0 and F.shape[1] >= 2, max_inner, inner_ratio, mu)
+    return Fn, ok, mu
+
+
+@_jit(fastmath=_FM)
+def run_dense(X, Xt, Wt, H, sW, sH, fgm_free, update_W, update_H, balance, max_iter, tol, max_inner,
+              inner_ratio, delta2, xnorm2, history, best_Wt, best_H, mus):
+    """The Frobenius loop for a dense float64 X, compiled whole (the paper's sizes are overhead-bound).
+
+    Same steps as ``_frobenius.factorize``: balance, update W (rows of Wt), update H, error from the cached
+    products, keep the best iterate. ``sW``/``sH`` < 0 mean no target. Returns (iterations done, best
+    iteration, converged, ok, Wt, H): ``ok`` False means iteration ``done + 1`` needs the core's tie handling;
+    Wt and H are then the state before it, and the caller continues in Python.
+    """
+    best_err = history[0]
+    best_it = 0
+    prev = history[0]
+    done = 0
+    for it in range(1, max_iter + 1):
+        W_start = Wt.copy()
+        H_start = H.copy()
+        if balance and update_W and update_H:
+            for k in range(Wt.shape[0]):
+                nw = math.sqrt(np.dot(Wt[k], Wt[k]))
+                nh = math.sqrt(np.dot(H[k], H[k]))
+                if nw > 0.0 and nh > 0.0:
+                    d = math.sqrt(nh / nw)
+                    Wt[k] *= d
+                    H[k] /= d
+        if update_W:
+            HHt = H @ H.T
+            HXt = H @ Xt
+            Wt, ok, mus[0] = _update(Wt, HHt, HXt, sW, fgm_free or sW >= 0.0, max_inner, inner_ratio, delta2,
+                                     mus[0])
+            if not ok:
+                return done, best_it, False, False, W_start, H_start
+        WtW = Wt @ Wt.T
+        WtX = Wt @ X
+        if update_H:
+            H, ok, mus[1] = _update(H, WtW, WtX, sH, fgm_free or sH >= 0.0, max_inner, inner_ratio, delta2,
+                                    mus[1])
+            if not ok:
+                return done, best_it, False, False, W_start, H_start
+        e2 = xnorm2 - 2.0 * _vdot(WtX, H) + _vdot(WtW, H @ H.T)
+        new = math.sqrt(max(e2, 0.0) / xnorm2)
+        history[it] = new
+        done = it
+        if new < best_err:
+            best_err = new
+            best_it = it
+            best_Wt[:] = Wt
+            best_H[:] = H
+        if new == 0.0 or (tol > 0.0 and abs(prev - new) <= tol * max(prev, 1e-300)):
+            return done, best_it, True, True, Wt, H
+        prev = new
+    return done, best_it, False, True, Wt, H

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ._data import Data
+from ._fastproj import run_dense
 from ._solvers import Factor, NMFInfo, Options, balance, finish_info
 
 
@@ -42,6 +43,37 @@ class _Imputed:
     def err2(self) -> float:
         R = self.D.ops.where(self.D.M, self.D.X - self.WH, 0.0 * self.WH)
         return self.D.ops.vdot(R, R)
+
+
+def _compiled_ok(D: Data, opts: Options, callback) -> bool:
+    """The whole loop runs compiled for dense, fully observed NumPy X with GSP or no targets, no callback."""
+    return (D.ops.name == "numpy" and not D.sparse and D.M is None and callback is None and opts.keep_best
+            and (opts.projection == "group" or (opts.sparsity_W is None and opts.sparsity_H is None)))
+
+
+def _run_compiled(D: Data, Wf, Hf, opts: Options, history: list, best: tuple):
+    """Iterations in :func:`run_dense`; on a tie it stops before the iteration that needs ``groupsparse.project``
+    and the Python loop takes over from there. Returns (iterations done, converged, best)."""
+    hist = np.empty(opts.max_iter + 1)
+    hist[0] = history[0]
+    bW, bH = best[2].copy(), best[3].copy()
+    mus = np.array([Wf.proj.mu, Hf.proj.mu])
+    sW = -1.0 if opts.sparsity_W is None else opts.sparsity_W
+    sH = -1.0 if opts.sparsity_H is None else opts.sparsity_H
+    done, best_it, converged, ok, Wt, H = run_dense(
+        D.X, D.Xt, np.ascontiguousarray(Wf.F), np.ascontiguousarray(Hf.F), sW, sH, opts.free_solver == "fgm",
+        opts.update_W, opts.update_H, opts.balance, opts.max_iter, opts.tol, opts.max_inner, opts.inner_ratio,
+        opts.hals_delta**2, D.xnorm2, hist, bW, bH, mus)
+    Wf.F, Hf.F = Wt, H
+    Wf.proj.mu, Hf.proj.mu = float(mus[0]), float(mus[1])
+    Hf.proj.calls += 0 if ok else 1
+    history[:] = list(hist[: done + 1])
+    if best_it > 0:
+        best = (hist[best_it], best_it, bW, bH)
+    if not ok:
+        Wf.proj.fallbacks += opts.sparsity_W is not None
+        Hf.proj.fallbacks += opts.sparsity_H is not None
+    return done, converged, best
 
 
 def factorize(D: Data, Wt0, H0, opts: Options, callback: Callable[[int, float], None] | None = None):
@@ -98,7 +130,13 @@ def factorize(D: Data, Wt0, H0, opts: Options, callback: Callable[[int, float], 
     best = (err, 0, ops.copy(Wf.F), ops.copy(Hf.F))
     converged = False
     n_iter = 0
-    for it in range(1, opts.max_iter + 1):
+    it0 = 1
+    if _compiled_ok(D, opts, callback):
+        done, converged, best = _run_compiled(D, Wf, Hf, opts, history, best)
+        n_iter = done
+        it0 = opts.max_iter + 1 if converged or done == opts.max_iter else done + 1
+        err = history[-1]
+    for it in range(it0, opts.max_iter + 1):
         n_iter = it
         if opts.balance and opts.update_W and opts.update_H:
             balance(Wf, Hf)

@@ -33,68 +33,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numba as nb
 import numpy as np
 
 from ._data import NumpyOps
-from ._fastproj import fgm_rows, gsp_rows
+from ._fastproj import _hals_rows, fgm_rows, gsp_rows
 
 FREE_SOLVERS = ("hals", "fgm")
 PROJECTIONS = ("group", "column", "l1")
 BETA_LOSSES = ("frobenius", "kullback-leibler")
-
-
-@nb.njit(cache=True)
-def _hals_rows(F, A, B, lam, max_sweeps, delta2):
-    """In place: HALS sweeps over the rows of F for min 1/2<A, FF^T> - <B - lam 1^T, F>, F >= 0.
-
-    Returns the number of sweeps. The residual row is built with the row index outermost so the inner loops
-    stream over contiguous rows of F and B.
-    """
-    r, p = F.shape
-    g = np.empty(p)
-    first = 0.0
-    sweeps = 0
-    for sweep in range(max_sweeps):
-        sweeps += 1
-        moved = 0.0
-        for k in range(r):
-            akk = A[k, k]
-            if akk <= 0.0:
-                continue
-            for j in range(p):
-                g[j] = B[k, j] - lam[k]
-            for l in range(r):
-                alk = A[k, l]
-                if alk != 0.0:
-                    for j in range(p):
-                        g[j] -= alk * F[l, j]
-            nonzero = False
-            for j in range(p):
-                old = F[k, j]
-                new = old + g[j] / akk
-                if new < 0.0:
-                    new = 0.0
-                else:
-                    nonzero = nonzero or new > 0.0
-                d = new - old
-                moved += d * d
-                F[k, j] = new
-            if not nonzero:
-                # A dead row would stay dead forever (its A_kk from the other side goes to 0); a tiny positive
-                # value lets the next update of the other factor revive the component.
-                top = 0.0
-                for l in range(r):
-                    for j in range(p):
-                        top = max(top, F[l, j])
-                tiny = 1e-16 * top if top > 0.0 else 1e-16
-                for j in range(p):
-                    F[k, j] = tiny
-        if sweep == 0:
-            first = moved
-        elif moved <= delta2 * first:
-            break
-    return sweeps
 
 
 def _hals_rows_torch(F, A, B, lam, max_sweeps, delta2):
