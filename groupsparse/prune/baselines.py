@@ -131,7 +131,7 @@ class HoyerSquareRegularizer(Pruner):
         self.vectors = None if vectors is None else check_mode(vectors)
 
     def __call__(self) -> torch.Tensor:
-        return self.strength * hoyer_square(self.params, vectors=self.vectors)
+        return self.strength * hoyer_square([t.canonical() for t in self.targets], vectors=self.vectors)
 
     def prune(self, zero_fraction: float | None = None, *, threshold: float | None = None, scope: str = "model",
               style: str = "buffer") -> dict[str, torch.Tensor]:

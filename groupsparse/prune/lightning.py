@@ -32,6 +32,15 @@ class GSPCallback(pl.Callback):
         self.finalized = False
         self._last_step = -1
 
+    def state_dict(self) -> dict:
+        return {"finalized": self.finalized}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Resuming with Trainer.fit(ckpt_path=...): the pruner's load hook has already installed the saved masks
+        # (the checkpoint's *_mask entries); a finalized run must not be projected or finalized again.
+        self.finalized = bool(state_dict.get("finalized", False))
+        self.pruner.finalized = self.pruner.finalized or self.finalized
+
     def on_fit_start(self, trainer, pl_module):
         for opt in trainer.optimizers:
             self.pruner.attach(opt)
@@ -40,6 +49,8 @@ class GSPCallback(pl.Callback):
         if not self.finalized and self.finalize_epoch is not None and trainer.current_epoch >= self.finalize_epoch:
             self.pruner.finalize(self.zero_fraction, scope=self.finalize_scope)
             self.finalized = True
+            for opt in trainer.optimizers:  # momentum gathered before the masks must not revive pruned weights
+                self.pruner.attach(opt)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # global_step already counts the step just taken; with gradient accumulation several batches share one

@@ -97,13 +97,14 @@ class Pruner:
     """
 
     def __init__(self, model: nn.Module, *, targets: Sequence[Target] | None = None, include=None, exclude=None,
-                 module_types=None, exclude_module_types=(), param_names=("weight",)):
+                 module_types=None, exclude_module_types=(), param_names=("weight",), prune_lm_head: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: got {type(model).__name__}, expected a torch.nn.Module")
         self.model = model
         if targets is None:
             targets = select_parameters(model, include=include, exclude=exclude, module_types=module_types,
-                                        exclude_module_types=exclude_module_types, param_names=param_names)
+                                        exclude_module_types=exclude_module_types, param_names=param_names,
+                                        prune_lm_head=prune_lm_head)
         self.targets: list[Target] = list(targets)
         if not self.targets:
             raise ValueError("model: got no parameter to prune, expected at least one (check include/exclude/module_types)")
@@ -111,7 +112,14 @@ class Pruner:
         self._optimizers: list[torch.optim.Optimizer] = []
         self._handles: list[Any] = []
         self._grad_handles: dict[str, Any] = {}
+        # Enforcement cache: the masks in each parameter's dtype, rebuilt when a mask buffer changes (its
+        # _version moves on any in-place write, load_state_dict included) and per optimizer its state tensors.
+        self._enf: tuple | None = None
+        self._enf_opt: dict[int, tuple] = {}
         self._adopt_existing()
+        # model.load_state_dict() of a masked state_dict (a resume, Lightning's ckpt_path) installs the saved masks
+        # first, so its *_mask entries match instead of failing as unexpected keys.
+        self._load_hook = model.register_load_state_dict_pre_hook(self._masks_from_loaded)
 
     def _adopt_existing(self) -> None:
         """Pick up masks already on the model (from another pruner, a reload, or torch.nn.utils.prune)."""
@@ -143,13 +151,16 @@ class Pruner:
     def mask(self, target: Target | str) -> torch.Tensor | None:
         """The bool keep-mask of ``target`` (True = kept), or ``None`` when it is not masked."""
         t = self.target(target) if isinstance(target, str) else target
+        buf = self._mask_buffer(t)
+        return None if buf is None else buf.bool()
+
+    def _mask_buffer(self, t: Target) -> torch.Tensor | None:
         style = self._styles.get(t.name)
         if style is None:
             return None
         if style == "parametrize":
-            return next(p for p in t.module.parametrizations[t.param_name]
-                        if isinstance(p, _MaskParametrization)).mask.bool()
-        return getattr(t.module, t.param_name + "_mask").bool()
+            return next(p for p in t.module.parametrizations[t.param_name] if isinstance(p, _MaskParametrization)).mask
+        return getattr(t.module, t.param_name + "_mask")
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -214,8 +225,13 @@ class Pruner:
             return
 
         def hook(grad, t=t):
-            m = self.mask(t)
-            return grad if m is None else grad.masked_fill(~m, 0)
+            buf = self._mask_buffer(t)
+            if buf is None:
+                return grad
+            enf = self._enf  # checking this target's own buffer keeps a backward pass O(targets)
+            if enf is None or enf[3].get(t.name) != (id(buf), buf._version):
+                enf = self._enforcement()
+            return grad * enf[2][t.name]
 
         self._grad_handles[t.name] = t.param.register_hook(hook)
 
@@ -262,29 +278,74 @@ class Pruner:
         self.set_masks(found, style=style)
         return found
 
+    def _masks_from_loaded(self, module, state_dict, prefix, *args) -> None:
+        by_style: dict[str, dict[str, torch.Tensor]] = {}
+        for t in self.targets:
+            if t.name in self._styles:
+                continue
+            key = prefix + t.name
+            par = f"{prefix}{t.module_name + '.' if t.module_name else ''}parametrizations.{t.param_name}.0.mask"
+            if isinstance(state_dict.get(key + "_mask"), torch.Tensor):
+                style = "torch_prune" if key + "_orig" in state_dict else "buffer"
+                by_style.setdefault(style, {})[t.name] = state_dict[key + "_mask"]
+            elif isinstance(state_dict.get(par), torch.Tensor):
+                by_style.setdefault("parametrize", {})[t.name] = state_dict[par]
+        for style, masks in by_style.items():
+            self.set_masks(masks, style=style)
+
     # ------------------------------------------------------------ enforcement
+    def _enforcement(self) -> tuple:
+        """(key, [(param, mask in its dtype)], {name: mask}, {name: buffer version}) for the masked targets, cached
+        while no mask changes."""
+        bufs = [(t, b) for t in self.targets if (b := self._mask_buffer(t)) is not None]
+        key = tuple((id(b), b._version) for _, b in bufs)
+        if self._enf is None or self._enf[0] != key:
+            with torch.no_grad():
+                masks = {t.name: b.to(device=t.param.device, dtype=t.param.dtype) for t, b in bufs}
+            self._enf = (key, [(t.param, masks[t.name]) for t, _ in bufs], masks,
+                         {t.name: (id(b), b._version) for t, b in bufs})
+            self._enf_opt.clear()
+        return self._enf
+
+    def _state_tensors(self, opt: torch.optim.Optimizer, pairs) -> tuple[list, list]:
+        """Optimizer state tensors shaped like a masked parameter (momentum, Adam moments) and their masks; cached
+        per optimizer until its state dict is replaced or grows (states appear at the first step)."""
+        key = (id(opt.state), len(opt.state), self._enf[0])
+        hit = self._enf_opt.get(id(opt))
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        ts, ms = [], []
+        for p, m in pairs:
+            for v in (opt.state.get(p) or {}).values():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                    ts.append(v)
+                    ms.append(m)
+        self._enf_opt[id(opt)] = (key, ts, ms)
+        return ts, ms
+
     @torch.no_grad()
     def apply_masks(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None) -> None:
-        """Zero pruned weights, and their gradients and optimizer state (attached optimizers and ``optimizers``)."""
+        """Zero pruned weights, and their gradients and optimizer state (attached optimizers and ``optimizers``).
+
+        One multi-tensor multiply per kind of tensor (weights, gradients, optimizer states) with masks cached in
+        the parameters' dtype: about one pass over the masked weights, no per-tensor kernel launches. (A weight
+        that is inf or NaN at a pruned position would stay NaN: pruned weights are zero, so this cannot arise.)
+        """
         opts = list(self._optimizers)
         if optimizers is not None:
             extra = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
             opts += [o for o in extra if all(o is not a for a in opts)]
-        for t in self.targets:
-            m = self.mask(t)
-            if m is None:
-                continue
-            off = ~m
-            t.param.masked_fill_(off, 0)
-            if t.param.grad is not None:
-                t.param.grad.masked_fill_(off, 0)
-            for opt in opts:
-                state = opt.state.get(t.param)
-                if not state:
-                    continue
-                for v in state.values():
-                    if isinstance(v, torch.Tensor) and v.shape == t.param.shape:
-                        v.masked_fill_(off, 0)
+        pairs = self._enforcement()[1]
+        if not pairs:
+            return
+        torch._foreach_mul_([p.data for p, _ in pairs], [m for _, m in pairs])
+        grads = [(p.grad, m) for p, m in pairs if p.grad is not None]
+        if grads:
+            torch._foreach_mul_([g for g, _ in grads], [m for _, m in grads])
+        for opt in opts:
+            ts, ms = self._state_tensors(opt, pairs)
+            if ts:
+                torch._foreach_mul_(ts, ms)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
         """Re-apply the masks after every ``optimizer.step()`` (weights and optimizer state). Returns ``self``."""
@@ -312,6 +373,7 @@ class Pruner:
         Like :func:`torch.nn.utils.prune.remove`; the parameter objects stay the same. Returns the model.
         """
         self.detach()
+        self._load_hook.remove()
         for t in self.targets:
             self._unmask(t, bake=True)
         for h in self._grad_handles.values():
@@ -344,7 +406,7 @@ class Pruner:
         from .report import sparsity_report
 
         sd = pruned_state_dict(self.model)
-        return sparsity_report({t.name: sd[t.name] for t in self.targets}, vectors=vectors,
+        return sparsity_report({t.name: t.canonical(sd[t.name]) for t in self.targets}, vectors=vectors,
                                names=[t.name for t in self.targets])
 
     def _magnitude_masks(self, zero_fraction: float, scope: str, *, keep_zeros: bool,

@@ -74,7 +74,7 @@ class GSPPruner(Pruner):
             if t.param.numel() == 0:
                 continue
             try:
-                n = vector_shape(t.shape, self.vectors)[1]
+                n = vector_shape(t.canonical().shape, self.vectors)[1]
             except ValueError:  # "kernel" on a Linear weight: no kernels to cut
                 n = 1
             (self._projectable if n >= 2 else skipped).append(t)
@@ -96,7 +96,8 @@ class GSPPruner(Pruner):
         t0 = time.perf_counter()
         if self.keep_pre_projection:
             self.pre_projection = {t.name: t.param.detach().clone() for t in self.targets}
-        infos = self._project_params([t.param for t in self._projectable], s)
+        # (out, in) views of (in, out) weights: the projection writes through them into the parameters
+        infos = self._project_params([t.canonical() for t in self._projectable], s)
         self.apply_masks()
         self.last_time = time.perf_counter() - t0
         self.last_info = infos
@@ -187,12 +188,13 @@ class GSPPruner(Pruner):
         ref = ref.to(device=t.param.device, dtype=t.param.dtype)
         if values == "dense":
             return ref * mask
-        p = t.param.detach() * mask
+        p, ref = t.canonical(t.param.detach() * mask), t.canonical(ref)
         try:
             pv, wv = as_vectors(p, self.vectors), as_vectors(ref, self.vectors)
         except ValueError:  # no vectors of this mode in this tensor ("kernel" on a Linear): one factor
             pv, wv = p.reshape(1, -1), ref.reshape(1, -1)
         den = (pv * pv).sum(1, keepdim=True)
         alpha = torch.where(den > 0, (pv * wv).sum(1, keepdim=True) / den.clamp_min(1e-30), torch.ones_like(den))
-        out = pv * alpha
-        return out.reshape(t.shape) if out.shape == (1, t.param.numel()) else from_vectors(out, t.shape, self.vectors)
+        out = (pv * alpha).reshape(p.shape) if pv.shape == (1, p.numel()) else from_vectors(pv * alpha, p.shape,
+                                                                                               self.vectors)
+        return t.canonical(out)

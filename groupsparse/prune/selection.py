@@ -21,6 +21,11 @@ from torch import nn
 DEFAULT_MODULE_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                                           nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 DEFAULT_MODULE_NAMES: tuple[str, ...] = ("Conv1D",)
+# nn.MultiheadAttention keeps Q/K/V in one (3E, E) parameter (or three when kdim/vdim differ), not in "weight".
+_MHA_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+# Output heads of language models stay dense by default, as one-shot LLM pruners (SparseGPT, Wanda) leave them:
+# the head maps to every vocabulary logit and pruning it costs far more quality than any other layer.
+LM_HEAD_NAMES = ("lm_head", "embed_out")
 
 Pattern = str | re.Pattern
 
@@ -34,10 +39,18 @@ class Target:
     module: nn.Module
     param_name: str  # attribute on the module, e.g. "weight"
     param: torch.Tensor  # the nn.Parameter itself (identity kept across projections and masking)
+    # Stored as (in, out, ...): HF Conv1D (GPT-2) and transposed convolutions. Vector modes are defined on the
+    # (out, in, ...) layout, so these are seen through a transposed view and "filter" means the same everywhere.
+    transposed: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.param.shape)
+
+    def canonical(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """``tensor`` (default the parameter) in the (out, in, ...) layout: a view, transposed when stored (in, out)."""
+        t = self.param if tensor is None else tensor
+        return t.transpose(0, 1) if self.transposed and t.dim() >= 2 else t
 
     def __repr__(self) -> str:
         return f"Target({self.name!r}, shape={self.shape}, module={type(self.module).__name__})"
@@ -82,7 +95,7 @@ def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] 
                       module_types: type | Iterable[type] | None = None,
                       exclude_module_types: type | Iterable[type] = (),
                       param_names: str | Sequence[str] = ("weight",),
-                      min_ndim: int = 2) -> list[Target]:
+                      min_ndim: int = 2, prune_lm_head: bool = False) -> list[Target]:
     """Return the targets of ``model`` a pruner acts on, in ``named_modules`` order.
 
     Parameters
@@ -97,6 +110,13 @@ def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] 
     exclude_module_types : module classes never pruned (default: none beyond norms and embeddings)
     param_names : attribute names looked at on each module (default ``"weight"``: biases stay dense)
     min_ndim : parameters with fewer dimensions are skipped (default 2: biases and norm scales)
+    prune_lm_head : a language model's output head (a module named ``lm_head`` or ``embed_out``) stays dense
+        unless this is True or an ``include`` pattern names it, as one-shot LLM pruners leave it (a head tied to
+        the embedding stays dense in any case)
+
+    ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoderLayer``) contributes its ``in_proj_weight`` (Q, K
+    and V) beside its ``out_proj``. HF ``Conv1D`` and transposed convolutions store ``(in, out, ...)``: their
+    targets are marked ``transposed`` so vector modes mean the same thing as for ``nn.Linear``/``nn.Conv2d``.
 
     Normalization layers and embeddings are selected only when ``module_types`` names them or a base class
     of theirs (``module_types=nn.Module``); then ``exclude``/``exclude_module_types`` remove them.
@@ -110,8 +130,7 @@ def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] 
     never = _check_types(exclude_module_types, "exclude_module_types")
     # norms and embeddings stay dense unless module_types names them (or a base class of them, e.g. nn.Module)
     never = never + tuple(c for c in _NORM_AND_EMBEDDING if not any(issubclass(c, u) for u in types))
-    if isinstance(param_names, str):
-        param_names = (param_names,)
+    param_names = (param_names,) if isinstance(param_names, str) else tuple(param_names)
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
 
     # a weight tied to an excluded module (GPT-style lm_head = embedding) stays dense: pruning it through the
@@ -121,9 +140,12 @@ def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] 
     for mname, module in model.named_modules():
         if never and isinstance(module, never):
             continue
-        if not (isinstance(module, types) or type(module).__name__ in names_by_class):
+        mha = isinstance(module, nn.MultiheadAttention) and not custom_types and "weight" in param_names
+        if not (mha or isinstance(module, types) or type(module).__name__ in names_by_class):
             continue
-        for pname in param_names:
+        head = not prune_lm_head and mname.rsplit(".", 1)[-1] in LM_HEAD_NAMES
+        transposed = type(module).__name__ == "Conv1D" or isinstance(module, nn.modules.conv._ConvTransposeNd)
+        for pname in (param_names + _MHA_PARAMS) if mha else param_names:
             p = module._parameters.get(pname)
             if p is None:
                 # already masked: torch.nn.utils.prune keeps it as "<name>_orig", parametrize as ".original"
@@ -136,12 +158,14 @@ def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] 
             full = f"{mname}.{pname}" if mname else pname
             if inc and not any(f(full) for f in inc):
                 continue
+            if head and not inc:
+                continue
             if any(f(full) for f in exc):
                 continue
             if not p.dtype.is_floating_point or p.dim() < min_ndim:
                 continue
             seen.add(id(p))
-            out.append(Target(full, mname, module, pname, p))
+            out.append(Target(full, mname, module, pname, p, transposed))
     return out
 
 
