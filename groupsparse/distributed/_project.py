@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..projection._api import (_COARSER, _MARGIN, ENGINES, _check_solver_options, _convert_back, _engine_for,
-                               _precision)
+from ..projection._api import ENGINES, _convert_back, _engine_for
+from ..projection._contract import _COARSER, _check_solver_options, _margin, _precision
 from ..projection._group import _validate_axis, as_group, is_tensor, validate_sparsity
 from ..projection._solver import Evaluation, solve_shared
 
@@ -88,22 +88,19 @@ class EmptyEngine:
 
     name = "empty"
     n_vectors = 0
+    xp = np
 
     def __init__(self, weighted: bool):
         # The solver reads ``weighted`` to decide on extra (collective) evaluations: it must match the other ranks.
         self.weighted = weighted
-        self.beta_host = np.zeros(0)
-        self.wnorm_host = np.zeros(0)
-        self.wmin_host = np.zeros(0)
+        self.beta_host = self.wnorm_host = self.wmin_host = self.ratio_host = self.cnorm_host = np.zeros(0)
+        self.e_host = np.zeros(0, dtype=np.int64)
 
     def to_host(self, a):
-        return np.asarray(a, dtype=np.float64)
+        return np.asarray(a)
 
-    def full(self, value):
-        return np.zeros(0)
-
-    def mu_top(self) -> float:
-        return 0.0
+    def from_host(self, a):
+        return np.asarray(a)
 
     def copy_input(self):
         return None
@@ -112,9 +109,10 @@ class EmptyEngine:
         pass
 
     def evaluate_shared(self, mu: float) -> Evaluation:
-        return Evaluation(mu, np.zeros(0), np.zeros(0), None, g=0.0, dg=0.0)
+        state = (np.zeros(0), np.zeros((0, 3)), np.zeros(0, dtype=np.int64))
+        return Evaluation(mu, np.zeros(0), np.zeros(0), state, S=0.0, dS=0.0, sp=np.zeros(0))
 
-    def write_shared(self, hi, lo, use_lo):
+    def write_state(self, t, stats, onehot):
         return None
 
 
@@ -252,8 +250,10 @@ def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, a
         eng = EmptyEngine(weighted)
     precision = _COARSER[int(rows[:, _F_PREC].max())]
     tol_, max_iter_ = _check_solver_options(tol, max_iter, precision)
-    s_aim = min(1.0, s + _MARGIN[precision]) if s > 0 else s
-    flat, info = solve_shared(eng, s_aim, tol=tol_, max_iter=max_iter_, comm=comm)
+    # the provable rounding margin of the group's coarsest output dtype, from every rank's vectors (half
+    # precision included: no measuring here, so the provable bound is what the contract rests on)
+    local = _margin(grp, precision) * grp.n_vectors if grp is not None else 0.0
+    flat, info = solve_shared(eng, s, margin_sum=local, tol=tol_, max_iter=max_iter_, comm=comm)
     info.target = s
     if grp is None:
         out = _empty_like(vectors)

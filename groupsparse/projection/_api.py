@@ -8,29 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from ._group import Group, NeedsRescale, as_group, is_tensor, validate_sparsity
-from ._solver import ProjectionInfo, solve_each, solve_shared
+from ._group import Group, as_group, is_tensor, validate_sparsity
+from ._batched import solve_each, solve_groups
+from ._contract import _LARGEST, _TOL, _check_solver_options, _margin, _precision, solve_contract  # noqa: F401
+from ._solver import ProjectionInfo, solve_shared
 
 ENGINES = ("auto", "numba", "torch")
-# The result is checked in the input's dtype, so aim a little inside the feasible side for float32: rounding the
-# output to float32 moves its measured sparsity by ~1e-7.
-_TOL = {"float64": 1e-12, "float32": 5e-7, "float16": 5e-5, "bfloat16": 5e-4}
-# Results are judged in their own dtype, so aim inside the feasible side by more than rounding the output moves its
-# measured sparsity (measured worst shortfalls without a margin: float32 ~1e-7, float16 ~8e-6, bfloat16 ~7e-5).
-_MARGIN = {"float64": 0.0, "float32": 2e-7, "float16": 4e-5, "bfloat16": 3e-4}
-_COARSER = ("float64", "float32", "float16", "bfloat16")
-
-
-def _precision(dtypes) -> str:
-    """The coarsest output dtype among ``dtypes``, as a key of _TOL/_MARGIN."""
-    worst = 0
-    for d in dtypes:
-        name = str(d).replace("torch.", "")
-        key = name if name in _TOL else "float64"  # longdouble and friends are solved and returned at >= float64
-        worst = max(worst, _COARSER.index(key))
-    return _COARSER[worst]
-
-
+# Default tolerances (accepted excess of the float64 solution over its aim, average-sparsity units).
 def _engine_for(group: Group, engine: str):
     if not isinstance(engine, str) or engine not in ENGINES:
         raise ValueError(f"engine: got {engine!r}, expected one of {ENGINES}")
@@ -61,9 +45,9 @@ def _engine_for(group: Group, engine: str):
     return TorchEngine(data, group.offsets, group.weights, group.uniform_length), None
 
 
-def _try_small(group: Group, engine: str, s: float, tol: float, max_iter: int):
+def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, max_iter: int):
     """Small unweighted CPU groups: the whole solve in one compiled call (None: use the general solver)."""
-    from ._numba import SMALL_MAX_ENTRIES, solve_plain_small
+    from ._small import SMALL_MAX_ENTRIES, solve_plain_small
 
     data = group.data
     if engine not in ("auto", "numba") or group.weights is not None or data.shape[0] > SMALL_MAX_ENTRIES:
@@ -73,35 +57,23 @@ def _try_small(group: Group, engine: str, s: float, tol: float, max_iter: int):
         if data.device.type != "cpu":
             return None
         data, back = data.numpy(), "to_torch"
-    if not np.isfinite(data).all():
-        raise ValueError("vectors: got NaN or Inf entries, expected finite values")
     out = np.empty_like(data)
-    stats = np.zeros(4)
-    status = solve_plain_small(data, group.offsets, s, tol, max_iter, out, stats)
-    if status == -2:
-        raise NeedsRescale
+    stats = np.zeros(5)
+    status = solve_plain_small(data, group.offsets, s, margin, tol, max_iter, out, stats)
     if status < 0:
         return None
     info = ProjectionInfo(mu=float(stats[0]), iterations=int(stats[1]), evaluations=int(stats[2]),
                           sparsity=float(stats[3]), target=s, discontinuity=False, converged=True, engine="numba",
                           n_vectors=group.n_vectors, already_sparse=status == 0)
+    info.bound = float(stats[4])
     return out, info, back
 
 
-def _rescaled_if_needed(group: Group, solve):
-    """Run ``solve(group)``; if squares of the entries over/underflow, solve a copy scaled by a power of two
-    (exact, and the projection is scale-equivariant) and scale the result back."""
-    try:
-        return solve(group)
-    except NeedsRescale:
-        pass
-    data = group.data
-    top = float(data.abs().max()) if group.backend == "torch" else float(np.abs(data).max())
-    scale = 2.0 ** -math.floor(math.log2(top))
-    scaled = Group(data * scale, group.offsets, group.weights, group.backend, group.rebuild,
-                   group.uniform_length, group.out_dtypes)
-    flat, info, back = solve(scaled)
-    return flat / scale, info, back
+def _sub_group(group: Group, starts, gi):
+    """Group ``gi`` of a batch, as far as ``_margin`` needs it (offsets and weights)."""
+    o = group.offsets[starts[gi] : starts[gi + 1] + 1]
+    w = None if group.weights is None else group.weights[o[0] : o[-1]]
+    return Group(None, o - o[0], w, group.backend, None)
 
 
 def _convert_back(flat, how):
@@ -112,18 +84,6 @@ def _convert_back(flat, how):
     if how == "to_numpy":
         return flat.cpu().numpy()
     return flat
-
-
-def _check_solver_options(tol, max_iter, precision):
-    if tol is None:
-        tol = _TOL[precision]
-    elif isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1):
-        raise ValueError(f"tol: got {tol!r}, expected a float in (0, 1) (average-sparsity units)")
-    if max_iter is None:
-        max_iter = 100
-    elif isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter: got {max_iter!r}, expected a positive int")
-    return float(tol), int(max_iter)
 
 
 def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None, tol: float | None = None,
@@ -175,19 +135,17 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     """
     s = validate_sparsity(sparsity)
     group = as_group(vectors, axis=axis, weights=weights)
-    precision = _precision(group.out_dtypes)
-    tol, max_iter = _check_solver_options(tol, max_iter, precision)
-    s_aim = min(1.0, s + _MARGIN[precision]) if s > 0 else s
+    tol, max_iter = _check_solver_options(tol, max_iter, _precision(group.out_dtypes))
 
-    def solve(grp):
-        solved = _try_small(grp, engine, s_aim, tol, max_iter)
+    def solve(margin):
+        solved = _try_small(group, engine, s, margin, tol, max_iter)
         if solved is not None:
             return solved
-        eng, back = _engine_for(grp, engine)
-        return (*solve_shared(eng, s_aim, tol=tol, max_iter=max_iter), back)
+        eng, how = _engine_for(group, engine)
+        flat, info = solve_shared(eng, s, margin=margin, tol=tol, max_iter=max_iter)
+        return flat, info, how
 
-    flat, info, back = _rescaled_if_needed(group, solve)
-    info.target = s
+    flat, info, back = solve_contract(group, s, tol, solve)
     out = group.rebuild(_convert_back(flat, back))
     return (out, info) if return_info else out
 
@@ -198,9 +156,12 @@ def project_(vectors: Any, sparsity: float, **kwargs):
     Tensor identity is kept (``nn.Parameter`` objects stay the same objects, so optimizers keep working); the
     write happens under ``torch.no_grad()``. Returns ``vectors`` (and the info with ``return_info=True``).
     """
+    targets = list(vectors) if isinstance(vectors, (list, tuple)) else [vectors]
+    for dst in targets:  # all checks before the first write: a failure leaves every input as it was
+        if not is_tensor(dst) and isinstance(dst, np.ndarray) and not dst.flags.writeable:
+            raise ValueError("vectors: got a read-only array, expected a writeable one for project_")
     res = project(vectors, sparsity, **kwargs)
     out, info = res if kwargs.get("return_info") else (res, None)
-    targets = list(vectors) if isinstance(vectors, (list, tuple)) else [vectors]
     results = out if isinstance(vectors, (list, tuple)) else [out]
     for dst, src in zip(targets, results):
         if is_tensor(dst):
@@ -209,8 +170,6 @@ def project_(vectors: Any, sparsity: float, **kwargs):
             with torch.no_grad():
                 dst.copy_(src)
         else:
-            if not dst.flags.writeable:
-                raise ValueError("vectors: got a read-only array, expected a writeable one for project_")
             dst[...] = src
     return (vectors, info) if info is not None else vectors
 
@@ -228,12 +187,9 @@ def project_each(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any =
     group = as_group(vectors, axis=axis, weights=weights)
     tol, max_iter = _check_solver_options(tol, max_iter, _precision(group.out_dtypes))
 
-    def solve(grp):
-        eng, back = _engine_for(grp, engine)
-        flat, per_vector, iters = solve_each(eng, s, tol=max(tol, 1e-13), max_iter=max_iter)
-        return flat, (per_vector, iters, eng.name), back
-
-    flat, (per_vector, iters, engine_name), back = _rescaled_if_needed(group, solve)
+    eng, back = _engine_for(group, engine)
+    flat, per_vector, iters = solve_each(eng, s, tol=max(tol, 1e-13), max_iter=max_iter)
+    engine_name = eng.name
     out = group.rebuild(_convert_back(flat, back))
     if not return_info:
         return out
@@ -253,7 +209,7 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
     from tied largest entries, or a hard case) are finished by the scalar solver, one by one.
     ``return_info=True`` adds a list of :class:`ProjectionInfo`, one per group.
     """
-    from ._solver import solve_groups
+
 
     if not isinstance(groups, (list, tuple)) or len(groups) == 0:
         n = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
@@ -297,7 +253,8 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
         i += nb_
     tols = np.array([_check_solver_options(tol, max_iter, p)[0] for p in precisions])
     max_iter = _check_solver_options(tol, max_iter, precisions[0])[1]
-    per_block = [1 if b.ndim == 1 else int(np.prod(b.shape, dtype=np.int64)) // b.shape[axis] for b in blocks]
+    per_block = [1 if b.ndim == 1 else int(np.prod([d for k, d in enumerate(b.shape) if k != axis % b.ndim],
+                                                    dtype=np.int64)) for b in blocks]
     vec_counts, i = [], 0
     for nb_, _ in layout:
         vec_counts.append(sum(per_block[i : i + nb_]))
@@ -305,24 +262,33 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
     starts = np.zeros(G + 1, dtype=np.int64)
     np.cumsum(vec_counts, out=starts[1:])
     eng, back = _engine_for(group, engine)
-    gid = eng.from_host(np.repeat(np.arange(G, dtype=np.int64), vec_counts))
-    margins = np.array([_MARGIN[p] for p in precisions])
-    aims = np.where(targets > 0, np.minimum(1.0, targets + margins), targets)
-    flat, mu, g, base, iters, evals, jumped, converged = solve_groups(eng, gid, starts, aims, tol=tols,
-                                                                      max_iter=max_iter)
+    gid_h = np.repeat(np.arange(G, dtype=np.int64), vec_counts)
+    gid = eng.from_host(gid_h)
+    margins = np.array([_margin(_sub_group(group, starts, gi), p) for gi, p in enumerate(precisions)])
+    flat, mu, S, iters, evals, jumped = solve_groups(eng, gid, starts, targets, margin=margins, tol=tols,
+                                                     max_iter=max_iter)
+    # groups the batch cannot promise the contract for go through ``project`` one by one: ties (jumped), half
+    # precision (measured after rounding), float32 outputs that may be subnormal, and possible overflow
+    bound = np.zeros(G)
+    np.maximum.at(bound, gid_h, np.ldexp(eng.cnorm_host, eng.e_host))
+    low = np.full(G, 10**6)
+    np.minimum.at(low, gid_h, np.where(eng.to_host(eng.zero_mask), 10**6, eng.e_host))
+    largest = np.array([_LARGEST.get(p, 0.0) for p in precisions])
+    redo = jumped | (bound >= largest) | np.array([p not in ("float64", "float32") for p in precisions])
+    redo |= np.array([p == "float32" for p in precisions]) & (low < -96)
     parts = group.rebuild(_convert_back(flat, back))
     results, infos, i = [], [], 0
     counts = np.diff(starts)
     for gi, (nb_, is_list) in enumerate(layout):
         res = parts[i : i + nb_] if is_list else parts[i]
         i += nb_
-        if jumped[gi]:
+        if redo[gi]:
             res, info = project(groups[gi], float(targets[gi]), axis=axis,
                                 weights=None if weights is None else weights[gi], tol=tols[gi], max_iter=max_iter,
                                 engine=engine, return_info=True)
         else:
             info = ProjectionInfo(mu=float(mu[gi]), iterations=iters, evaluations=evals,
-                                  sparsity=float((base[gi] - g[gi]) / counts[gi]), target=float(targets[gi]),
+                                  sparsity=float(S[gi] / counts[gi]), target=float(targets[gi]),
                                   discontinuity=False, converged=True, engine=eng.name,
                                   n_vectors=int(counts[gi]), already_sparse=bool(mu[gi] == 0.0))
         results.append(res)

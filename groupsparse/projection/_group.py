@@ -18,15 +18,6 @@ except Exception:  # pragma: no cover
     torch = None
 
 
-class NeedsRescale(Exception):
-    """Squares of the entries over- or underflow float64: solve a power-of-two rescaled copy instead."""
-
-
-def scale_trouble(sa, saa) -> bool:
-    """Per-vector sums of |c| and c^2 show overflow (inf) or underflow (squares subnormal or flushed to 0)."""
-    return bool(((~(saa < float("inf"))) | ((saa < 2.2250738585072014e-308) & (sa > 0))).any())
-
-
 def is_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
@@ -59,7 +50,40 @@ def _flat_float_buffer(x: Any):
         x = x.astype(np.float32)
     elif x.dtype.itemsize > 8:  # long double: the kernels run in float64
         x = x.astype(np.float64)
+    elif not x.dtype.isnative:  # big-endian input: the kernels read native floats
+        x = x.astype(x.dtype.newbyteorder("="))
     return np.ascontiguousarray(x).reshape(-1)
+
+
+# Normalized weights below this (relative to their vector's largest) are rejected: ratios |c|/w must stay finite.
+_W_SPAN = 2.0**-500
+
+
+def _normalized_weights(w: Any, offsets: np.ndarray) -> Any:
+    """float64 weights divided per vector by a power of two of their largest: beta_i w_i does not change when
+    w_i is scaled, so this is exact, and the engines never see weights near the float64 limits."""
+    r = len(offsets) - 1
+    lengths = np.diff(offsets)
+    if is_tensor(w):
+        w = w.to(torch.float64)
+        if r and np.all(lengths == lengths[0]):
+            top = w.reshape(r, -1).amax(1)
+        else:
+            seg = torch.repeat_interleave(torch.arange(r, device=w.device), torch.as_tensor(lengths, device=w.device))
+            top = torch.zeros(r, dtype=torch.float64, device=w.device).scatter_reduce(0, seg, w, "amax")
+        f = torch.frexp(top).exponent.double()
+        scale = torch.repeat_interleave(torch.pow(2.0, -f), torch.as_tensor(lengths, device=w.device))
+        out = w * scale
+        low = bool((out < _W_SPAN).any())
+    else:
+        w = np.asarray(w, dtype=np.float64)
+        top = np.maximum.reduceat(w, offsets[:-1]) if r else np.zeros(0)
+        out = np.ldexp(w, np.repeat(-np.frexp(top)[1], lengths))
+        low = bool((out < _W_SPAN).any())
+    if low:
+        raise ValueError("weights: got a vector whose weights span more than 2^500 (largest over smallest), "
+                         "expected weights within that range inside each vector")
+    return out
 
 
 @dataclass
@@ -157,9 +181,9 @@ def as_group(vectors: Any, *, axis: int = 0, weights: Any = None) -> Group:
     data = _flat_float_buffer(moved)
     w = None
     if weights is not None:
-        w = _flat_float_buffer(to_last(weights))
-        w = w.to(data.dtype) if tensor else w.astype(data.dtype, copy=False)
+        w = to_last(weights)
         _check_weight_values(w)
+        w = _normalized_weights(w.detach().reshape(-1) if tensor else np.ascontiguousarray(w).reshape(-1), offsets)
     moved_shape = tuple(moved.shape)
     orig_dtype = vectors.dtype
 
@@ -215,15 +239,17 @@ def _group_from_list(vectors: Sequence[Any], weights: Any, axis: int) -> Group:
         data = torch.cat([b.detach().reshape(-1).to(work) for b in blocks])
         w = None
         if weights is not None:
-            w = torch.cat([moved(x, ax).detach().reshape(-1).to(work) for x, ax in zip(weights, axes)])
+            w = torch.cat([moved(x, ax).detach().reshape(-1).to(torch.float64) for x, ax in zip(weights, axes)])
     else:
         work = np.float64 if any(d == np.float64 or d == np.longdouble for d in dtypes) else np.float32
         data = np.concatenate([np.asarray(b, dtype=work).reshape(-1) for b in blocks])
         w = None
         if weights is not None:
-            w = np.concatenate([np.asarray(moved(x, ax), dtype=work).reshape(-1) for x, ax in zip(weights, axes)])
+            w = np.concatenate([np.asarray(moved(x, ax), dtype=np.float64).reshape(-1) for x, ax in zip(weights, axes)])
     if w is not None:
-        _check_weight_values(w)
+        for i, x in enumerate(weights):
+            _check_weight_values(x)  # in its own dtype, before any cast
+        w = _normalized_weights(w, offsets)
     uniform = int(lengths[0]) if np.all(lengths == lengths[0]) else None
     starts = np.concatenate([[0], np.cumsum([b.numel() if tensor else b.size for b in blocks])])
 

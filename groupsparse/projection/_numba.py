@@ -1,11 +1,13 @@
-"""CPU engine: Numba kernels, multithreaded over chunks, compiled once and cached on disk.
+"""CPU engine: Numba kernels (``_kernels``), multithreaded over chunks on large groups.
 
-Why Numba: every evaluation of g is one fused pass (threshold, three sums) over the still-active entries; NumPy
-would allocate several temporaries of the whole group per evaluation, and a C extension would need a compiler on
-every user's machine. ``parallel=True`` spreads chunks over cores; ``cache=True`` keeps start-up to one compile.
+Units. Vector i is handled as a_i = |c_i| / sigma_i with sigma_i = 2^e_i an exact power of two taken from its own
+size, and its (already normalized) weights; the solver hands over thresholds t_i in those units. Scaling by a power
+of two is exact, and x_i(mu) depends only on a_i - t_i w_i, so no sum over- or underflows whatever the group
+mixes (1e-300 beside 1e+300, subnormals). For ordinary vectors e_i comes from sqrt(sum |c|^2) of the first pass
+(no extra pass); only vectors whose squares leave [2^-800, 2^800] get a max pass and a second, scaled first pass.
 
 Layout: each vector is split into chunks of at most ``CHUNK`` entries so one long vector (a whole layer) still
-uses every core. Once a lower bound mu_lo on the root is proven, entries with |c| <= mu_lo beta w can never be
+uses every core. Once a lower bound mu_lo on the root is proven, entries with a <= t(mu_lo) w can never be
 nonzero again: they are compacted out of a work buffer, in place, inside the next evaluation's pass.
 """
 
@@ -13,274 +15,36 @@ from __future__ import annotations
 
 import math
 import os
-import types
+import threading
 
 import numba as nb
 import numpy as np
 
-from ._group import NeedsRescale, scale_trouble
-from ._solver import Evaluation
+from . import _kernels as K
+from ._solver import Evaluation, h_and_slope
 
 CHUNK = 1 << 14
-_FM = {"reassoc", "nsz", "contract"}  # vectorize the sums; keep NaN/Inf semantics for input checks
-
-
-@nb.njit(inline="always", fastmath=_FM)
-def _plain_sums(xs, t):
-    """(support size, sum u, sum u^2) of u = (|xs| - t)_+, branch-free so LLVM vectorizes it."""
-    m = 0.0
-    su = 0.0
-    suu = 0.0
-    for j in range(xs.shape[0]):
-        d = abs(np.float64(xs[j])) - t
-        pos = d > 0.0
-        u = d if pos else 0.0
-        m += 1.0 if pos else 0.0
-        su += u
-        suu += u * u
-    return m, su, suu
-
-
-@nb.njit(inline="always")
-def _write_onehot(x, out, s0, n, oh):
-    for j in range(s0, s0 + n):
-        out[j] = x[j] if j == oh else 0.0
-
-
-# Weighted kernels (the unweighted group uses the vectorized twins below).
-
-
-@nb.njit(parallel=True, cache=True, fastmath=_FM)
-def _first_pass(x, w, cstart, clen, out):
-    """Per chunk: [sum w^2 on the support, sum w a, sum a^2, max a/w, sum w^2, min w]."""
-    for c in nb.prange(cstart.shape[0]):
-        s0 = cstart[c]
-        m = 0.0
-        swa = 0.0
-        saa = 0.0
-        best = -1.0
-        sww = 0.0
-        wmin = math.inf
-        for j in range(s0, s0 + clen[c]):
-            a = abs(np.float64(x[j]))
-            wj = np.float64(w[j])
-            best = max(best, a / wj)
-            if a > 0.0:
-                m += wj * wj
-            swa += wj * a
-            saa += a * a
-            sww += wj * wj
-            wmin = min(wmin, wj)
-        out[c, 0] = m
-        out[c, 1] = swa
-        out[c, 2] = saa
-        out[c, 3] = best
-        out[c, 4] = sww
-        out[c, 5] = wmin
-
-
-@nb.njit(parallel=True, cache=True, fastmath=_FM)
-def _evaluate(src, srcw, sstart, slen, cvec, t, compact, tdrop, dst, dstw, dlen, out):
-    """Per chunk, at thresholds t[vector]: [sum w^2 on support, sum w u, sum u^2] with u = (a - t w)_+.
-
-    With ``compact``, entries with a > tdrop[vector] w are also copied (as |c|, with their weight) to ``dst`` at
-    the same chunk start (``dst`` may be ``src``: the write index never passes the read index).
-    """
-    for c in nb.prange(sstart.shape[0]):
-        i = cvec[c]
-        ti = t[i]
-        td = tdrop[i]
-        s0 = sstart[c]
-        m = 0.0
-        swu = 0.0
-        suu = 0.0
-        kept = 0
-        for j in range(s0, s0 + slen[c]):
-            a = abs(np.float64(src[j]))
-            wj = np.float64(srcw[j])
-            u = a - ti * wj
-            if u > 0.0:
-                m += wj * wj
-                swu += wj * u
-                suu += u * u
-            if compact and a > td * wj:
-                dst[s0 + kept] = a
-                dstw[s0 + kept] = wj
-                kept += 1
-        if compact:
-            dlen[c] = kept
-        out[c, 0] = m
-        out[c, 1] = swu
-        out[c, 2] = suu
-
-
-@nb.njit(parallel=True, cache=True, fastmath=_FM)
-def _write(x, w, cstart, clen, cvec, t, scale, onehot, out):
-    """out = sign(x) (|x| - t w)_+ scale per vector; vectors with onehot[i] >= 0 keep only that entry."""
-    for c in nb.prange(cstart.shape[0]):
-        i = cvec[c]
-        s0 = cstart[c]
-        oh = onehot[i]
-        if oh >= 0:
-            _write_onehot(x, out, s0, clen[c], oh)
-            continue
-        ti = t[i]
-        sc = scale[i]
-        for j in range(s0, s0 + clen[c]):
-            xv = np.float64(x[j])
-            u = abs(xv) - ti * np.float64(w[j])
-            out[j] = math.copysign(u * sc, xv) if u > 0.0 else 0.0
-
-
-# Unweighted kernels: branch-free bodies that LLVM vectorizes. Each is compiled twice, serial and threaded:
-# on small and medium groups the serial loop already runs at memory speed and threads only add overhead.
-
-
-def _first_pass_plain(x, cstart, clen, out):
-    """[nonzeros, sum a, sum a^2] per chunk (no max: it would block vectorization; sqrt(sum a^2) bounds it)."""
-    for c in nb.prange(cstart.shape[0]):
-        xs = x[cstart[c] : cstart[c] + clen[c]]  # slice + range(len): no negative-index checks, so it vectorizes
-        m = 0.0
-        sa = 0.0
-        saa = 0.0
-        for j in range(xs.shape[0]):
-            a = abs(np.float64(xs[j]))
-            m += 1.0 if a > 0.0 else 0.0
-            sa += a
-            saa += a * a
-        out[c, 0] = m
-        out[c, 1] = sa
-        out[c, 2] = saa
-
-
-def _evaluate_plain(src, sstart, slen, cvec, t, out):
-    """[support size, sum u, sum u^2] per chunk with u = (a - t)_+."""
-    for c in nb.prange(sstart.shape[0]):
-        m, su, suu = _plain_sums(src[sstart[c] : sstart[c] + slen[c]], t[cvec[c]])
-        out[c, 0] = m
-        out[c, 1] = su
-        out[c, 2] = suu
-
-
-def _evaluate_plain_compact(src, sstart, slen, cvec, t, tdrop, dst, dlen, out):
-    """As ``_evaluate_plain``, also compacting entries above tdrop into ``dst`` (a branch-free store; ``dst``
-    may be ``src``: the write index never passes the read index)."""
-    for c in nb.prange(sstart.shape[0]):
-        i = cvec[c]
-        ti = t[i]
-        td = tdrop[i]
-        xs = src[sstart[c] : sstart[c] + slen[c]]
-        ds = dst[sstart[c] : sstart[c] + slen[c]]
-        m = 0.0
-        su = 0.0
-        suu = 0.0
-        kept = 0
-        for j in range(xs.shape[0]):
-            a = abs(np.float64(xs[j]))
-            d = a - ti
-            pos = d > 0.0
-            u = d if pos else 0.0
-            m += 1.0 if pos else 0.0
-            su += u
-            suu += u * u
-            ds[kept] = a
-            kept += 1 if a > td else 0
-        dlen[c] = kept
-        out[c, 0] = m
-        out[c, 1] = su
-        out[c, 2] = suu
-
-
-def _write_plain(x, cstart, clen, cvec, t, scale, onehot, out):
-    """out = sign(x) (|x| - t)_+ scale; one-hot vectors keep only their largest entry."""
-    for c in nb.prange(cstart.shape[0]):
-        i = cvec[c]
-        oh = onehot[i]
-        s0 = cstart[c]
-        if oh >= 0:
-            _write_onehot(x, out, s0, clen[c], oh)
-            continue
-        ti = t[i]
-        sc = scale[i]
-        xs = x[s0 : s0 + clen[c]]
-        os_ = out[s0 : s0 + clen[c]]
-        for j in range(xs.shape[0]):
-            xv = np.float64(xs[j])
-            d = abs(xv) - ti
-            r = d * sc if d > 0.0 else 0.0
-            os_[j] = r if xv >= 0.0 else -r
-
-
-def _twin(fn):
-    """(serial, threaded) dispatchers of one kernel; the threaded one gets its own name so caches don't mix."""
-    par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_threaded")
-    par.__qualname__ = fn.__qualname__ + "_threaded"
-    return (nb.njit(cache=True, fastmath=_FM)(fn), nb.njit(parallel=True, cache=True, fastmath=_FM)(par))
-
-
-FIRST_PASS_PLAIN = _twin(_first_pass_plain)
-EVALUATE_PLAIN = _twin(_evaluate_plain)
-EVALUATE_PLAIN_COMPACT = _twin(_evaluate_plain_compact)
-WRITE_PLAIN = _twin(_write_plain)
-# Threads pay off only on large groups and with enough cores.
+# Threads pay off only on large groups and with enough cores. Measured: on a 2-core VM threads never beat the
+# serial vectorized loop (1e7 entries: 18-97 ms threaded vs 32 ms serial), while 16 cores ran 1e7 entries at
+# 0.9 ns/entry and the ResNet-50 benchmark at 3.1-3.7x copy with threads from 0.25-1M entries.
 PARALLEL_MIN_ENTRIES = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_ENTRIES", 1 << 20))
-# Measured: on a 2-core VM threads never beat the serial vectorized loop (1e7 entries: 18-97 ms threaded vs 32 ms
-# serial; 1e8: 0.28-0.31 s both), while 16 cores ran 1e7 entries at 0.9 ns/entry, below a copy, and the ResNet-50
-# benchmark at 3.1-3.7x copy with threads from 0.25-1M entries against 6.0x with threads only from 8M.
 PARALLEL_MIN_THREADS = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_THREADS", 4))
-# A vectorized pass over the whole group costs about half a copy, while compacting costs ~1 cycle per entry:
-# on typical groups Newton needs 3-4 evaluations and compaction does not pay (measured: compacting from the first
-# step made the ResNet-50 benchmark 1.2-1.5x slower). Solves that keep going (ties, bisection, weighted
-# brackets) still shrink the active set.
+# A vectorized pass costs about half a copy, compacting ~1 cycle per entry: typical solves need 3-4 evaluations,
+# so compaction starts only on solves that keep going (ties, bisection, weighted brackets).
 COMPACT_AFTER = 4
+# numba's workqueue threading layer aborts the process when two threads enter parallel kernels at once: threaded
+# kernels are entered one caller at a time (uncontended, the lock costs ~100 ns).
+_PAR_LOCK = threading.Lock()
+_SAFE_SQ = (2.0**-800, 2.0**800)  # sums of squares in this range leave every relevant entry's square normal
 
 
-@nb.njit(parallel=True, cache=True)
-def _argmax_abs(x, offsets, vids, out):
-    for q in nb.prange(vids.shape[0]):
-        i = vids[q]
-        best = -1.0
-        arg = offsets[i]
-        for j in range(offsets[i], offsets[i + 1]):
-            a = abs(np.float64(x[j]))
-            if a > best:
-                best = a
-                arg = j
-        out[q] = arg
-
-
-@nb.njit(parallel=True, cache=True)
-def _argmax_shifted(x, w, offsets, vids, t, zero, out):
-    """Weighted one-hot position: argmax_j |x_j| - t w_j.
-
-    In the limit t -> inf (and for a zero vector) that is the smallest weight, ties going to the largest |x_j|:
-    decided exactly here, since |x| - t w rounds to -t w (or overflows) long before.
-    """
-    for q in nb.prange(vids.shape[0]):
-        i = vids[q]
-        arg = offsets[i]
-        if zero[i] or math.isinf(t[i]):
-            bw = math.inf
-            ba = -1.0
-            for j in range(offsets[i], offsets[i + 1]):
-                wj = np.float64(w[j])
-                aj = abs(np.float64(x[j]))
-                if wj < bw or (wj == bw and aj > ba):
-                    bw = wj
-                    ba = aj
-                    arg = j
-        else:
-            best = -math.inf
-            for j in range(offsets[i], offsets[i + 1]):
-                v = abs(np.float64(x[j])) - t[i] * np.float64(w[j])
-                if v > best:
-                    best = v
-                    arg = j
-        out[q] = arg
-
-
-def _reduce_rows(per_chunk: np.ndarray, first: np.ndarray | None) -> np.ndarray:
+def _reduce_rows(per_chunk, first):
     return per_chunk if first is None else np.add.reduceat(per_chunk, first, axis=0)
+
+
+def ldexp(values, shift):
+    with np.errstate(over="ignore"):  # inf is the right limit (a threshold past every entry; a scale to redo)
+        return np.ldexp(values, shift)
 
 
 class NumbaEngine:
@@ -289,8 +53,8 @@ class NumbaEngine:
 
     def __init__(self, data: np.ndarray, offsets: np.ndarray, weights: np.ndarray | None):
         self.x = data
-        self.w = weights if weights is not None else data  # unweighted kernels never read it
         self.weighted = weights is not None
+        self.w = weights if self.weighted else np.ones(1)  # unweighted kernels never read it
         self.offsets = offsets
         self.par = int(data.shape[0] >= PARALLEL_MIN_ENTRIES and nb.get_num_threads() >= PARALLEL_MIN_THREADS)
         r = len(offsets) - 1
@@ -305,32 +69,50 @@ class NumbaEngine:
         self.clen = np.minimum(CHUNK, offsets[self.cvec + 1] - self.cstart)
         self.first = None if len(self.cvec) == r else first
 
-        fp = np.zeros((len(self.cvec), 6))  # columns as in _first_pass
-        if self.weighted:
-            _first_pass(self.x, self.w, self.cstart, self.clen, fp)
-        else:
-            FIRST_PASS_PLAIN[self.par](self.x, self.cstart, self.clen, fp)
-            # An upper bound on max |c| is all the bracket needs; sum |c| stands in when squares underflow.
-            fp[:, 3] = np.where(fp[:, 2] > 0, np.sqrt(fp[:, 2]), fp[:, 1])
-        if not np.all(np.isfinite(fp[:, 1])):
-            raise ValueError("vectors: got NaN or Inf entries, expected finite values")
-        if scale_trouble(fp[:, 1], fp[:, 2]):
-            raise NeedsRescale
+        fp = self._first_pass(np.ones(len(self.cvec)), None)
         per = _reduce_rows(fp, self.first)
-        if self.first is None:
-            maxratio, wmin = fp[:, 3], fp[:, 5]
+        sa, saa = per[:, 1], per[:, 2]
+        trouble = ~((saa < _SAFE_SQ[1]) & ((saa >= _SAFE_SQ[0]) | (sa == 0.0)) & (sa < math.inf))
+        e = np.zeros(r, dtype=np.int64)
+        ok = ~trouble & (saa > 0)
+        e[ok] = np.frexp(np.sqrt(saa[ok]))[1]
+        if trouble.any():
+            vids = np.flatnonzero(trouble)
+            mx = np.empty(len(vids))
+            K.vec_max(self.x, offsets, vids, mx)
+            if not np.all(np.isfinite(mx)):
+                raise ValueError("vectors: got NaN or Inf entries, expected finite values")
+            # e within [-1022, 1023]: 2^e and 2^-e both exist (a subnormal vector's peak lands at >= 2^-52)
+            e[vids] = np.clip(np.frexp(mx)[1], -1022, 1023)
+        self.e = e
+        self.inv = np.ldexp(1.0, -e)
+        if trouble.any():
+            chunks = np.flatnonzero(trouble[self.cvec])
+            fp[chunks] = self._first_pass(self.inv[self.cvec], chunks)[chunks]
+        # the ordinary vectors' sums, rescaled exactly
+        good = ~trouble[self.cvec]
+        isq = self.inv[self.cvec[good]]
+        if self.weighted:
+            fp[good, 1] *= isq
+            fp[good, 3] *= isq
         else:
-            maxratio = np.maximum.reduceat(fp[:, 3], self.first)
-            wmin = np.minimum.reduceat(fp[:, 5], self.first)
-        wsq = per[:, 4] if self.weighted else lengths.astype(np.float64)
-        self.wnorm = np.sqrt(wsq)
-        self.wmin = wmin if self.weighted else np.ones(r)
+            fp[good, 1] *= isq
+        fp[good, 2] *= isq * isq
+        per = _reduce_rows(fp, self.first)
+        if self.weighted:
+            maxratio = fp[:, 3] if self.first is None else np.maximum.reduceat(fp[:, 3], self.first)
+            wmin = fp[:, 5] if self.first is None else np.minimum.reduceat(fp[:, 5], self.first)
+            self.wnorm, self.wmin = np.sqrt(per[:, 4]), wmin
+        else:
+            maxratio = np.sqrt(per[:, 2])  # an upper bound on max a is all the bracket needs
+            self.wnorm, self.wmin = np.sqrt(lengths.astype(np.float64)), np.ones(r)
         self.beta = 1.0 / (self.wnorm - self.wmin)
         self.ratio_max = maxratio
-        self._argmax = None  # found when needed (one-hot vectors are few): keeps the first pass branch-free
-        self.zero_mask = maxratio == 0.0
+        self.zero_mask = per[:, 1] == 0.0
         self.stats0 = np.ascontiguousarray(per[:, :3])
         self.cnorm = np.sqrt(per[:, 2])
+        self.shift = -e  # thresholds until the solver sets its reference exponent
+        self._argmax = None  # found when needed (one-hot vectors are few): keeps the first pass branch-free
         # active set: (source arrays, chunk lengths); the original until a lower bound is confirmed
         self.src, self.srcw, self.slen = self.x, self.w, self.clen
         self.work = None
@@ -339,27 +121,48 @@ class NumbaEngine:
         self.lo_confirmed = 0.0
         self.n_evals = 0
 
+    def _run(self, kernels, *args):
+        fn = kernels[self.par]
+        if self.par:
+            with _PAR_LOCK:
+                return fn(*args)
+        return fn(*args)
+
+    def _first_pass(self, cinv, chunks):
+        cs, cl = (self.cstart, self.clen) if chunks is None else (self.cstart[chunks], self.clen[chunks])
+        sub = cinv if chunks is None else cinv[chunks]
+        out = np.zeros((len(cs), 6 if self.weighted else 3))
+        if self.weighted:
+            self._run(K.FIRST_PASS, self.x, self.w, cs, cl, sub, out)
+        else:
+            self._run(K.FIRST_PASS_PLAIN, self.x, cs, cl, sub, out)
+        if chunks is None:
+            return out
+        full = np.zeros((len(self.cvec), out.shape[1]))
+        full[chunks] = out
+        return full
+
     # host views the solver reads
-    @property
-    def beta_host(self):
-        return self.beta
+    beta_host = property(lambda self: self.beta)
+    wnorm_host = property(lambda self: self.wnorm)
+    wmin_host = property(lambda self: self.wmin)
+    e_host = property(lambda self: self.e)
+    ratio_host = property(lambda self: self.ratio_max)
+    inv_host = property(lambda self: self.inv)
+    cnorm_host = property(lambda self: self.cnorm)
+    ldexp = staticmethod(ldexp)
 
-    @property
-    def wnorm_host(self):
-        return self.wnorm
-
-    @property
-    def wmin_host(self):
-        return self.wmin
+    def merge_vectors(self, a, b, use_b):
+        return np.where(np.repeat(use_b, np.diff(self.offsets)), b, a)
 
     def to_host(self, a):
         return np.asarray(a)
 
-    def full(self, value):
-        return np.full(self.n_vectors, value, dtype=np.float64)
-
     def from_host(self, a):
         return np.asarray(a)
+
+    def full(self, value):
+        return np.full(self.n_vectors, value, dtype=np.float64)
 
     def group_sum(self, values, gid, n_groups):
         return np.bincount(gid, weights=values, minlength=n_groups)
@@ -369,39 +172,42 @@ class NumbaEngine:
         np.maximum.at(out, gid, values)
         return out
 
-    def mu_top(self) -> float:
-        return float(np.max(self.ratio_max / self.beta)) if self.n_vectors else 0.0
+    def set_shift(self, shift):
+        """thresholds t_i = ldexp(mu beta_i, shift_i) (the solver's reference exponent minus e_i)."""
+        self.shift = np.asarray(shift, dtype=np.int64)
+
+    def thresholds(self, mu):
+        return ldexp(mu * self.beta, self.shift)
 
     def copy_input(self):
         return self.x.copy()
 
     # evaluation
     def _stats(self, t: np.ndarray, mu: float | None):
-        nch = len(self.cvec)
-        out = np.empty((nch, 3))
-        # a writable stand-in when nothing is compacted: the caller's arrays may be read-only
-        scratch = np.empty(1, dtype=self.x.dtype)
-        compact, tdrop, dst, dstw, dlen = False, t, scratch, scratch, self.slen
+        out = np.empty((len(self.cvec), 3))
+        scratch = np.empty(1, dtype=self.x.dtype)  # a writable stand-in: the caller's arrays may be read-only
+        compact, tdrop, dst, dstw, dlen = False, t, scratch, self.w[:1].copy(), self.slen
         if mu is not None and mu > 0:
             self.n_evals += 1
         if mu is not None and mu > 0 and self.n_evals >= COMPACT_AFTER:
             if self.src is self.x:  # speculative: the original stays intact, so a wrong guess costs nothing
                 if self.work is None:
                     self.work = np.empty_like(self.x)
-                    self.workw = np.empty_like(self.x) if self.weighted else self.work
+                    self.workw = np.empty_like(self.w) if self.weighted else self.w
                 compact, tdrop = True, t
                 dst, dstw, dlen = self.work, self.workw, np.empty_like(self.clen)
             elif self.lo_confirmed > self.lo_applied:
-                compact, tdrop = True, self.lo_confirmed * self.beta
+                compact, tdrop = True, self.thresholds(self.lo_confirmed)
                 dst, dstw, dlen = self.src, self.srcw, np.empty_like(self.clen)
                 self.lo_applied = self.lo_confirmed
         if self.weighted:
-            _evaluate(self.src, self.srcw, self.cstart, self.slen, self.cvec, t, compact, tdrop, dst, dstw, dlen,
-                      out)
+            self._run(K.EVALUATE, self.src, self.srcw, self.cstart, self.slen, self.cvec, self.inv, t, compact,
+                      tdrop, dst, dstw, dlen, out)
         elif compact:
-            EVALUATE_PLAIN_COMPACT[self.par](self.src, self.cstart, self.slen, self.cvec, t, tdrop, dst, dlen, out)
+            self._run(K.EVALUATE_PLAIN_COMPACT, self.src, self.cstart, self.slen, self.cvec, self.inv, t, tdrop,
+                      dst, dlen, out)
         else:
-            EVALUATE_PLAIN[self.par](self.src, self.cstart, self.slen, self.cvec, t, out)
+            self._run(K.EVALUATE_PLAIN, self.src, self.cstart, self.slen, self.cvec, self.inv, t, out)
         if compact and self.src is self.x:
             self.spec = (mu, dlen)
         elif compact:
@@ -422,7 +228,7 @@ class NumbaEngine:
         todo = vids[self._argmax[vids] < 0]
         if len(todo):
             pos = np.empty(len(todo), dtype=np.int64)
-            _argmax_abs(self.x, self.offsets, todo, pos)
+            K.argmax_abs(self.x, self.offsets, todo, pos)
             self._argmax[todo] = pos
         return self._argmax[vids]
 
@@ -435,7 +241,7 @@ class NumbaEngine:
         if len(vids):
             if self.weighted:
                 pos = np.empty(len(vids), dtype=np.int64)
-                _argmax_shifted(self.x, self.w, self.offsets, vids, t, self.zero_mask, pos)
+                K.argmax_shifted(self.x, self.w, self.offsets, vids, self.inv, t, self.zero_mask, pos)
                 hval[vids] = self.w[pos]
             else:
                 pos = self.argmax(vids)
@@ -444,7 +250,7 @@ class NumbaEngine:
 
     def evaluate_vec(self, t: np.ndarray, mu: float | None = None) -> Evaluation:
         t = np.ascontiguousarray(t, dtype=np.float64)
-        if mu == 0.0:
+        if mu == 0.0 or (mu is None and not np.any(t)):
             stats = self.stats0
         elif mu is not None and math.isinf(mu):
             stats = np.zeros((self.n_vectors, 3))
@@ -455,27 +261,43 @@ class NumbaEngine:
         return Evaluation(mu if mu is not None else math.nan, h, dh, (t, stats, onehot))
 
     def evaluate_shared(self, mu: float) -> Evaluation:
-        ev = self.evaluate_vec(mu * self.beta, mu)
-        ev.g = float(np.dot(self.beta, ev.h))
-        ev.dg = float(np.dot(self.beta * self.beta, ev.dh))
+        ev = self.evaluate_vec(self.thresholds(mu), mu)
+        ev.sp = self.beta * (self.wnorm - ev.h)
+        dt = ldexp(self.beta, self.shift)
+        ev.S = float(np.sum(ev.sp))
+        with np.errstate(invalid="ignore", over="ignore"):
+            ev.dS = float(-np.sum(np.where(ev.dh != 0, self.beta * ev.dh * dt, 0.0)))
         return ev
 
     # output
     def _write(self, t, scale, onehot):
+        """Kernel write with per-vector scale (normalized units); vectors whose scale times 2^e overflows are
+        written here in two exact steps instead (rare: only vectors near the float64 limit)."""
         out = np.empty_like(self.x)
+        big = ldexp(scale, self.e)
+        bad = ~np.isfinite(big) & (onehot < 0)
+        big = np.where(bad, 0.0, big)
         if self.weighted:
-            _write(self.x, self.w, self.cstart, self.clen, self.cvec, t, scale, onehot, out)
+            self._run(K.WRITE, self.x, self.w, self.cstart, self.clen, self.cvec, self.inv, t, big, onehot, out)
         else:
-            WRITE_PLAIN[self.par](self.x, self.cstart, self.clen, self.cvec, t, scale, onehot, out)
+            self._run(K.WRITE_PLAIN, self.x, self.cstart, self.clen, self.cvec, self.inv, t, big, onehot, out)
+        for i in np.flatnonzero(bad):
+            xv, w = self.vector_host(i)
+            u = np.maximum(np.abs(xv) * self.inv[i] - t[i] * w, 0.0)
+            with np.errstate(over="ignore"):
+                self.patch(out, i, np.copysign(np.ldexp(u * scale[i], self.e[i]), xv))
         return out
 
-    def write_shared(self, hi: Evaluation, lo: Evaluation | None, use_lo):
-        t, stats, onehot = hi.state
-        if lo is not None:
-            tl, sl, ol = lo.state
-            t = np.where(use_lo, tl, t)
-            stats = np.where(use_lo[:, None], sl, stats)
-            onehot = np.where(use_lo, ol, onehot)
+    def vector_host(self, i):
+        """(entries as float64, normalized weights) of vector i."""
+        o0, o1 = self.offsets[i], self.offsets[i + 1]
+        w = self.w[o0:o1] if self.weighted else np.ones(o1 - o0)
+        return self.x[o0:o1].astype(np.float64), w
+
+    def patch(self, out, i, values):
+        out[self.offsets[i] : self.offsets[i + 1]] = values
+
+    def write_state(self, t, stats, onehot):
         suu = stats[:, 2]
         t = np.where(np.isfinite(t), t, 0.0)  # one-hot vectors (t = inf) are written from ``onehot``
         # alpha_i = <x_i, a_i> = (sum u^2 + t sum w u) / ||u||; z = sign * u / ||u|| * alpha
@@ -487,163 +309,10 @@ class NumbaEngine:
         suu = stats[:, 2]
         scale = np.where(suu > 0, self.cnorm / np.sqrt(np.where(suu > 0, suu, 1.0)), 0.0)
         onehot = np.where(self.zero_mask, -1, onehot)
-        # a one-hot vector keeps its l2 norm: the kept entry becomes +-||c||
-        out = self._write(t, scale, onehot)
-        oh = onehot >= 0
-        if np.any(oh):
+        out = self._write(t, scale, onehot)  # a one-hot vector keeps its l2 norm: the kept entry becomes +-||c||
+        oh = np.flatnonzero(onehot >= 0)
+        if len(oh):
             pos = onehot[oh]
-            out[pos] = np.copysign(self.cnorm[oh], self.x[pos])
+            with np.errstate(over="ignore"):
+                out[pos] = np.copysign(np.ldexp(self.cnorm[oh], self.e[oh]), self.x[pos])
         return out
-
-
-def h_and_slope(xp, stats, empty, hval):
-    """h_i and dh_i/dt_i from the support sums (shared by the engines)."""
-    m, swu, suu = stats[:, 0], stats[:, 1], stats[:, 2]
-    ok = (~empty) & (suu > 0)
-    nu = xp.sqrt(xp.where(ok, suu, 1.0))
-    h = xp.where(ok, swu / nu, hval)
-    dh = xp.where(ok, (-m + h * h) / nu, 0.0)  # = -m/||u|| + <w,u>^2/||u||^3 without cubing tiny norms
-    return h, dh
-
-
-# ---- The whole unweighted grouped projection in one compiled call, for small groups.
-#
-# Why: the general solver (``_solver.solve_shared``) drives the kernels from Python, ~60 us of interpreter work per
-# evaluation. Callers that project small groups thousands of times (NMF's projected gradient: a 10 x 100 factor,
-# up to 10 projections per iteration) pay that overhead many times over the arithmetic. This part runs the same
-# safeguarded Newton (same bracket, same aim inside the feasible band, same slow-progress switch to bisection) as
-# ``solve_shared`` entirely in Numba. A jump of g over k (tied largest entries) or an exhausted ``max_iter`` returns a
-# status that sends the caller to the general solver, which resolves ties; tests check that both paths agree.
-
-EPS = 2.220446049250313e-16
-# Measured (ResNet-50 layers, 2-core VM): the compiled loop beats Python-driven kernels up to ~1M entries (no
-# per-evaluation interpreter cost; the layer stays in cache); beyond, compaction and threads take over.
-SMALL_MAX_ENTRIES = 1 << 20
-
-
-@nb.njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
-def _g_from_sums(beta, sums):
-    """g = sum_i beta_i h_i and g' from per-vector (support size, sum u, sum u^2), unweighted."""
-    g = 0.0
-    dg = 0.0
-    for i in range(beta.shape[0]):
-        m, su, suu = sums[i, 0], sums[i, 1], sums[i, 2]
-        if suu > 0.0:
-            nu = math.sqrt(suu)
-            h = su / nu
-            g += beta[i] * h
-            dg += beta[i] * beta[i] * (-m + h * h) / nu
-        else:
-            g += beta[i]  # one-hot (or zero) vector: h = 1
-    return g, dg
-
-
-@nb.njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
-def _g_plain(x, offsets, beta, mu, sums):
-    """g(mu) and g'(mu), unweighted (REFERENCE.md §2). The per-vector sums stay in ``sums``: the output pass
-    after the last evaluation reuses them instead of another pass over the data."""
-    for i in range(offsets.shape[0] - 1):
-        sums[i, 0], sums[i, 1], sums[i, 2] = _plain_sums(x[offsets[i] : offsets[i + 1]], mu * beta[i])
-    return _g_from_sums(beta, sums)
-
-
-@nb.njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
-def solve_plain_small(x, offsets, s, tol, max_iter, out, stats):
-    """Returns 0 (already sparse: out = x), 1 (solved), -1 (ask the general solver), -2 (rescale first).
-
-    ``stats`` receives [mu, iterations, evaluations, achieved average sparsity].
-    """
-    r = offsets.shape[0] - 1
-    beta = np.empty(r)
-    sums = np.empty((r, 3))
-    base = 0.0
-    top = 0.0
-    for i in range(r):
-        n = offsets[i + 1] - offsets[i]
-        sq = math.sqrt(n)
-        beta[i] = 1.0 / (sq - 1.0)
-        base += beta[i] * sq
-        sums[i, 0], sa, saa = _plain_sums(x[offsets[i] : offsets[i + 1]], 0.0)
-        sums[i, 1] = sa
-        sums[i, 2] = saa
-        if not saa < math.inf or (saa < 2.2250738585072014e-308 and sa > 0.0):
-            return -2  # squares over/underflow: the caller rescales
-        # an upper bound on max |x| (a max reduction would not vectorize); sum |x| if squares underflow
-        top = max(top, (math.sqrt(saa) if saa > 0.0 else sa) / beta[i])
-    k = base - r * s
-    slack = 64 * EPS * max(base, 1.0)
-    band = tol * r
-    aim = k - 0.5 * band
-    g, dg = _g_from_sums(beta, sums)  # at mu = 0 the sums above are the evaluation
-    evals = 1
-    if g <= k + slack:
-        out[:] = x
-        stats[0] = 0.0
-        stats[1] = 0.0
-        stats[2] = evals
-        stats[3] = (base - g) / r
-        return 0
-    if s >= 1.0:
-        return -1
-    lo = 0.0
-    hi = top
-    mu = 0.0
-    g_hi = math.nan
-    slow = 0
-    prev_res = math.inf
-    it = 0
-    done = False
-    while it < max_iter:
-        it += 1
-        cand = math.nan
-        if slow < 2 and dg < 0.0:
-            cand = mu - (g - aim) / dg
-        if not (lo < cand < hi):
-            cand = 0.5 * (lo + hi)
-            slow = 0
-        mu = cand
-        g, dg = _g_plain(x, offsets, beta, mu, sums)
-        evals += 1
-        res = abs(g - aim)
-        slow = slow + 1 if res > 0.5 * prev_res else 0
-        prev_res = res
-        if g > k + slack:
-            lo = mu
-        else:
-            hi = mu
-            g_hi = g
-            if g >= k - band:
-                done = True
-                break
-        if hi - lo <= 4 * EPS * hi:
-            break
-    if not done:
-        return -1
-    for i in range(r):
-        o0 = offsets[i]
-        o1 = offsets[i + 1]
-        t = hi * beta[i]
-        su, suu = sums[i, 1], sums[i, 2]  # the loop ended on an evaluation at hi
-        if suu > 0.0:
-            sc = (suu + t * su) / suu  # alpha_i / ||u_i|| with alpha_i = <x_i, a_i> = (sum u^2 + t sum u) / ||u_i||
-            xs = x[o0:o1]
-            os_ = out[o0:o1]
-            for j in range(xs.shape[0]):
-                xv = np.float64(xs[j])
-                d = abs(xv) - t
-                rr = d * sc if d > 0.0 else 0.0
-                os_[j] = rr if xv >= 0.0 else -rr
-        else:
-            amax = -1.0
-            arg = o0
-            for j in range(o0, o1):
-                a = abs(np.float64(x[j]))
-                if a > amax:
-                    amax = a
-                    arg = j
-            _write_onehot(x, out, o0, o1 - o0, arg)
-    stats[0] = hi
-    stats[1] = it
-    stats[2] = evals
-    stats[3] = (base - g_hi) / r
-    return 1

@@ -1,18 +1,16 @@
-"""Root finding on the dual, shared by every engine.
+"""Root finding on the dual, shared by every engine (docs/projection.md has the derivations).
 
-Notation (REFERENCE.md §2). For vector i with magnitudes a_i = |c_i|, weights w_i (1 when unweighted) and a
-threshold t_i, let u_i = (a_i - t_i w_i)_+ and
+Units. Engines hold vector i as a_i = |c_i| / 2^e_i with weights w_i normalized per vector (beta_i w_i does not
+change when w_i is scaled, so beta_i is computed on the normalized weights). The solver's dual variable mu is the
+true one divided by 2^E, one reference exponent for the group chosen so that every vector's range of interest
+is a normal double; vector i sees the threshold t_i = ldexp(mu beta_i, E - e_i). Then x_i(mu) = u_i / ||u_i||
+with u_i = (a_i - t_i w_i)_+, h_i = <w_i, u_i> / ||u_i||, and vector i's sparsity is sp_i = beta_i (||w_i|| - h_i).
 
-    h_i(t_i) = <w_i, u_i> / ||u_i||,      h_i'(t_i) = -||w_{I_i}||^2 / ||u_i|| + <w_i, u_i>^2 / ||u_i||^3
-
-(one-hot vectors: h_i = w_{j*}, h_i' = 0). The weighted Hoyer sparsity of x_i = u_i/||u_i|| is
-beta_i (||w_i|| - h_i). The grouped projection shares one dual variable mu >= 0 with t_i = mu beta_i and solves
-g(mu) = sum_i beta_i h_i(mu beta_i) = k := sum_i beta_i ||w_i|| - r s; the per-vector projection solves each
-h_i(t_i) = ||w_i|| - s / beta_i on its own (t_i may be negative: that makes a vector denser).
-
-Engines provide ``evaluate(t) -> Evaluation`` (per-vector h, h', and whatever they need to write the output),
-``confirm_lower(t)`` (entries below a proven lower bound can be dropped for good), and ``write(...)``.
-``comm`` turns the local sums into group sums; the distributed projection passes one backed by all-reduce.
+The grouped projection finds mu with S(mu) = sum_i sp_i(mu) in [r s, r s + r tol] (S is non-decreasing):
+safeguarded Newton, with bisection on the ordered bit patterns of the doubles as the fallback, which reaches
+adjacent floats in at most 64 steps whatever the span of mu. A bracket that closes on adjacent floats with no
+root is a jump (tied largest entries): ``split_ties`` shares out the sparsity still needed among the tied vectors,
+one of them partially, so the result lands on the target with the optimal objective.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-
 BATCH_ITERS = 16
 
 
@@ -35,13 +32,13 @@ class ProjectionWarning(UserWarning):
 class LocalComm:
     """Sums and maxima over one process: the identity. The distributed module swaps in all-reduce."""
 
-    def sum(self, values: np.ndarray) -> np.ndarray:
+    def sum(self, values):
         return np.asarray(values, dtype=np.float64)
 
-    def max(self, values: np.ndarray) -> np.ndarray:
+    def max(self, values):
         return np.asarray(values, dtype=np.float64)
 
-    def gather(self, values: np.ndarray) -> list[np.ndarray]:
+    def gather(self, values):
         return [np.asarray(values, dtype=np.float64)]
 
     @property
@@ -55,13 +52,14 @@ class Evaluation:
     h: Any  # per-vector h_i (engine-native array)
     dh: Any  # per-vector dh_i/dt_i
     state: Any  # engine-specific (stats for writing the output)
-    g: float = math.nan  # group sum (after comm)
-    dg: float = math.nan
+    S: float = math.nan  # group sum of sparsities (after comm)
+    dS: float = math.nan
+    sp: Any = None  # per-vector sparsities (engine-native)
 
 
 @dataclass
 class ProjectionInfo:
-    """What the solver did. ``sparsity`` is the achieved average (weighted) Hoyer sparsity of the result."""
+    """What the solver did. ``sparsity`` is the average (weighted) Hoyer sparsity of the returned vectors."""
 
     mu: float
     iterations: int
@@ -73,7 +71,8 @@ class ProjectionInfo:
     engine: str
     n_vectors: int
     already_sparse: bool = False
-    n_jumped: int = 0  # vectors sent to one-hot at a discontinuity (only as many as needed)
+    n_jumped: int = 0  # tied vectors sent fully to one-hot at a discontinuity
+    n_partial: int = 0  # tied vectors given a partial share (0 or 1)
     collectives: int = 0  # collective calls made (groupsparse.distributed; 0 in one process)
     notes: list = field(default_factory=list)
 
@@ -81,281 +80,257 @@ class ProjectionInfo:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def select_jumpers(drops: np.ndarray, need: float) -> np.ndarray:
-    """Indices (into ``drops``) of the fewest jumps whose summed drop of g reaches ``need``.
+def h_and_slope(xp, stats, empty, hval):
+    """h_i and dh_i/dt_i from the support sums [sum w^2 on the support, sum w u, sum u^2] (every engine)."""
+    m, swu, suu = stats[:, 0], stats[:, 1], stats[:, 2]
+    ok = (~empty) & (suu > 0)
+    nu = xp.sqrt(xp.where(ok, suu, 1.0))
+    h = xp.where(ok, swu / nu, hval)
+    dh = xp.where(ok, (-m + h * h) / nu, 0.0)  # = -m/||u|| + <w,u>^2/||u||^3 without cubing tiny norms
+    return h, dh
 
-    Largest drops first; ties keep index order, so the choice is deterministic across engines and ranks.
+
+# ---- ordered bit patterns: bisection that reaches adjacent doubles in <= 64 steps over any span
+
+
+def to_key(x):
+    """Monotone map of doubles (NumPy arrays or scalars) to int64."""
+    b = np.asarray(x, dtype=np.float64).view(np.int64)
+    return np.where(b < 0, np.int64(-0x8000000000000000) - b, b)
+
+
+def from_key(k):
+    k = np.asarray(k, dtype=np.int64)
+    return np.where(k < 0, np.int64(-0x8000000000000000) - k, k).view(np.float64)
+
+
+def key_mid(lo, hi):
+    """The double halfway between lo and hi in bit order (lo itself once they are adjacent)."""
+    a, b = to_key(lo), to_key(hi)
+    return from_key(a + (b - a) // 2)
+
+
+def reference_exponent(p_max: int, p_min: int) -> int:
+    """E such that the group's top (2^p_max) and its smallest vector's range (from 2^(p_min - 60)) are normal
+    doubles once divided by 2^E: 0 for ordinary data, centred when the group spans hundreds of decades."""
+    if p_max <= 1000 and p_min >= -900:
+        return 0
+    return max((p_max + p_min) // 2, p_max - 1000)
+
+
+def split_ties(gain: np.ndarray, mixable: np.ndarray, need: float):
+    """The canonical share-out at a jump, identical on every engine and rank (docs/projection.md §3).
+
+    ``gain[j]``: sparsity vector j gains going from its spread limit to one-hot; ``mixable[j]``: it can stop
+    anywhere in between (tied entries: any split of the Lagrangian-optimal face); ``need``: sparsity to add to
+    the all-spread state. Vectors are taken in group order: the first fully, then one partially, the rest stay
+    spread. Non-mixable jumps (weighted one-hot switches) are taken first, in order, only while the mixable ones
+    cannot cover the rest. Returns (full mask, partial index or -1, the partial vector's share).
     """
-    order = np.argsort(-drops, kind="stable")
-    cum = np.cumsum(drops[order])
-    count = int(np.searchsorted(cum, need, side="left")) + 1
-    return order[: min(count, len(order))]
+    full = np.zeros(len(gain), dtype=bool)
+    if need <= 0:
+        return full, -1, 0.0
+    rem = float(need)
+    mix_total = float(gain[mixable].sum())
+    if mix_total < rem:
+        for j in np.flatnonzero(~mixable):
+            if rem <= mix_total:
+                break
+            full[j] = True
+            rem -= float(gain[j])
+    for j in np.flatnonzero(mixable):
+        if rem <= 0:
+            break
+        if gain[j] <= rem:
+            full[j] = True
+            rem -= float(gain[j])
+        else:
+            return full, int(j), rem
+    return full, -1, 0.0
 
 
-def solve_shared(eng, sparsity: float, *, tol: float, max_iter: int, comm=None):
-    """Grouped projection: Newton on g(mu) = k with a bracket, bisection fallback and tie resolution.
+def _unit(a, t, w, m):
+    u = np.maximum(a - t * w, 0.0) if math.isfinite(t) else np.zeros_like(a)
+    nrm = np.linalg.norm(u)
+    if nrm == 0:
+        u[m] = nrm = 1.0
+    return u / nrm
 
-    Returns ``(flat_output, ProjectionInfo)``.
+
+def tie_vector(xv, w, inv, e, t_lo, t_hi, m, beta, wnorm, sp_target):
+    """Vector on the tied face: x proportional to (1 - theta) x_lo + theta x_hi with its sparsity = sp_target.
+
+    x_lo is the spread limit (u at the left of the jump, normalized), x_hi the right side (the one-hot e_m at an
+    exact tie; at a near-tie that rounding turns into a jump, the few entries left). Returns the output entries
+    (float64, the caller's units and signs) and the sparsity reached.
+    """
+    a = np.abs(xv) * inv
+    x_lo, x_hi = _unit(a, t_lo, w, m), _unit(a, t_hi, w, m)
+    A, B, p = float(np.dot(w, x_lo)), float(np.dot(w, x_hi)), float(np.dot(x_lo, x_hi))
+    h_target = wnorm - sp_target / beta
+
+    def h(th):
+        return ((1 - th) * A + th * B) / math.sqrt(max((1 - th) ** 2 + th * th + 2 * th * (1 - th) * p, 1e-300))
+
+    lo, hi = 0.0, 1.0  # h falls from A (spread) to B (one-hot) along the family
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if h(mid) > h_target else (lo, mid)
+    v = (1 - hi) * x_lo + hi * x_hi
+    x = v / np.linalg.norm(v)
+    alpha = float(np.dot(a, x))
+    with np.errstate(over="ignore"):
+        z = np.copysign(np.ldexp(alpha * x, int(e)), xv)
+    return z, float(beta * (wnorm - np.dot(w, x)))
+
+
+def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_iter: int, comm=None,
+                 margin_sum: float | None = None):
+    """Grouped projection: returns ``(flat_output, ProjectionInfo)``.
+
+    The result is feasible for ``sparsity + margin`` (the margin absorbs rounding to a coarser output dtype);
+    a group already at ``sparsity`` is returned unchanged. Across ranks, ``margin_sum`` (this rank's share of
+    r times the margin) replaces ``margin``.
     """
     comm = comm or LocalComm()
-    r_tot, base, mu_top, weighted = _group_constants(eng, comm)
-    k = base - r_tot * sparsity
-    # g is a sum of r terms each about beta*||w||: this is its rounding noise, in g's units.
-    slack = 64 * np.finfo(np.float64).eps * max(base, 1.0)
+    r_loc = eng.n_vectors
+    top_key = -math.inf  # p + m for the vector whose one-hot point 2^p m (m in [0.5, 1)) is the largest
+    p_min = 10**6
+    if r_loc:
+        nz = ~np.asarray(eng.to_host(eng.zero_mask))
+        if nz.any():
+            m, p = np.frexp(eng.ratio_host[nz] / eng.beta_host[nz])
+            p = p + eng.e_host[nz]
+            j = np.lexsort((m, p))[-1]
+            top_key, p_min = float(p[j]) + float(m[j]), int(p.min())
+    # two collectives for all the constants: sums, and maxima (p + m orders the tops like their values)
+    r_tot, msum = comm.sum(np.array([float(r_loc), margin * r_loc if margin_sum is None else margin_sum]))
+    mx = comm.max(np.array([top_key, float(-p_min), float(eng.weighted)]))
+    r_tot, weighted = int(round(r_tot)), bool(mx[2])
+    margin = msum / r_tot
+    p_top = math.floor(mx[0]) if math.isfinite(mx[0]) else 0
+    E = reference_exponent(p_top, int(-mx[1]))
+    if r_loc:
+        eng.set_shift(E - eng.e_host)
+    # strictly inside the all-one-hot region (the key keeps ~40 bits of the top: 1e-9 covers that too)
+    mu_top = math.ldexp(mx[0] - p_top, p_top - E) * (1 + 1e-9) if math.isfinite(mx[0]) else 1.0
+    target = r_tot * sparsity
+    need = min(r_tot * (sparsity + margin), float(r_tot))
+    band = tol * r_tot
+    aim = need + 0.5 * band
     evals = 0
 
     def evaluate(mu: float) -> Evaluation:
         nonlocal evals
         evals += 1
         ev = eng.evaluate_shared(mu)
-        ev.g, ev.dg = (float(v) for v in comm.sum(np.array([ev.g, ev.dg])))
+        ev.S, ev.dS = (float(v) for v in comm.sum(np.array([ev.S, ev.dS])))
         return ev
 
-    def info(ev_mu, g, it, disc=False, conv=True, n_jumped=0, early=False):
-        return ProjectionInfo(
-            mu=float(ev_mu), iterations=it, evaluations=evals, sparsity=float((base - g) / r_tot),
-            target=sparsity, discontinuity=disc, converged=conv, engine=eng.name, n_vectors=int(r_tot),
-            already_sparse=early, n_jumped=n_jumped,
-        )
+    bound = float(np.max(np.ldexp(eng.cnorm_host, eng.e_host))) if r_loc else 0.0
+
+    def info(mu, S, it, **kw):
+        res = ProjectionInfo(mu=float(np.ldexp(mu, E)), iterations=it, evaluations=evals, sparsity=float(S / r_tot),
+                              target=sparsity, converged=kw.pop("conv", True), engine=eng.name,
+                              n_vectors=r_tot, discontinuity=kw.pop("disc", False), **kw)
+        res.bound = bound  # the largest vector l2 norm in the group: no output entry exceeds it
+        return res
 
     ev0 = evaluate(0.0)
-    if ev0.g <= k + slack:
-        return eng.copy_input(), info(0.0, ev0.g, 0, early=True)
-    if sparsity >= 1.0:
+    if sparsity == 0.0 or ev0.S >= target:
+        return eng.copy_input(), info(0.0, ev0.S, 0, already_sparse=True)
+    if need >= r_tot:
         ev = evaluate(math.inf)
-        return eng.write_shared(ev, None, None), info(math.inf, ev.g, 1)
+        return _write(eng, ev, ev), info(math.inf, ev.S, 1)
 
-    band = tol * r_tot  # accept g in [k - band, k]
-    target = k - 0.5 * band  # aim inside the feasible side, so Newton from the left lands feasible
     lo, hi = ev0, None
     hi_mu = mu_top
     if weighted:
-        # One-hot vectors keep moving (to lower-weight entries) past mu_top; push the top until feasible.
+        # one-hot vectors keep moving (to lower-weight entries) past mu_top: push the top until feasible
         hi = evaluate(hi_mu)
-        while hi.g > k + slack:
+        while hi.S < need:
             lo = hi
             eng.confirm_lower(lo.mu)
-            hi_mu *= 2.0
+            hi_mu = hi_mu * 2.0 if hi_mu < 1e300 else math.inf
             hi = evaluate(hi_mu)
-    cur = lo
-    it = 0
-    slow = 0
-    prev_res = math.inf
-    converged = False
-    disc = False
+    cur, it, slow, prev_res = lo, 0, 0, math.inf
+    converged = disc = False
     while it < max_iter:
         it += 1
         top = hi.mu if hi is not None else hi_mu
         cand = math.nan
-        if slow < 2 and cur.dg < 0:
-            cand = cur.mu - (cur.g - target) / cur.dg
+        if slow < 2 and cur.dS > 0:
+            cand = cur.mu + (aim - cur.S) / cur.dS
         if not (lo.mu < cand < top):
-            cand = 0.5 * (lo.mu + top)
-            slow = 0
+            cand, slow = float(key_mid(lo.mu, top)), 0
+            if cand == lo.mu:  # adjacent doubles, no root between: a jump
+                disc = True
+                break
         ev = evaluate(cand)
-        res = abs(ev.g - target)
+        res = abs(ev.S - aim)
         slow = slow + 1 if res > 0.5 * prev_res else 0
         prev_res = res
-        if ev.g > k + slack:
+        if ev.S < need:
             lo = ev
             eng.confirm_lower(lo.mu)
         else:
             hi = ev
         cur = ev
-        if hi is not None and hi.g >= k - band:
+        if hi is not None and hi.S <= need + band:
             converged = True
             break
-        top = hi.mu if hi is not None else hi_mu
-        if top - lo.mu <= 4 * math.ulp(top):
-            disc = True
-            break
-    if hi is None:  # max_iter hit before any feasible evaluation: the top is always feasible
+    if hi is None:  # the top is always feasible
         hi = evaluate(hi_mu)
     if disc:
-        out, n_jumped, g = _resolve_jump(eng, comm, lo, hi, k, slack)
-        return out, info(hi.mu, g, it, disc=True, n_jumped=n_jumped)
+        out, S, n_full, n_part = _resolve_jump(eng, comm, lo, hi, need, aim)
+        return out, info(hi.mu, S, it, disc=True, n_jumped=n_full, n_partial=n_part)
     if not converged:
-        warnings.warn(
-            f"grouped projection stopped after max_iter={max_iter} iterations; returning the feasible point with "
-            f"average sparsity {(base - hi.g) / r_tot:.12g} (target {sparsity})",
-            ProjectionWarning,
-            stacklevel=3,
-        )
-    return eng.write_shared(hi, None, None), info(hi.mu, hi.g, it, conv=converged)
+        warnings.warn(f"grouped projection stopped after max_iter={max_iter} iterations; returning the feasible "
+                      f"point with average sparsity {hi.S / r_tot:.12g} (target {sparsity})", ProjectionWarning,
+                      stacklevel=3)
+    return _write(eng, hi, hi), info(hi.mu, hi.S, it, conv=converged)
 
 
-def _group_constants(eng, comm):
-    beta_h, wnorm_h = eng.beta_host, eng.wnorm_host
-    r_tot, base = comm.sum(np.array([float(eng.n_vectors), float(np.sum(beta_h * wnorm_h))]))
-    # ``weighted`` decides on extra (collective) evaluations, so every rank must take it from the group
-    mu_top, weighted = comm.max(np.array([eng.mu_top(), float(eng.weighted)]))
-    # strictly inside the all-one-hot region: (max/beta)*beta may round back onto the largest entry
-    return int(round(r_tot)), float(base), float(mu_top) * (1 + 1e-9), bool(weighted)
+def _write(eng, hi: Evaluation, lo: Evaluation, use_lo=None):
+    t, stats, onehot = hi.state
+    if use_lo is not None:
+        ul = eng.from_host(use_lo)
+        tl, sl, ol = lo.state
+        t = eng.xp.where(ul, tl, t)
+        stats = eng.xp.where(ul[:, None], sl, stats)
+        onehot = eng.xp.where(ul, ol, onehot)
+    return eng.write_state(t, stats, onehot)
 
 
-def _resolve_jump(eng, comm, lo: Evaluation, hi: Evaluation, k: float, slack: float):
-    """g jumps over k between lo and hi (tied largest entries): send only as many tied vectors to one-hot as
-    needed to land on the feasible side, keep the others at their left limit (mass spread over the ties)."""
-    beta = eng.beta_host
-    c_lo = beta * eng.to_host(lo.h)
-    c_hi = beta * eng.to_host(hi.h)
-    drop = c_lo - c_hi
-    # Jumps are at least (sqrt(2) - 1) beta w_min; continuous changes across a bracket this narrow are ~1e-12.
-    jumper = drop > 1e-6 * beta * eng.wmin_host
-    drops_all = comm.gather(drop[jumper])
-    sizes = [len(d) for d in drops_all]
-    drops_cat = np.concatenate(drops_all) if sizes else np.zeros(0)
-    base = hi.g + float(drops_cat.sum())  # every jumper at its left limit, everyone else at hi
-    need = base - k + slack
-    chosen_global = select_jumpers(drops_cat, need) if need > 0 else np.zeros(0, dtype=np.int64)
+def _resolve_jump(eng, comm, lo: Evaluation, hi: Evaluation, need: float, aim: float):
+    """S jumps over the target between adjacent mu's: tied vectors share out the sparsity still needed."""
+    sp_lo, sp_hi = eng.to_host(lo.sp), eng.to_host(hi.sp)
+    gain = sp_hi - sp_lo
+    jumper = gain > 1e-9  # a jump is at least beta (sqrt 2 - 1) w_min; continuous moves here are ~1e-15
+    oh_lo = eng.to_host(lo.state[2])
+    mixable = oh_lo < 0  # spread at the left limit: the tied face is a continuum
+    parts = comm.gather(np.concatenate([gain[jumper], mixable[jumper].astype(np.float64)]))
+    sizes = [len(q) // 2 for q in parts]
+    gains = np.concatenate([q[: len(q) // 2] for q in parts])
+    mix = np.concatenate([q[len(q) // 2 :] for q in parts]).astype(bool)
+    S_base = hi.S - float(gains.sum())  # every jumper at its spread limit
+    land = need + min(0.5 * (aim - need), 64 * np.finfo(np.float64).eps * max(need, 1.0))  # on the target
+    full, part, share = split_ties(gains, mix, land - S_base)
     start = sum(sizes[: comm.rank])
-    mine = chosen_global[(chosen_global >= start) & (chosen_global < start + sizes[comm.rank])] - start
-    use_lo = np.zeros(eng.n_vectors, dtype=bool)
     idx = np.flatnonzero(jumper)
-    use_lo[idx] = True
-    use_lo[idx[mine]] = False
-    g = base - float(drops_cat[chosen_global].sum())
-    return eng.write_shared(hi, lo, use_lo), len(chosen_global), g
-
-
-def solve_each(eng, sparsity: float, *, tol: float, max_iter: int):
-    """Per-vector projection: every vector to exactly ``sparsity`` (same l2 norm), batched safeguarded Newton."""
-    xp = eng.xp
-    beta = eng.beta
-    target = eng.wnorm - sparsity / beta
-    if sparsity == 0.0:
-        # all magnitudes equal (x proportional to w) is the limit t -> -inf; 1e12 puts it past float64 resolution
-        ev = eng.evaluate_vec(-1e12 * eng.ratio_max)
-        sp = np.where(eng.to_host(eng.zero_mask), 1.0, 0.0)
-        return eng.write_each(ev), sp, 0
-    t = eng.full(0.0)
-    ev = eng.evaluate_vec(t)
-    lo = eng.full(-math.inf)
-    hi = eng.full(math.inf)
-    top = eng.ratio_max  # at or above this threshold a vector is one-hot
-    done = eng.zero_mask | (xp.abs(ev.h - target) <= tol / beta)
-    it = 0
-    while it < max_iter:
-        if bool(xp.all(done)):
-            break
-        it += 1
-        above = ev.h > target  # needs a larger threshold (sparser)
-        lo = xp.where(above, t, lo)
-        hi = xp.where(above, hi, t)
-        newton = t - (ev.h - target) / xp.where(ev.dh < 0, ev.dh, -1.0)
-        newton = xp.where(ev.dh < 0, newton, xp.nan * t)
-        # Bracket ends that are still open: the one-hot top above, a doubling step below.
-        hi_eff = xp.where(xp.isfinite(hi), hi, top)
-        lo_eff = xp.where(xp.isfinite(lo), lo, xp.minimum(2 * t, -top) - 1e-300)
-        inside = (newton > lo_eff) & (newton < hi_eff)
-        mid = xp.where(xp.isfinite(lo), 0.5 * (lo_eff + hi_eff), lo_eff)
-        cand = xp.where(inside, newton, mid)
-        t = xp.where(done, t, cand)
-        ev = eng.evaluate_vec(t)
-        width_tiny = (hi_eff - lo_eff) <= 4 * xp.abs(hi_eff) * np.finfo(np.float64).eps
-        done = done | (xp.abs(ev.h - target) <= tol / beta) | width_tiny
-    if not bool(xp.all(done)):
-        warnings.warn(f"project_each stopped after max_iter={max_iter} iterations with some vectors unsettled; "
-                      "those are returned at the sparser end of their bracket", ProjectionWarning, stacklevel=3)
-        t = xp.where(done, t, xp.where(xp.isfinite(hi), hi, top))
-        ev = eng.evaluate_vec(t)
-    # A vector whose target lies in a jump (ties at the top) goes to the sparser side: its one-hot. With weights
-    # the one-hot keeps moving to lighter entries past ``top``: push those thresholds out until feasible.
-    need = ev.h > target + tol / beta
-    t = xp.where(need, xp.maximum(t, top), t)
-    ev = eng.evaluate_vec(t)
-    for step in range(65 if eng.weighted else 0):
-        need = ev.h > target + tol / beta
-        if not bool(xp.any(need)):
-            break
-        t = xp.where(need, 2 * t if step < 64 else xp.inf * t, t)  # the last resort is the t -> inf limit
-        ev = eng.evaluate_vec(t)
-    out = eng.write_each(ev)
-    sp = eng.to_host(beta * (eng.wnorm - ev.h))
-    sp = np.where(eng.to_host(eng.zero_mask), 1.0, sp)
-    return out, sp, it
-
-
-def solve_groups(eng, gid, starts, sparsity, *, tol, max_iter: int):
-    """Many independent groups at once: one batched safeguarded Newton over a vector of dual variables.
-
-    ``gid`` (engine-native int array) maps vectors to groups, groups are contiguous (``starts``: host offsets of
-    each group's first vector, length G + 1). ``sparsity`` is a host array of G targets. Every evaluation is
-    one pass over all groups, so per-call and per-kernel overheads are paid once for the whole set (a model's
-    layers in one call). ``tol`` is one tolerance or one per group. Groups whose g jumps over k (ties) come back in ``jumped`` for the scalar solver.
-
-    Returns ``(flat_output, mu (host G), g (host G), iterations, evaluations, jumped (host bool G),
-    converged (host bool G))``.
-    """
-    xp = eng.xp
-    G = len(starts) - 1
-    beta = eng.beta
-
-    def gsum(values):
-        return eng.group_sum(values, gid, G)
-
-    def dev(a):
-        return eng.from_host(np.asarray(a, dtype=np.float64))
-
-    counts = np.diff(starts).astype(np.float64)
-    base = eng.to_host(gsum(beta * eng.wnorm))
-    k = base - counts * sparsity
-    slack = 64 * np.finfo(np.float64).eps * np.maximum(base, 1.0)
-    band = tol * counts
-    k_d, slack_d, band_d = dev(k), dev(slack), dev(band)
-    aim = k_d - 0.5 * band_d
-    mu_top = dev(eng.to_host(eng.group_max(eng.ratio_max / beta, gid, G)) * (1 + 1e-9))
-
-    def evaluate(mu):
-        ev = eng.evaluate_vec(mu[gid] * beta)
-        return ev, gsum(beta * ev.h), gsum(beta * beta * ev.dh)
-
-    mu = dev(np.zeros(G))
-    ev, g, dg = evaluate(mu)
-    evals = 1
-    early = g <= k_d + slack_d
-    ones = dev(sparsity >= 1.0) > 0
-    mu = xp.where(ones & ~early, xp.inf * xp.ones_like(mu), mu)
-    lo, hi = xp.zeros_like(mu), mu_top * 1.0
-    done = early | ones
-    converged = early | ones
-    if eng.weighted:
-        # One-hot vectors keep moving (to lower-weight entries) past mu_top: push each group's top until feasible.
-        for _ in range(64):
-            _, g_hi, _ = evaluate(hi)
-            evals += 1
-            bad = (g_hi > k_d + slack_d) & ~done
-            if not bool(xp.any(bad)):
-                break
-            lo = xp.where(bad, hi, lo)
-            hi = xp.where(bad, 2 * hi, hi)
-    slow = xp.zeros_like(mu)
-    prev = xp.full_like(mu, math.inf)
-    it = 0
-    # Newton settles a group in a handful of passes; a group still going after BATCH_ITERS is bisecting towards a
-    # jump (ties) or is hard, and every extra pass here costs all groups: hand it to the scalar solver instead.
-    while it < min(max_iter, BATCH_ITERS) and not bool(xp.all(done)):
-        it += 1
-        newton = mu - (g - aim) / xp.where(dg < 0, dg, -1.0)
-        ok = (slow < 2) & (dg < 0) & (newton > lo) & (newton < hi)
-        cand = xp.where(ok, newton, 0.5 * (lo + hi))
-        slow = xp.where(ok, slow, 0.0)
-        mu = xp.where(done, mu, cand)
-        ev, g, dg = evaluate(mu)
-        evals += 1
-        res = xp.abs(g - aim)
-        slow = xp.where(res > 0.5 * prev, slow + 1, 0.0)
-        prev = res
-        feas = g <= k_d + slack_d
-        lo = xp.where(~feas & ~done, mu, lo)
-        hi = xp.where(feas & ~done, mu, hi)
-        conv = feas & (g >= k_d - band_d) & ~done
-        converged = converged | conv
-        done = done | conv | ((hi - lo) <= 4 * np.finfo(np.float64).eps * hi)
-    jumped = eng.to_host(~converged)
-    final = xp.where(converged, mu, hi)
-    ev = eng.evaluate_vec(final[gid] * beta)
-    evals += 1
-    g_final = eng.to_host(gsum(beta * ev.h))
-    out = eng.write_shared(ev, None, None)
-    return out, eng.to_host(final), g_final, base, it, evals, jumped, eng.to_host(converged)
+    mine = full[start : start + len(idx)]
+    use_lo = np.zeros(eng.n_vectors, dtype=bool)
+    use_lo[idx[~mine]] = True
+    out = _write(eng, hi, lo, use_lo)
+    if part >= 0 and start <= part < start + len(idx):
+        i = int(idx[part - start])
+        xv, w = eng.vector_host(i)
+        t_lo, t_hi = float(eng.to_host(lo.state[0])[i]), float(eng.to_host(hi.state[0])[i])
+        m = max(int(eng.to_host(hi.state[2])[i]) - int(eng.offsets[i]), 0)
+        z, _ = tie_vector(xv, w, float(eng.inv_host[i]), int(eng.e_host[i]), t_lo, t_hi, m, float(eng.beta_host[i]),
+                          float(eng.wnorm_host[i]), float(sp_lo[i]) + share)
+        eng.patch(out, i, z)
+    S = S_base + float(gains[full].sum()) + (share if part >= 0 else 0.0)
+    return out, S, int(full.sum()), int(part >= 0)

@@ -1,8 +1,9 @@
 """PyTorch engine: the same solver with batched segment reductions, on the tensors' own device.
 
-Everything per vector stays a device tensor; the only host syncs are two scalars (g, g') per evaluation and the
+Everything per vector stays a device tensor; the only host syncs are two scalars per evaluation and the
 per-vector tie data once at the end. Equal-length groups use a 2-D view (row sums); ragged groups use one int64
-segment id per entry with ``index_add_``. Sums are taken in float64 whatever the input dtype.
+segment id per entry with ``index_add_``. Sums are taken in float64 whatever the input dtype, on each vector
+divided by a power of two of its own peak (exact; see ``_solver`` for the units).
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import math
 import numpy as np
 import torch
 
-from ._group import NeedsRescale, scale_trouble
-from ._numba import h_and_slope
-from ._solver import Evaluation
+from ._solver import Evaluation, h_and_slope
 
 
 class _Segments:
@@ -26,6 +25,11 @@ class _Segments:
         self.seg = None if uniform else torch.repeat_interleave(torch.arange(self.r, device=device), lengths)
         self.starts = torch.as_tensor(offsets[:-1], device=device)
         self.size = int(offsets[-1])
+
+    def ids(self):
+        if self.seg is not None:
+            return self.seg
+        return torch.arange(self.r, device=self.device).repeat_interleave(self.n)
 
     def expand(self, per_vector):
         """Per-vector values broadcast to entries (a view for equal lengths)."""
@@ -40,20 +44,26 @@ class _Segments:
         out = torch.zeros((self.r, *values.shape[1:]), dtype=values.dtype, device=values.device)
         return out.index_add_(0, self.seg, values)
 
-    def argmax(self, values):
-        """First position (flat index) of each vector's maximum."""
+    def reduce(self, values, how, fill):
         if self.seg is None:
             v = values.reshape(self.r, self.n)
-            mx = v.max(1, keepdim=True).values
-            idx = torch.arange(self.n, device=values.device).expand(self.r, self.n)
-            first = torch.where(v == mx, idx, self.n).min(1).values
-            return first + self.starts
-        mx = torch.full((self.r,), -math.inf, dtype=values.dtype, device=values.device)
-        mx = mx.scatter_reduce(0, self.seg, values, "amax")
+            return v.amax(1) if how == "amax" else v.amin(1)
+        out = torch.full((self.r,), fill, dtype=values.dtype, device=values.device)
+        return out.scatter_reduce(0, self.seg, values, how)
+
+    def argmax(self, values):
+        """First position (flat index) of each vector's maximum."""
+        mx = self.reduce(values, "amax", -math.inf)
         pos = torch.arange(self.size, device=values.device)
-        cand = torch.where(values == mx[self.seg], pos, self.size)
-        first = torch.full((self.r,), self.size, dtype=pos.dtype, device=values.device)
-        return first.scatter_reduce(0, self.seg, cand, "amin")
+        cand = torch.where(values == self.expand(mx), pos, self.size)
+        return self.reduce(cand, "amin", self.size)
+
+
+def ldexp(values, shift):
+    """values * 2^shift, exact even where 2^shift alone would overflow (two halves)."""
+    half = torch.div(shift, 2, rounding_mode="floor")
+    two = torch.tensor(2.0, dtype=torch.float64, device=values.device)
+    return values * two.pow(half.double()) * two.pow((shift - half).double())
 
 
 class TorchEngine:
@@ -62,38 +72,38 @@ class TorchEngine:
 
     def __init__(self, data: torch.Tensor, offsets: np.ndarray, weights, uniform: int | None):
         self.x = data
+        self.offsets = offsets
         self.device = data.device
         self.n_vectors = len(offsets) - 1
         self.seg = _Segments(offsets, uniform, self.device)
         if not bool(torch.isfinite(data).all()):
             raise ValueError("vectors: got NaN or Inf entries, expected finite values")
-        self.a = data.abs().double()
+        a = data.abs().double()
+        peak = self.seg.reduce(a, "amax", 0.0)
+        e = torch.frexp(peak).exponent.long().clamp(-1022, 1023)
+        self.e = torch.where(peak > 0, e, 0)
+        self.inv = ldexp(torch.ones_like(peak), -self.e)
+        self.sigma = ldexp(torch.ones_like(peak), self.e)
+        self.a = a * self.seg.expand(self.inv)
         self.weighted = weights is not None
-        self.w = weights.double() if self.weighted else None
+        self.w = weights.to(torch.float64) if self.weighted else None
         w = self.w if self.weighted else torch.ones_like(self.a)
         ratio = self.a / w
-        self.argmax = self.seg.argmax(ratio)
-        self.ratio_max = ratio[self.argmax]
+        self.argmax_pos = self.seg.argmax(ratio)
+        self.ratio_max = ratio[self.argmax_pos]
         if self.weighted:
             self.wnorm = self.seg.sum(w * w).sqrt()
-            wmin = torch.full((self.n_vectors,), math.inf, dtype=torch.float64, device=self.device)
-            self.wmin = wmin.scatter_reduce(0, self._seg_ids(), w, "amin")
+            self.wmin = self.seg.reduce(w, "amin", math.inf)
         else:
-            lengths = torch.as_tensor(np.diff(offsets), dtype=torch.float64, device=self.device)
-            self.wnorm = lengths.sqrt()
+            self.wnorm = torch.as_tensor(np.sqrt(np.diff(offsets).astype(np.float64)), device=self.device)
             self.wmin = torch.ones_like(self.wnorm)
         self.beta = 1.0 / (self.wnorm - self.wmin)
         self.zero_mask = self.ratio_max == 0
-        sq = self.seg.sum(torch.stack([self.a, self.a * self.a], 1))
-        self.cnorm = sq[:, 1].sqrt()
-        if scale_trouble(*sq.T.cpu().numpy()):
-            raise NeedsRescale
-        self.beta_host, self.wnorm_host, self.wmin_host = torch.stack([self.beta, self.wnorm, self.wmin]).cpu().numpy()
-
-    def _seg_ids(self):
-        if self.seg.seg is not None:
-            return self.seg.seg
-        return torch.arange(self.n_vectors, device=self.device).repeat_interleave(self.seg.n)
+        self.cnorm = self.seg.sum(self.a * self.a).sqrt()
+        self.shift = -self.e
+        host = torch.stack([self.beta, self.wnorm, self.wmin, self.ratio_max, self.inv, self.cnorm]).cpu().numpy()
+        self.beta_host, self.wnorm_host, self.wmin_host, self.ratio_host, self.inv_host, self.cnorm_host = host
+        self.e_host = self.e.cpu().numpy()
 
     def to_host(self, a):
         return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
@@ -108,12 +118,13 @@ class TorchEngine:
         out = torch.zeros(n_groups, dtype=values.dtype, device=self.device)
         return out.index_add_(0, gid, values)
 
-    def group_max(self, values, gid, n_groups):
-        out = torch.full((n_groups,), -math.inf, dtype=values.dtype, device=self.device)
-        return out.scatter_reduce(0, gid, values, "amax")
+    ldexp = staticmethod(ldexp)
 
-    def mu_top(self) -> float:
-        return float((self.ratio_max / self.beta).max()) if self.n_vectors else 0.0
+    def set_shift(self, shift):
+        self.shift = torch.as_tensor(np.asarray(shift, dtype=np.int64), device=self.device)
+
+    def thresholds(self, mu):
+        return ldexp(mu * self.beta, self.shift)
 
     def copy_input(self):
         return self.x.clone()
@@ -142,10 +153,9 @@ class TorchEngine:
             pos = self.seg.argmax(v)
             hval = self.w[pos]
         else:
-            pos = self.argmax
+            pos = self.argmax_pos
             hval = torch.ones_like(t)
-        onehot = torch.where(empty, pos, -1)
-        return empty, onehot, hval
+        return empty, torch.where(empty, pos, -1), hval
 
     def evaluate_vec(self, t, mu: float | None = None) -> Evaluation:
         if mu is not None and math.isinf(mu):
@@ -157,31 +167,38 @@ class TorchEngine:
         return Evaluation(mu if mu is not None else math.nan, h, dh, (t, stats, onehot))
 
     def evaluate_shared(self, mu: float) -> Evaluation:
-        ev = self.evaluate_vec(mu * self.beta, mu)
-        g, dg = torch.stack([(self.beta * ev.h).sum(), (self.beta * self.beta * ev.dh).sum()]).tolist()
-        ev.g, ev.dg = g, dg
+        ev = self.evaluate_vec(self.thresholds(mu), mu)
+        ev.sp = self.beta * (self.wnorm - ev.h)
+        ds = torch.where(ev.dh != 0, -self.beta * ev.dh * ldexp(self.beta, self.shift), 0.0)
+        ev.S, ev.dS = torch.stack([ev.sp.sum(), ds.sum()]).tolist()
         return ev
 
     def _write(self, t, scale, onehot):
         te = self.seg.expand(torch.where(torch.isinf(t), 1e300, t))
         w = self.w if self.weighted else 1.0
         u = (self.a - te * w).clamp_min(0)
-        z = torch.copysign(u * self.seg.expand(scale), self.x.double())
+        # (u scale) then the power of two: never one product that overflows where the result does not
+        z = torch.copysign(u * self.seg.expand(scale) * self.seg.expand(self.sigma), self.x.double())
         oh = onehot >= 0
         z = torch.where(self.seg.expand(oh), 0.0, z)
         pos = onehot[oh]
         z[pos] = self.x[pos].double()
         return z.to(self.x.dtype)
 
-    def write_shared(self, hi: Evaluation, lo: Evaluation | None, use_lo):
-        t, stats, onehot = hi.state
-        if lo is not None:
-            ul = torch.as_tensor(use_lo, device=self.device)
-            tl, sl, ol = lo.state
-            t = torch.where(ul, tl, t)
-            stats = torch.where(ul[:, None], sl, stats)
-            onehot = torch.where(ul, ol, onehot)
+    def vector_host(self, i):
+        o0, o1 = int(self.offsets[i]), int(self.offsets[i + 1])
+        w = self.w[o0:o1].cpu().numpy() if self.weighted else np.ones(o1 - o0)
+        return self.x[o0:o1].double().cpu().numpy(), w
+
+    def patch(self, out, i, values):
+        out[int(self.offsets[i]) : int(self.offsets[i + 1])] = torch.as_tensor(values).to(out.dtype)
+
+    def merge_vectors(self, a, b, use_b):
+        return torch.where(self.seg.expand(use_b), b, a)
+
+    def write_state(self, t, stats, onehot):
         suu = stats[:, 2]
+        t = torch.where(torch.isfinite(t), t, 0.0)
         safe = torch.where(suu > 0, suu, 1.0)
         scale = torch.where(suu > 0, (suu + t * stats[:, 1]) / safe, 0.0)
         return self._write(t, scale, onehot)
@@ -194,5 +211,5 @@ class TorchEngine:
         out = self._write(t, scale, onehot)
         oh = onehot >= 0
         pos = onehot[oh]
-        out[pos] = torch.copysign(self.cnorm[oh], self.x[pos].double()).to(out.dtype)
+        out[pos] = torch.copysign(self.cnorm[oh] * self.sigma[oh], self.x[pos].double()).to(out.dtype)
         return out

@@ -1,0 +1,303 @@
+"""Numba kernels of the CPU engine.
+
+Every kernel reads the caller's entries x (float32/float64) and works in per-vector units: entry j of vector i
+enters as a = |x_j| * inv_i with inv_i an exact power of two chosen per vector (``_numba.NumbaEngine``), so sums of
+squares stay near 1 whatever the vector's scale (1e-300 and 1e+300 in one group, subnormals). Weights are
+float64, already normalized per vector by a power of two (``_group``).
+
+Floating-point flags: the reductions use ``reassoc`` (so LLVM vectorizes the sums) and ``nsz``; reassociation
+there only reorders sums of O(1) values. The write kernels get no reassociation at all: there ``(|x| inv - t) S``
+must not be regrouped into products that overflow. Without ``nnan``/``ninf`` the input checks keep IEEE semantics.
+
+Each kernel exists serial and threaded (``parallel=True``): threads pay off only on large groups and many cores.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numba as nb
+import numpy as np
+
+_FM_SUM = {"reassoc", "nsz"}
+_FM_WRITE = {"nsz"}
+
+
+def jit(fn=None, **kw):
+    """``numba.njit(cache=True)``, falling back to no on-disk cache when no writable cache folder exists
+    (numba raises ``RuntimeError: cannot cache function`` at decoration time then)."""
+    if fn is None:
+        return lambda f: jit(f, **kw)
+    try:
+        return nb.njit(cache=True, **kw)(fn)
+    except RuntimeError:
+        return nb.njit(cache=False, **kw)(fn)
+
+
+def twin(fn, fastmath):
+    """(serial, threaded) dispatchers of one kernel; the threaded one gets its own name so caches don't mix."""
+    par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_threaded")
+    par.__qualname__ = fn.__qualname__ + "_threaded"
+    return (jit(fn, fastmath=fastmath), jit(par, parallel=True, fastmath=fastmath))
+
+
+@nb.njit(inline="always", fastmath=_FM_SUM)
+def plain_sums(xs, inv, t):
+    """(support size, sum u, sum u^2) of u = (|xs| inv - t)_+, branch-free so LLVM vectorizes it."""
+    m = 0.0
+    su = 0.0
+    suu = 0.0
+    for j in range(xs.shape[0]):
+        d = abs(np.float64(xs[j])) * inv - t
+        pos = d > 0.0
+        u = d if pos else 0.0
+        m += 1.0 if pos else 0.0
+        su += u
+        suu += u * u
+    return m, su, suu
+
+
+@nb.njit(inline="always")
+def write_onehot(x, out, s0, n, oh):
+    for j in range(s0, s0 + n):
+        out[j] = x[j] if j == oh else 0.0
+
+
+# ---- weighted
+
+
+def _first_pass(x, w, cstart, clen, cinv, out):
+    """Per chunk: [sum w^2 on the support, sum w a, sum a^2, max a/w, sum w^2, min w]."""
+    for c in nb.prange(cstart.shape[0]):
+        s0 = cstart[c]
+        inv = cinv[c]
+        m = 0.0
+        swa = 0.0
+        saa = 0.0
+        best = -1.0
+        sww = 0.0
+        wmin = math.inf
+        for j in range(s0, s0 + clen[c]):
+            a = abs(np.float64(x[j])) * inv
+            wj = w[j]
+            best = max(best, a / wj)
+            if a > 0.0:
+                m += wj * wj
+            swa += wj * a
+            saa += a * a
+            sww += wj * wj
+            wmin = min(wmin, wj)
+        out[c, 0] = m
+        out[c, 1] = swa
+        out[c, 2] = saa
+        out[c, 3] = best
+        out[c, 4] = sww
+        out[c, 5] = wmin
+
+
+def _evaluate(src, srcw, sstart, slen, cvec, inv, t, compact, tdrop, dst, dstw, dlen, out):
+    """Per chunk, at thresholds t[vector]: [sum w^2 on support, sum w u, sum u^2] with u = (a - t w)_+.
+
+    With ``compact``, entries with a > tdrop[vector] w are also copied (as |x|, with their weight) to ``dst`` at
+    the same chunk start (``dst`` may be ``src``: the write index never passes the read index).
+    """
+    for c in nb.prange(sstart.shape[0]):
+        i = cvec[c]
+        ti = t[i]
+        td = tdrop[i]
+        iv = inv[i]
+        s0 = sstart[c]
+        m = 0.0
+        swu = 0.0
+        suu = 0.0
+        kept = 0
+        for j in range(s0, s0 + slen[c]):
+            araw = abs(np.float64(src[j]))
+            a = araw * iv
+            wj = srcw[j]
+            u = a - ti * wj
+            if u > 0.0:
+                m += wj * wj
+                swu += wj * u
+                suu += u * u
+            if compact and a > td * wj:
+                dst[s0 + kept] = araw
+                dstw[s0 + kept] = wj
+                kept += 1
+        if compact:
+            dlen[c] = kept
+        out[c, 0] = m
+        out[c, 1] = swu
+        out[c, 2] = suu
+
+
+def _write(x, w, cstart, clen, cvec, inv, t, scale, onehot, out):
+    """out = sign(x) (a - t w)_+ scale per vector; vectors with onehot[i] >= 0 keep only that entry."""
+    for c in nb.prange(cstart.shape[0]):
+        i = cvec[c]
+        s0 = cstart[c]
+        oh = onehot[i]
+        if oh >= 0:
+            write_onehot(x, out, s0, clen[c], oh)
+            continue
+        ti = t[i]
+        sc = scale[i]
+        iv = inv[i]
+        for j in range(s0, s0 + clen[c]):
+            xv = np.float64(x[j])
+            u = abs(xv) * iv - ti * w[j]
+            out[j] = math.copysign(u * sc, xv) if u > 0.0 else 0.0
+
+
+# ---- unweighted: branch-free bodies that LLVM vectorizes
+
+
+def _first_pass_plain(x, cstart, clen, cinv, out):
+    """[nonzeros, sum a, sum a^2] per chunk (no max: it would block vectorization; sqrt(sum a^2) bounds it)."""
+    for c in nb.prange(cstart.shape[0]):
+        xs = x[cstart[c] : cstart[c] + clen[c]]  # slice + range(len): no negative-index checks, so it vectorizes
+        inv = cinv[c]
+        m = 0.0
+        sa = 0.0
+        saa = 0.0
+        for j in range(xs.shape[0]):
+            a = abs(np.float64(xs[j])) * inv
+            m += 1.0 if a > 0.0 else 0.0
+            sa += a
+            saa += a * a
+        out[c, 0] = m
+        out[c, 1] = sa
+        out[c, 2] = saa
+
+
+def _evaluate_plain(src, sstart, slen, cvec, inv, t, out):
+    """[support size, sum u, sum u^2] per chunk with u = (a - t)_+."""
+    for c in nb.prange(sstart.shape[0]):
+        i = cvec[c]
+        m, su, suu = plain_sums(src[sstart[c] : sstart[c] + slen[c]], inv[i], t[i])
+        out[c, 0] = m
+        out[c, 1] = su
+        out[c, 2] = suu
+
+
+def _evaluate_plain_compact(src, sstart, slen, cvec, inv, t, tdrop, dst, dlen, out):
+    """As ``_evaluate_plain``, also compacting entries above tdrop into ``dst`` (a branch-free store of |x|;
+    ``dst`` may be ``src``: the write index never passes the read index)."""
+    for c in nb.prange(sstart.shape[0]):
+        i = cvec[c]
+        ti = t[i]
+        td = tdrop[i]
+        iv = inv[i]
+        xs = src[sstart[c] : sstart[c] + slen[c]]
+        ds = dst[sstart[c] : sstart[c] + slen[c]]
+        m = 0.0
+        su = 0.0
+        suu = 0.0
+        kept = 0
+        for j in range(xs.shape[0]):
+            araw = abs(np.float64(xs[j]))
+            a = araw * iv
+            d = a - ti
+            pos = d > 0.0
+            u = d if pos else 0.0
+            m += 1.0 if pos else 0.0
+            su += u
+            suu += u * u
+            ds[kept] = araw
+            kept += 1 if a > td else 0
+        dlen[c] = kept
+        out[c, 0] = m
+        out[c, 1] = su
+        out[c, 2] = suu
+
+
+def _write_plain(x, cstart, clen, cvec, inv, t, scale, onehot, out):
+    """out = sign(x) (a - t)_+ scale; one-hot vectors keep only their largest entry."""
+    for c in nb.prange(cstart.shape[0]):
+        i = cvec[c]
+        oh = onehot[i]
+        s0 = cstart[c]
+        if oh >= 0:
+            write_onehot(x, out, s0, clen[c], oh)
+            continue
+        ti = t[i]
+        sc = scale[i]
+        iv = inv[i]
+        xs = x[s0 : s0 + clen[c]]
+        os_ = out[s0 : s0 + clen[c]]
+        for j in range(xs.shape[0]):
+            xv = np.float64(xs[j])
+            d = abs(xv) * iv - ti
+            r = d * sc if d > 0.0 else 0.0
+            os_[j] = r if xv >= 0.0 else -r
+
+
+FIRST_PASS = twin(_first_pass, _FM_SUM)
+EVALUATE = twin(_evaluate, _FM_SUM)
+WRITE = twin(_write, _FM_WRITE)
+FIRST_PASS_PLAIN = twin(_first_pass_plain, _FM_SUM)
+EVALUATE_PLAIN = twin(_evaluate_plain, _FM_SUM)
+EVALUATE_PLAIN_COMPACT = twin(_evaluate_plain_compact, _FM_SUM)
+WRITE_PLAIN = twin(_write_plain, _FM_WRITE)
+
+
+# ---- per-vector helpers for the few vectors that need them (serial: they run on a handful of vectors)
+
+
+@jit
+def vec_max(x, offsets, vids, out):
+    """max |x| of each listed vector; NaN if the vector holds a NaN."""
+    for q in range(vids.shape[0]):
+        i = vids[q]
+        best = 0.0
+        bad = False
+        for j in range(offsets[i], offsets[i + 1]):
+            a = abs(np.float64(x[j]))
+            bad |= a != a
+            best = max(best, a)
+        out[q] = math.nan if bad else best
+
+
+@jit
+def argmax_abs(x, offsets, vids, out):
+    for q in range(vids.shape[0]):
+        i = vids[q]
+        best = -1.0
+        arg = offsets[i]
+        for j in range(offsets[i], offsets[i + 1]):
+            a = abs(np.float64(x[j]))
+            if a > best:
+                best = a
+                arg = j
+        out[q] = arg
+
+
+@jit
+def argmax_shifted(x, w, offsets, vids, inv, t, zero, out):
+    """Weighted one-hot position: argmax_j a_j - t w_j.
+
+    In the limit t -> inf (and for a zero vector) that is the smallest weight, ties going to the largest |x_j|:
+    decided exactly here, since a - t w rounds to -t w (or overflows) long before.
+    """
+    for q in range(vids.shape[0]):
+        i = vids[q]
+        arg = offsets[i]
+        if zero[i] or math.isinf(t[i]):
+            bw = math.inf
+            ba = -1.0
+            for j in range(offsets[i], offsets[i + 1]):
+                wj = w[j]
+                aj = abs(np.float64(x[j]))
+                if wj < bw or (wj == bw and aj > ba):
+                    bw = wj
+                    ba = aj
+                    arg = j
+        else:
+            best = -math.inf
+            for j in range(offsets[i], offsets[i + 1]):
+                v = abs(np.float64(x[j])) * inv[i] - t[i] * w[j]
+                if v > best:
+                    best = v
+                    arg = j
+        out[q] = arg
