@@ -33,12 +33,14 @@ _LISTING = {
     "demo": ("groupsparse.demo", "Show a projection, a small sparse NMF and a digits pruning run on embedded data "
                                  "(about a minute)."),
     "nmf": ("groupsparse.nmf.cli", "Sparse NMF with grouped sparse projection: the paper's experiments."),
-    "prune": ("groupsparse.experiments.cli", "Train (or reuse) a dense model, prune it to --sparsity zeros, "
-                                             "finetune, and write report.json (+ weights) to --out."),
+    "prune": ("groupsparse.experiments.cli", "Train (or reuse) a dense model, prune it to --sparsity zeros by "
+                                             "--method, finetune, report."),
     "prune-checkpoint": ("groupsparse.prune.cli", "Project the layer weights of checkpoint IN to an average Hoyer "
                                                   "sparsity and write all tensors to OUT."),
-    "report": ("groupsparse.experiments.cli", "Aggregate run directories (searched for report.json) into one table "
-                                              "(+ CSV and plot with --out)."),
+    "prune-lm": ("groupsparse.prune.lm_cli", "Prune the decoder Linear layers of MODEL_DIR in one shot and "
+                                             "save_pretrained the result to OUT."),
+    "report": ("groupsparse.experiments.cli", "Aggregate run folders (searched for report.json) into an "
+                                              "accuracy-vs-zero-fraction table."),
 }
 
 
