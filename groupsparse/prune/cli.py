@@ -152,7 +152,7 @@ def _report(state_dict, names, vectors):
         hoyer = None
         m = as_vectors(w if w.dtype in (torch.float32, torch.float64) else w.float(), mode)
         if m.shape[0] and m.shape[1] >= 2:
-            l1, l2 = m.abs().sum(1, dtype=torch.float64), torch.linalg.vector_norm(m, dim=1).double()
+            l1, l2 = m.abs().sum(1).double(), torch.linalg.vector_norm(m, dim=1).double()  # sums in the weights' dtype
             sq = m.shape[1] ** 0.5
             sp = torch.where(l2 > 0, (sq - l1 / l2.clamp_min(torch.finfo(torch.float64).tiny)) / (sq - 1), 1.0)
             hoyer = float(sp.clamp(0, 1).mean())
