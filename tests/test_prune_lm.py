@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from groupsparse.prune.oneshot import (gsp_masks, layer_error, linear_layers, nm_mask, owl_sparsities, parse_pattern,
+from groupsparse.prune.oneshot import (gsp_masks, gsp_masks_bisect, layer_error, linear_layers, nm_mask, owl_sparsities, parse_pattern,
                                        prune_model, row_mask, sparsegpt, wanda_scores, weight_matrix)
 
 ALL = [dict(method="magnitude"), dict(method="wanda"), dict(method="sparsegpt"), dict(method="owl"),
@@ -133,10 +133,10 @@ def test_gsp_row_group_and_nm_equal_wanda():
     torch.manual_seed(0)
     s = torch.rand(6, 16, dtype=torch.float64)
     for i in range(6):  # one row as its own group: the projection is monotone in |C|, so the mask is Wanda's
-        m, _ = gsp_masks([s[i : i + 1]], 0.5, scope="layer")
+        m = gsp_masks([s[i : i + 1]], 0.5, scope="layer")
         assert torch.equal(m[0], row_mask(s[i : i + 1], 0.5))
-    masks, hoyer = gsp_masks([s], 0.6, scope="layer")
-    assert int(masks[0].sum()) == round(0.6 * s.numel()) and 0 < hoyer < 1
+    masks = gsp_masks([s], 0.6, scope="layer")
+    assert int(masks[0].sum()) == round(0.6 * s.numel())
     model_a, model_b = _mlp(), _mlp()
     prune_model(model_a, _inputs(), method="gsp", pattern="2:4", progress=False)
     prune_model(model_b, _inputs(), method="wanda", pattern="2:4", progress=False)
@@ -146,8 +146,19 @@ def test_gsp_row_group_and_nm_equal_wanda():
 def test_gsp_model_group_exact_total():
     torch.manual_seed(0)
     scores = [torch.rand(8, 16, dtype=torch.float64) * 3, torch.rand(4, 40, dtype=torch.float64) ** 3]
-    masks, _ = gsp_masks(scores, 0.55, scope="model")
+    masks = gsp_masks(scores, 0.55, scope="model")
     assert sum(int(m.sum()) for m in masks) == round(0.55 * (128 + 160))
+
+
+@pytest.mark.parametrize("scope,p", [("layer", 0.5), ("layer", 0.8), ("model", 0.6), ("model", 0.3)])
+def test_gsp_ranking_equals_projection_zero_set(scope, p):
+    """The one-sort mask is the zero set of the projection itself at the target where it zeros k entries."""
+    g = torch.Generator().manual_seed(5)
+    scores = [torch.rand(6, 10, generator=g, dtype=torch.float64) ** 2,
+              torch.rand(3, 25, generator=g, dtype=torch.float64) * 4][: 1 if scope == "layer" else 2]
+    fast = gsp_masks(scores, p, scope=scope)
+    ref = gsp_masks_bisect(scores, p, scope=scope)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
 
 
 def test_owl_sparsities():

@@ -7,13 +7,19 @@ metric of the objective. The weighted GSP with w_j = 1/‖X_j‖ on W has the sa
 (|W_ij| − μβw_j > 0 ⇔ |W_ij|‖X_j‖ > μβ) but measures distance and the rescale α in raw-weight units, i.e. in the
 wrong metric, and changes the sparsity measure (weighted ℓ1) instead of the data. So we project C, unweighted.
 
-From Hoyer sparsity to an exact zero count: GSP reaches an average Hoyer sparsity s, not a number of zeros. Its
-zeros are the entries below the shared threshold μβ_i (each vector keeps at least its largest entry), and the
-zero count grows with s. We bisect on s for the largest target whose projection zeros at most k = round(p·N)
-entries of the group, prune those, then fill the remaining (few) slots with the smallest |projected| entries
-among the survivors. Within one vector the projection is monotone in |C|, so a *row* group gives exactly
-Wanda's mask; the projection adds something only when it shares μ across rows (``"layer"``) or layers
-(``"model"``, each layer's C first divided by the RMS of its row norms so no layer is starved for its scale).
+From Hoyer sparsity to an exact zero count: GSP reaches an average Hoyer sparsity s, not a number of zeros. At
+its dual solution μ the projection of a vector c_i (length n_i, unweighted: β_i = 1/(√n_i − 1)) is
+(|c_i| − μβ_i)_+ rescaled, or the one-hot at its largest entry when nothing stays positive. So its zeros are
+exactly the entries with |c_ij|(√n_i − 1) ≤ μ, except each vector's largest entry, and their number grows with
+s through μ. The mask at an exact count k = round(p·N) is therefore the projection's zero set at the μ where k
+entries fall: rank key_ij = |c_ij|(√n_i − 1) (+∞ for each vector's largest entry) and prune the k lowest. This
+is what bisecting the target s until the projection zeros k entries converges to (``gsp_masks_bisect``, the
+test reference, runs the projection itself); the ranking gets it exactly in one sort instead of ~30
+projections. Within one vector the key is monotone in |C|, so a *row* group gives exactly Wanda's mask; the
+projection adds something only when it shares μ across rows (``"layer"``: rows of equal length, a layer-wide
+threshold on |C| that keeps at least one weight per row) or layers (``"model"``: each layer's C first divided
+by the RMS of its row norms, so no layer is starved for its scale; longer rows get a lower threshold through
+√n_i − 1).
 
 N:M: the constraint fixes the count in every M-block, so the budget cannot move. Inside each M-block the
 projection is again monotone in |C|; whatever group the blocks are projected in, keeping the N largest projected
@@ -29,48 +35,65 @@ from ..vectors import project_tensors
 from .methods import lowest_k
 
 
-def _zeros_at(scores, s, scope, normalize):
-    res, _ = project_tensors(scores, s, vectors="filter", scope=scope, normalize=normalize)
-    return res, sum(int((r == 0).sum()) for r in res)
+def gsp_masks(scores: list[torch.Tensor], fraction: float, *, scope: str = "layer", normalize="layer") -> list[torch.Tensor]:
+    """Prune masks with exactly ``round(fraction · N)`` zeros: the GSP zero set at the dual μ that zeros that many.
 
-
-def gsp_masks(scores: list[torch.Tensor], fraction: float, *, scope: str = "layer", normalize="layer",
-              iters: int = 30) -> tuple[list[torch.Tensor], float]:
-    """Prune masks with exactly ``round(fraction · N)`` zeros over ``scores`` (N = their total size).
-
-    ``scope="layer"`` expects one matrix (its rows share μ); ``"model"`` one ragged group over all matrices.
-    Returns the masks and the Hoyer target the bisection settled on.
+    ``scope="layer"`` projects each matrix as its own group (its rows share μ), ``"model"`` all matrices as one
+    ragged group (``normalize="layer"`` divides each by the RMS of its row norms first, ``None`` keeps raw scales).
     """
-    scores = [s.double() for s in scores]
-    total = sum(s.numel() for s in scores)
+    if scope not in ("layer", "model"):
+        raise ValueError(f"scope: got {scope!r}, expected 'layer' or 'model'")
+    if scope == "layer" and len(scores) > 1:
+        return [gsp_masks([s], fraction, scope="layer")[0] for s in scores]
+    keys = []
+    for c in scores:
+        c = c.double().abs()
+        if c.ndim != 2 or c.shape[1] < 2:
+            raise ValueError(f"scores: got shape {tuple(c.shape)}, expected (rows, n) with n >= 2")
+        if scope == "model" and normalize == "layer":
+            rms = torch.sqrt(torch.mean(torch.sum(c * c, dim=1)))
+            c = c / rms if rms > 0 else c
+        elif normalize not in (None, "layer"):
+            raise ValueError(f"normalize: got {normalize!r}, expected 'layer' or None")
+        key = c * (c.shape[1] ** 0.5 - 1)
+        # the projection never empties a vector: its largest entry survives every μ
+        key.scatter_(1, c.argmax(dim=1, keepdim=True), float("inf"))
+        keys.append(key.reshape(-1))
+    total = sum(k.numel() for k in keys)
     k = round(fraction * total)
+    rows = sum(s.shape[0] for s in scores)
+    if k > total - rows:
+        raise ValueError(f"sparsity: got {fraction}, expected at most {(total - rows) / total:.4f} for GSP "
+                         "(the projection keeps the largest entry of every vector)")
+    flat = lowest_k(torch.cat(keys), k)
+    out, i = [], 0
+    for c in scores:
+        out.append(flat[i : i + c.numel()].reshape(c.shape))
+        i += c.numel()
+    return out
+
+
+def gsp_masks_bisect(scores: list[torch.Tensor], fraction: float, *, scope: str = "layer", normalize="layer",
+                     iters: int = 60) -> list[torch.Tensor]:
+    """Reference (slow): bisect the Hoyer target s until the projection itself zeros round(p·N) entries."""
+    k = round(fraction * sum(s.numel() for s in scores))
     lo, hi = 0.0, 1.0
-    best, _ = _zeros_at(scores, 0.0, scope, normalize)  # s = 0: the group is returned as it is
+    best = None
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        res, z = _zeros_at(scores, mid, scope, normalize)
+        res, _ = project_tensors([s.double() for s in scores], mid, vectors="filter", scope=scope, normalize=normalize)
+        z = sum(int((r == 0).sum()) for r in res)
         if z <= k:
-            lo, best = mid, res
-        else:
-            hi = mid
+            lo, best = mid, [r == 0 for r in res]
         if z == k:
             break
-    zero = [r == 0 for r in best]
-    need = k - sum(int(m.sum()) for m in zero)
-    if need > 0:
-        # the remaining slots go to the smallest projected magnitudes; current zeros are excluded by +inf
-        key = torch.cat([torch.where(m, torch.full_like(r, float("inf")), r.abs()).reshape(-1) for m, r in zip(zero, best)])
-        extra = lowest_k(key, need)
-        i = 0
-        for m in zero:
-            n = m.numel()
-            m |= extra[i : i + n].reshape(m.shape)
-            i += n
-    return zero, lo
+        if z > k:
+            hi = mid
+    return best
 
 
 def gsp_allocation(scores: dict[str, torch.Tensor], fraction: float, normalize="layer") -> dict[str, float]:
     """Per-layer zero fractions that one model-wide GSP group assigns at the overall ``fraction``."""
     names = list(scores)
-    masks, _ = gsp_masks([scores[n] for n in names], fraction, scope="model", normalize=normalize)
+    masks = gsp_masks([scores[n] for n in names], fraction, scope="model", normalize=normalize)
     return {n: float(m.sum()) / m.numel() for n, m in zip(names, masks)}

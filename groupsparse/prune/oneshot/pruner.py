@@ -157,7 +157,7 @@ def _prune_block(b, block, stats, method, sparsity, nm, group, refit, normalize,
         elif method in ("wanda", "owl") or group == "row":
             mask = row_mask(sc, frac)
         else:                                 # gsp layer, or gsp model with the allocated fraction
-            mask = gsp_masks([sc], frac, scope="layer", normalize=normalize)[0][0]
+            mask = gsp_masks([sc], frac, scope="layer")[0]
         if refit:
             new_w, mask = sparsegpt(w, st.gram, mask=mask, blocksize=blocksize, damp=damp)
         if new_w is None:

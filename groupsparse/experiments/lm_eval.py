@@ -1,0 +1,156 @@
+"""Prune the LM trained by ``lm_train`` with every one-shot method and measure test perplexity, time and memory.
+
+    python -m groupsparse.experiments.lm_eval --model runs/lm/model --results results/prune/lm --threads 2
+
+Each (method, pattern) row runs in its own subprocess, so its peak memory (``ru_maxrss``) is its own, and writes
+``RESULTS/rows/<row>.json`` atomically: a killed evaluation resumes at the first missing row. Calibration: 64
+windows of 256 tokens at seeded random offsets of the *train* split; perplexity: every non-overlapping
+256-token window of the *test* split. ``--aggregate`` (also run at the end) writes ``lm_prune.csv``,
+``lm_prune.json``, ``lm_allocation.json`` and ``lm_prune.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# (row id, prune_model keywords); ordered so that a run cut short still covers 50 % and 2:4 for every method
+UNSTRUCTURED = [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("owl", {}),
+                ("gsp-layer", {"method": "gsp", "group": "layer"}), ("gsp-model", {"method": "gsp", "group": "model"}),
+                ("gsp-model-refit", {"method": "gsp", "group": "model", "refit": True}),
+                ("wanda-refit", {"method": "wanda", "refit": True})]
+NM = [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("gsp-layer", {"method": "gsp", "group": "layer"}),
+      ("gsp-refit", {"method": "gsp", "group": "layer", "refit": True})]
+
+
+def all_rows() -> list[tuple[str, dict]]:
+    rows = [("dense", {})]
+    for setting in ("0.5", "2:4", "0.6", "0.7", "4:8"):
+        for name, kw in (NM if ":" in setting else UNSTRUCTURED):
+            kw = {"method": name.split("-")[0], **kw}
+            kw.update({"pattern": setting} if ":" in setting else {"sparsity": float(setting)})
+            rows.append((f"{name}@{setting}", kw))
+    return rows
+
+
+def _cache(args) -> Path:
+    """Calibration ids and test windows, tokenized once for all rows."""
+    path = Path(args.model).parent / "eval_cache.pt"
+    if path.exists():
+        return path
+    from transformers import AutoTokenizer
+
+    from ..prune.oneshot import chunk_windows, read_texts, sample_windows, token_stream
+
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    calib = sample_windows(token_stream(read_texts(args.data, split="train"), enc, tok.eos_token_id), args.n_calib,
+                           args.seq, seed=args.seed)
+    test = chunk_windows(token_stream(read_texts(args.data, split="test"), enc, tok.eos_token_id), args.seq)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"calib": calib, "test": test}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_one(args, row: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ..prune.oneshot import prune_model
+    from .lm_train import perplexity
+
+    torch.set_num_threads(args.threads)
+    kw = dict(all_rows())[row]
+    data = torch.load(_cache(args))
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    result = prune_model(model, data["calib"], progress=False, **kw) if kw else None
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out = {"row": row, "method": row.split("@")[0], "setting": row.split("@")[1] if "@" in row else "dense",
+           "prune_s": seconds, "peak_rss_mb": peak, "rss_before_prune_mb": before,
+           "prune_peak_over_model_mb": max(peak - before, 0.0), "threads": args.threads,
+           "zero_fraction": result.zero_fraction if result else 0.0, "test_ppl": perplexity(model, data["test"])}
+    res = Path(args.results)
+    for sub, obj in (("rows", out), ("reports", result.to_dict() if result else None)):
+        if obj is None:
+            continue
+        (res / sub).mkdir(parents=True, exist_ok=True)
+        p = res / sub / f"{row.replace(':', '-').replace('@', '_')}.json"
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, p)
+    print(json.dumps(out), flush=True)
+
+
+def aggregate(args) -> None:
+    res = Path(args.results)
+    rows = [json.loads(p.read_text()) for p in sorted((res / "rows").glob("*.json"))]
+    order = {r: i for i, (r, _) in enumerate(all_rows())}
+    rows.sort(key=lambda r: order.get(r["row"], 1e9))
+    keys = ["row", "method", "setting", "zero_fraction", "test_ppl", "prune_s", "peak_rss_mb", "prune_peak_over_model_mb"]
+    with open(res / "lm_prune.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (res / "lm_prune.json").write_text(json.dumps(rows, indent=1) + "\n")
+    alloc = {}
+    for p in sorted((res / "reports").glob("*.json")):
+        rep = json.loads(p.read_text())
+        if rep.get("blocks"):
+            alloc[p.stem] = {"blocks": rep["blocks"],
+                             "layers": {f"{e['block']}.{e['name']}": e["zero_fraction"] for e in rep["layers"]}}
+    (res / "lm_allocation.json").write_text(json.dumps(alloc, indent=1) + "\n")
+    from .lm_plot import plot
+
+    plot(rows, alloc, res / "lm_prune.png")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="runs/lm/model")
+    ap.add_argument("--data", default="../shared/data/python-docs-3.11.jsonl.xz")
+    ap.add_argument("--results", default="results/prune/lm")
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--one", default=None, help="run this single row in this process (used by the driver)")
+    ap.add_argument("--only", nargs="*", default=None, help="row ids to run (default all, in order)")
+    ap.add_argument("--aggregate", action="store_true", help="only aggregate existing rows")
+    args = ap.parse_args(argv)
+    if args.one:
+        return run_one(args, args.one)
+    if not args.aggregate:
+        _cache(args)
+        done = {json.loads(p.read_text())["row"] for p in (Path(args.results) / "rows").glob("*.json")} \
+            if (Path(args.results) / "rows").exists() else set()
+        for row, _ in all_rows():
+            if row in done or (args.only and row not in args.only):
+                continue
+            cmd = [sys.executable, "-m", "groupsparse.experiments.lm_eval", "--one", row,
+                   "--model", args.model, "--data", args.data, "--results", args.results, "--threads", str(args.threads),
+                   "--n-calib", str(args.n_calib), "--seq", str(args.seq), "--seed", str(args.seed)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            print(r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else
+                  f"{row} failed: {r.stderr.strip().splitlines()[-1:]}", flush=True)
+    aggregate(args)
+
+
+if __name__ == "__main__":
+    main()
