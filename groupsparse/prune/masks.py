@@ -279,6 +279,7 @@ class Pruner:
         return found
 
     def _masks_from_loaded(self, module, state_dict, prefix, *args) -> None:
+        self._adopt_existing()  # masks another pruner installed since: adopt them, do not install twice
         by_style: dict[str, dict[str, torch.Tensor]] = {}
         for t in self.targets:
             if t.name in self._styles:

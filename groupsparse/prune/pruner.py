@@ -31,6 +31,9 @@ class GSPPruner(Pruner):
         Rescale vectors before the projection and back after it; meant for ``scope="model"``, where raw norms
         starve small layers.
     engine, tol, max_iter : forwarded to :func:`groupsparse.project`.
+    keep_pre_projection : bool
+        Keep a copy of the selected weights from before each projection (``pre_projection``), for
+        ``finalize(values="dense" | "rescaled")``; costs one copy of those weights.
     include, exclude, module_types, exclude_module_types, param_names, targets :
         Parameter selection (see :func:`~groupsparse.prune.select_parameters`).
 
