@@ -247,3 +247,9 @@ def test_readme_command_line_matches_help():
             opts = {o for p in cmd.params for o in p.opts + p.secondary_opts}
             for w in re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", usage):
                 assert w in opts, f"{usage}: {w} is not an option of {' '.join(['groupsparse', *path])}"
+
+
+def test_options_that_make_no_sense_together(files):
+    line = one_error_line(run("prune-checkpoint", files / "good.pt", "-s", "0.5", "-o", files / "o.pt",
+                              "--normalize", "vector"))
+    assert "--normalize" in line and "--scope model" in line and not (files / "o.pt").exists()

@@ -51,6 +51,9 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
 
     if not 0 <= sparsity <= 1:  # checked before reading a possibly large file
         raise ValueError(f"sparsity: got {sparsity}, expected a number in [0, 1]")
+    if normalize != "none" and scope == "layer":
+        raise ValueError(f"--normalize: got {normalize!r} with --scope layer, expected --scope model (it rescales "
+                         "the vectors of different tensors that share one group)")
     check_suffix(out, SUFFIXES)
     cfg = Path(inp).parent / "config.json"
     check_paths({"IN": inp, "config.json beside IN": cfg if cfg.exists() else None},
