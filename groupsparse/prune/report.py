@@ -118,12 +118,16 @@ def sparsity_report(source: nn.Module | Mapping[str, torch.Tensor], *, vectors: 
     mode, as the projection defines it.
     """
     mode = check_mode(vectors)
+    canonical: dict[str, torch.Tensor] = {}
     if isinstance(source, nn.Module):
         from .masks import pruned_state_dict
         from .selection import select_parameters
 
         sd = pruned_state_dict(source)
-        tensors = {t.name: sd[t.name] for t in select_parameters(source, **selection)}
+        targets = select_parameters(source, **selection)
+        tensors = {t.name: sd[t.name] for t in targets}
+        # (in, out)-stored layers are measured in the (out, in) layout, as the projection sees them
+        canonical = {t.name: t.canonical(sd[t.name]) for t in targets}
     else:
         if not isinstance(source, Mapping):
             raise TypeError(f"source: got {type(source).__name__}, expected an nn.Module or a mapping of tensors")
@@ -137,5 +141,5 @@ def sparsity_report(source: nn.Module | Mapping[str, torch.Tensor], *, vectors: 
         w = w.detach()
         z = int((w == 0).sum())
         report.layers.append(LayerStats(n, list(w.shape), w.numel(), z, z / w.numel() if w.numel() else 0.0,
-                                        _mean_hoyer(w, mode)))
+                                        _mean_hoyer(canonical.get(n, w), mode)))
     return report
