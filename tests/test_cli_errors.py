@@ -253,3 +253,16 @@ def test_options_that_make_no_sense_together(files):
     line = one_error_line(run("prune-checkpoint", files / "good.pt", "-s", "0.5", "-o", files / "o.pt",
                               "--normalize", "vector"))
     assert "--normalize" in line and "--scope model" in line and not (files / "o.pt").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"MATLAB 5.0 garbage", "half"], ids=["empty", "garbage", "truncated"])
+def test_nmf_bad_mat_file_is_one_line_naming_it(tmp_path, content):
+    from scipy.io import savemat
+
+    if content == "half":
+        savemat(tmp_path / "full.mat", {"X": np.ones((20, 30))})
+        content = (tmp_path / "full.mat").read_bytes()[:200]
+    (tmp_path / "bad.mat").write_bytes(content)
+    line = one_error_line(run("nmf", "cbcl", "--data", tmp_path / "bad.mat", "--out", tmp_path / "o", "--iters", "2",
+                              "--no-progress"))
+    assert "bad.mat" in line

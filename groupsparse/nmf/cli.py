@@ -85,6 +85,12 @@ def cbcl_cmd(data, out, rank, iters, seed, sparsity, layout, image_shape, key, n
             held = str(e)[len("data: "):].split(", expected")[0]  # "got variables [...] in 'file'"
             raise ValueError(f"--key: got {key!r}, expected a variable of {str(path)!r} ({held})") from e
         raise
+    except Exception as e:
+        # scipy's .mat reader fails with its own errors (MatReadError, OSError without errno) that name no file
+        if type(e).__module__.startswith("scipy.io") or (isinstance(e, OSError) and e.errno is None):
+            raise ValueError(f"--data: cannot read {str(path)!r} (truncated or not a .mat file? "
+                             f"{type(e).__name__}: {e})") from e
+        raise
     click.echo(f"{'method':<16} {'error %':>8} {'sparsity':>9} {'zeros':>7} {'coef 0':>7} {'time s':>7}")
     for r in summary["results"]:
         click.echo(f"{r['method']:<16} {r['rel_err_percent']:>8.3f} {r['sparsity']:>9.4f} "
