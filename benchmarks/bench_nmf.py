@@ -103,12 +103,19 @@ def main(argv=None):
     ap.add_argument("--src", default=None, help="checkout whose groupsparse is timed (default: the installed one)")
     ap.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="BLAS threads for both libraries (1: on a shared 2-core machine threaded BLAS spins and "
+                         "makes small products 100x slower, measured)")
     args = ap.parse_args(argv)
     _setup(args.src)
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.blas_threads)  # subprocesses
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.blas_threads)
     import numpy as np
 
     X, s, W0, H0 = _problem()
-    res = dict(load_average=os.getloadavg(), src=os.path.abspath(args.src or "."), cases={})
+    res = dict(load_average=os.getloadavg(), blas_threads=args.blas_threads, src=os.path.abspath(args.src or "."), cases={})
     res["cases"]["synthetic"] = _case(X, 10, 500, s, W0, H0, args.repeats)
     rng = np.random.default_rng(1)
     Xc = rng.random((2429, 361)) ** 3

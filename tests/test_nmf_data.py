@@ -199,3 +199,37 @@ def test_bad_inputs(low_rank):
         SparseNMF(2).fit(torch.ones(4, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="fraction: got 1.5"):
         heldout_error(SparseNMF(2), X, fraction=1.5)
+
+
+def test_cached_kernels_call_only_their_own_module():
+    """Numba's disk cache only watches the file of a cached function: every compiled callee of the cached
+    kernels must live in _fastproj.py, or a cached copy could run a stale callee."""
+    from numba.core.registry import CPUDispatcher
+
+    from groupsparse.nmf import _fastproj
+
+    kernels = {k: v for k, v in vars(_fastproj).items() if isinstance(v, CPUDispatcher)}
+    assert {"run_dense", "fgm_rows", "gsp_rows_warm", "_hals_rows", "dot_at"} <= set(kernels)
+    for name, disp in kernels.items():
+        for ref in disp.py_func.__code__.co_names:
+            target = disp.py_func.__globals__.get(ref)
+            if isinstance(target, CPUDispatcher):
+                assert target.py_func.__module__ == _fastproj.__name__, (name, ref)
+
+
+def test_no_writable_cache_falls_back(monkeypatch):
+    import numba as nb
+
+    from groupsparse.nmf import _fastproj
+
+    real = nb.njit
+
+    def njit(*args, cache=False, **kw):
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_fastproj.nb, "njit", njit)
+    with pytest.warns(RuntimeWarning, match="without a disk cache"):
+        f = _fastproj._jit()(lambda x: x + 1)
+    assert f(1) == 2

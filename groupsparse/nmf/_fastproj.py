@@ -342,3 +342,17 @@ def run_dense(X, Xt, Wt, H, sW, sH, fgm_free, update_W, update_H, balance, max_i
             return done, best_it, True, True, Wt, H
         prev = new
     return done, best_it, False, True, Wt, H
+
+
+@_jit(fastmath=_FM)
+def dot_at(indptr, indices, G, Ft, eps, out):
+    """out[e] = G[i] . Ft[j] + eps for each stored entry e = (i, j) of a CSR pattern: the model WH where a sparse
+    X has data (KL needs it only there); G (n x r) and Ft (m x r) C-contiguous."""
+    r = G.shape[1]
+    for i in range(indptr.shape[0] - 1):
+        for e in range(indptr[i], indptr[i + 1]):
+            j = indices[e]
+            acc = 0.0
+            for k in range(r):
+                acc += G[i, k] * Ft[j, k]
+            out[e] = acc + eps

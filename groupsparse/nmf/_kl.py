@@ -7,22 +7,27 @@ r"""Kullback-Leibler NMF with an average-sparsity target:
 with :math:`\varepsilon` = 1e-10 times the mean observed entry, which keeps D finite when the projection zeroes a
 whole column of a factor (a fixed extra rank-one term; every statement below holds with it).
 
-The scheme, and why it converges (monotonically):
+The scheme, and why the objective never increases:
 
 * A factor **without** a target takes one multiplicative update (Lee & Seung),
   :math:`H \leftarrow H \circ W^\top(M\circ X / V) / (W^\top M)`. It minimizes a majorizer of D that touches D
-  at the current H, so D never increases.
-* A factor **with** a target takes one projected-gradient step with Armijo backtracking:
-  :math:`H^+ = P_s(\max(0, H - t\nabla_H D))`, accepted only if
-  :math:`D(H^+) \le D(H) - \frac{\sigma}{t}\|H^+ - H\|_F^2` (:math:`\sigma` = 1e-4), else t is halved (at most 40
-  times; if no step is accepted H stays, which is feasible). The next step starts from 2t. Every accepted step
-  lowers D by a definite amount, so D is monotone and bounded below, and the steps :math:`\|H^+ - H\|` go to 0.
-  The test holds for all t below about 1/L (L: the local Lipschitz constant of the gradient, finite because
-  V >= eps), so backtracking always ends; this is the standard sufficient-decrease argument for projected
-  gradient onto a closed (here non-convex) set.
-* A *projected* multiplicative update (MU followed by P_s) would not do: the MU majorizer is minimized over the
-  unconstrained set, and projecting its minimizer can increase D (we measured increases), so there is no descent
-  guarantee and no stopping certificate.
+  at the current H, so D never increases (this is scikit-learn's ``solver="mu"`` step; our iterates match it).
+* A factor **with** a target takes one *scaled projected-gradient* step with Armijo backtracking: trial points
+  :math:`H(t) = P_s(\min(\max(0, H - t\, S \circ \nabla_H D), 2h_{\max}))` with the multiplicative-update
+  scaling :math:`S = (H + \delta)/(W^\top M)` (:math:`\delta` = 1e-3 of the row's largest entry, so entries the
+  projection zeroed can come back; the cap :math:`2h_{\max}` at twice the row's largest entry stops an entry of
+  a column no component covers, whose gradient is about x/eps, from swallowing the row), accepted only if
+  :math:`D(H(t)) \le D(H) - \frac{\sigma}{t}\|H(t) - H\|^2_{S^{-1}}` (:math:`\sigma` = 1e-4); otherwise t is
+  halved, at most 40 times, and H stays (feasible) if nothing passes. t starts at min(1, 2 t_prev). At t = 1
+  and without the cap the trial is the projected multiplicative update, so where that update is good it is
+  taken at once. Every accepted step lowers D by a definite amount, so D is monotone and bounded below and the
+  accepted steps go to 0; for t small the trial stays near H (the projection leaves a feasible H unchanged and is
+  continuous there) and the test holds, which is the usual sufficient-decrease argument for (scaled) projected
+  gradient (Bonettini et al.'s scaled gradient projection); GSP's set is not convex, so we claim monotone
+  decrease and stationarity of limit points only in that sense, not global optimality.
+* Projected multiplicative updates alone (MU, then P_s) have no such guarantee: the MU majorizer is minimized
+  over the unconstrained set and projecting its minimizer can raise D. The acceptance test is what makes the
+  step safe; ``info.notes[0]["halvings"]`` records how often it had to backtrack.
 * Balancing the rank-one terms (``||W_:k|| = ||H_k:||``) leaves WH, hence D, unchanged, and keeps feasibility
   (sparsity is scale invariant).
 
@@ -39,6 +44,7 @@ import time
 import numpy as np
 
 from ._data import Data
+from ._fastproj import dot_at
 from ._solvers import Factor, Options, balance, finish_info
 
 SIGMA = 1e-4
@@ -51,8 +57,6 @@ class _Side:
     def __init__(self, X, Xcsr, M, ops, eps, xlogx_minus_x):
         self.X, self.Xcsr, self.ops, self.eps, self.const = X, Xcsr, ops, eps, xlogx_minus_x
         self.Mf = None if M is None else (M.astype(np.float64) if ops.name == "numpy" else M.to(ops.dtype))
-        if Xcsr is not None:
-            self.rows = np.repeat(np.arange(Xcsr.shape[0]), np.diff(Xcsr.indptr))
 
     def _v_at_data(self, G, F):
         """V where X is stored (sparse) or everywhere (dense)."""
@@ -60,11 +64,8 @@ class _Side:
             return G @ F + self.eps
         X = self.Xcsr
         out = np.empty(X.nnz)
-        step = 1 << 16
-        for a in range(0, X.nnz, step):
-            b = min(a + step, X.nnz)
-            out[a:b] = np.einsum("ik,ki->i", G[self.rows[a:b]], F[:, X.indices[a:b]])
-        return out + self.eps
+        dot_at(X.indptr, X.indices, np.ascontiguousarray(G), np.ascontiguousarray(F.T), self.eps, out)
+        return out
 
     def value(self, G, F) -> float:
         ops = self.ops
@@ -95,23 +96,34 @@ def _mu_step(side, G, Fac: Factor) -> None:
 
 
 def _pg_step(side, G, Fac: Factor, f0: float) -> float:
-    """One Armijo-backtracked projected-gradient step on F; returns D at the (accepted or kept) F."""
+    """One scaled projected-gradient step on F with Armijo backtracking; returns D at the (accepted or kept) F.
+
+    Trial points F(t) = P_s(max(0, F - t S o grad)) with the multiplicative-update scaling S = (F + delta) / den:
+    at t = 1 this is the projected multiplicative update (delta aside), the natural step length of KL; delta
+    (1e-3 of the row's largest entry) lets entries that the projection zeroed come back. A trial is accepted
+    only if it lowers D by sigma ||F(t) - F||^2_{S^-1} / t; otherwise t is halved.
+    """
     ops = Fac.ops
     num, den = side.grad_parts(G, Fac.F)
     grad = den - num
-    if Fac.t is None:  # first step: move the factor by about 10 % of its norm
-        gn = ops.norm(grad)
-        Fac.t = 0.1 * ops.norm(Fac.F) / gn if gn > 0 else 1.0
-    t = Fac.t * 2.0
-    for _ in range(MAX_HALVINGS):
-        Fn = Fac.proj(ops.clamp0(Fac.F - t * grad))
+    top = Fac.F.max(1, keepdims=True) if ops.name == "numpy" else Fac.F.amax(1, keepdim=True)
+    S = (Fac.F + 1e-3 * top + 1e-300) / ops.where(den > 0, den, 1.0 + 0.0 * den)
+    t = min(1.0, 2.0 * Fac.t)  # grow back toward the multiplicative step after backtracking
+    for h in range(MAX_HALVINGS):
+        trial = ops.clamp0(Fac.F - t * (S * grad))
+        # Entries at zero see gradients up to x/eps where no component covers a column; capping the trial at
+        # twice the row's largest entry keeps one such entry from swallowing the row in the projection.
+        trial = ops.where(trial > 2 * top, 2 * top + 0.0 * trial, trial)
+        Fn = Fac.proj(trial)
         d = Fn - Fac.F
         f1 = side.value(G, Fn)
-        if math.isfinite(f1) and f1 <= f0 - SIGMA / t * ops.vdot(d, d):
+        if math.isfinite(f1) and f1 <= f0 - SIGMA / t * ops.vdot(d, d / S):
             Fac.F, Fac.t = Fn, t
+            Fac.halvings.append(h)
             return f1
         t *= 0.5
     Fac.t = t
+    Fac.halvings.append(MAX_HALVINGS)
     return f0
 
 
@@ -138,7 +150,8 @@ def factorize_kl(D: Data, Wt0, H0, opts: Options, callback=None):
         sideW = _Side(D.Xt, None, None if Mn is None else Mn.T, ops, eps, const)
     Wf = Factor(ops.copy(Wt0), opts.sparsity_W, opts, ops)
     Hf = Factor(ops.copy(H0), opts.sparsity_H, opts, ops)
-    Wf.t = Hf.t = None
+    Wf.t = Hf.t = 1.0
+    Wf.halvings, Hf.halvings = [], []  # backtracking per accepted step: how often projected MU alone fails
     if opts.update_W:
         # Scale W so sum(WH) matches sum(X) over the observed entries: D's best multiple of a fixed WH.
         if D.sparse:
@@ -193,4 +206,5 @@ def factorize_kl(D: Data, Wt0, H0, opts: Options, callback=None):
     info = finish_info(dict(n_iter=n_iter, reconstruction_err=math.sqrt(2 * max(f, 0.0)),
                             history=np.asarray(history), converged=converged, best_iter=best_it),
                        Wf, Hf, Wt_best, H_best, t0)
+    info.notes.append(dict(halvings=Wf.halvings + Hf.halvings))
     return Wt_best, H_best, info
