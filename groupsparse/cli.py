@@ -11,6 +11,7 @@ exit status; ``GROUPSPARSE_DEBUG=1`` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -119,6 +120,9 @@ class LazyGroup(click.Group):
             with formatter.section("Commands"):
                 formatter.write_dl([(n, c.get_short_help_str(limit)) for n, c in rows])
 
+    def invoke(self, ctx):
+        super().invoke(ctx)  # a command's return value is not an exit status (click's standalone mode agrees)
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -133,7 +137,7 @@ class LazyGroup(click.Group):
         except BaseException as e:  # noqa: BLE001 - the one place every failure is turned into one line
             if os.environ.get("GROUPSPARSE_DEBUG", "") not in ("", "0"):
                 raise
-            if isinstance(e, OSError) and e.errno == getattr(__import__("errno"), "EPIPE"):
+            if isinstance(e, OSError) and e.errno == errno.EPIPE:
                 sys.exit(1)  # `groupsparse ... | head`: the reader left, nothing to say
             code = 130 if isinstance(e, (KeyboardInterrupt, click.Abort)) else getattr(e, "exit_code", 1) or 1
             try:
