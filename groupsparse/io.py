@@ -188,7 +188,8 @@ def load_arrays(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"input: cannot read {str(path)!r} as {suffix} ({e})") from e
     except Exception as e:  # noqa: BLE001 - parsers raise anything from ValueError to SafetensorError
         what = "it declares an array larger than memory" if isinstance(e, MemoryError) else f"{type(e).__name__}: {e}"
-        raise ValueError(f"input: cannot read {str(path)!r} as {suffix} (truncated or not a {suffix} file? {what})") from e
+        raise ValueError(f"input: cannot read {str(path)!r} as {suffix} (truncated or not a {suffix} file? "
+                         f"{what})") from e
 
 
 def _c_contiguous(v):

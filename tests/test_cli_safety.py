@@ -8,26 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 import groupsparse as gs
-from groupsparse.cli import main
+from cli_helpers import one_error_line, run
 from groupsparse.io import atomic_path, check_paths, clean_stale_temps, load_arrays
 from groupsparse.prune import load_state_dict, save_state_dict
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(r):
-    """The failure is exactly one line `groupsparse: error: ...` and no traceback."""
-    assert r.exit_code not in (0, None), r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("groupsparse: error: "), r.output
-    assert "Traceback" not in r.output
-    return lines[0]
 
 
 @pytest.fixture
@@ -115,7 +101,8 @@ def test_output_suffix_is_checked_before_any_work(tmp_path, npy, monkeypatch):
 
     monkeypatch.setattr(gio, "load_arrays", lambda *a, **k: pytest.fail("the input was read before the check"))
     assert ".npy, .npz, .safetensors" in one_error_line(run("project", npy, "-s", "0.8", "-o", tmp_path / "o.txt"))
-    assert "expected a file ending" in one_error_line(run("prune-checkpoint", npy, "-s", "0.8", "-o", tmp_path / "o.txt"))
+    line = one_error_line(run("prune-checkpoint", npy, "-s", "0.8", "-o", tmp_path / "o.txt"))
+    assert "expected a file ending" in line
     assert sorted(os.listdir(tmp_path)) == ["in.npy"]
 
 

@@ -102,7 +102,9 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
                    state_dict_key=ckpt.key, copied_unchanged=ckpt.extras)
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    where = f" (state_dict under {ckpt.key!r}; {', '.join(map(repr, ckpt.extras))} copied unchanged)" if ckpt.key else ""
+    where = ""
+    if ckpt.key:
+        where = f" (state_dict under {ckpt.key!r}; {', '.join(map(repr, ckpt.extras))} copied unchanged)"
     click.echo(f"{len(names)} tensors projected to average Hoyer sparsity {sparsity} ({vectors}, scope {scope}){where}"
                f" -> {out}")
     click.echo("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
@@ -159,7 +161,7 @@ def _report(state_dict, names, vectors):
             sq = m.shape[1] ** 0.5
             sp = torch.where(l2 > 0, (sq - l1 / l2.clamp_min(torch.finfo(torch.float64).tiny)) / (sq - 1), 1.0)
             hoyer = float(sp.clamp(0, 1).mean())
-        rep.layers.append(LayerStats(n, list(w.shape), w.numel(), zeros, zeros / w.numel() if w.numel() else 0.0, hoyer))
+        rep.layers.append(LayerStats(n, list(w.shape), w.numel(), zeros, zeros / max(w.numel(), 1), hoyer))
     return rep
 
 
