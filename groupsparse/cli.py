@@ -201,10 +201,11 @@ def project_cmd(inp, sparsity, out, axis, keys, weights, group, engine):
                             weights=[_like(wts[k], arrays[k]) for k in chosen] if weights else None,
                             engine=engine, return_info=True)
         for k, r in zip(chosen, res):
-            arrays[k], infos[k] = r, info  # dropping the input as we go keeps memory near input + output
+            arrays[k], infos[k] = r, info
     else:
         for k in chosen:
             w = _like(wts[k], arrays[k]) if weights else None
+            # the result replaces the input at once: memory stays near input + output + one array
             arrays[k], infos[k] = project(arrays[k], sparsity, axis=axis, weights=w, engine=engine, return_info=True)
     t_project = time.perf_counter() - t0
     t0 = time.perf_counter()
