@@ -2,8 +2,9 @@
 
     python -m groupsparse.experiments.lm_eval --model runs/lm/model --results results/prune/lm --threads 2
 
-Each (method, pattern) row runs in its own subprocess, so its peak memory (``ru_maxrss``) is its own, and writes
-``RESULTS/rows/<row>.json`` atomically: a killed evaluation resumes at the first missing row. Calibration: 64
+Each (method, pattern) row prunes a freshly loaded copy; its peak memory is the kernel's peak RSS (VmHWM, reset
+just before pruning) and it writes ``RESULTS/rows/<row>.json`` atomically: a killed evaluation resumes at the
+first missing row. ``--subprocess`` runs each row in its own process instead. Calibration: 64
 windows of 256 tokens at seeded random offsets of the *train* split; perplexity: every non-overlapping
 256-token window of the *test* split. ``--aggregate`` (also run at the end) writes ``lm_prune.csv``,
 ``lm_prune.json``, ``lm_allocation.json`` and ``lm_prune.png``.
@@ -62,9 +63,22 @@ def _cache(args) -> Path:
     return path
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so the peak measured next is the pruning's, not the loading's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def run_one(args, row: str) -> None:
@@ -77,11 +91,13 @@ def run_one(args, row: str) -> None:
     kw = dict(all_rows())[row]
     data = torch.load(_cache(args))
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
-    before = _rss_mb()
+    before = _status_mb("VmRSS")
+    reset = _reset_peak()
     t0 = time.perf_counter()
     result = prune_model(model, data["calib"], progress=False, **kw) if kw else None
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM since the reset; without it (not Linux) the process peak, loading included
+    peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"row": row, "method": row.split("@")[0], "setting": row.split("@")[1] if "@" in row else "dense",
            "prune_s": seconds, "peak_rss_mb": peak, "rss_before_prune_mb": before,
            "prune_peak_over_model_mb": max(peak - before, 0.0), "threads": args.threads,
@@ -133,6 +149,7 @@ def main(argv=None):
     ap.add_argument("--one", default=None, help="run this single row in this process (used by the driver)")
     ap.add_argument("--only", nargs="*", default=None, help="row ids to run (default all, in order)")
     ap.add_argument("--aggregate", action="store_true", help="only aggregate existing rows")
+    ap.add_argument("--subprocess", action="store_true", help="one process per row (default: all rows in this one)")
     args = ap.parse_args(argv)
     if args.one:
         return run_one(args, args.one)
@@ -142,6 +159,12 @@ def main(argv=None):
             if (Path(args.results) / "rows").exists() else set()
         for row, _ in all_rows():
             if row in done or (args.only and row not in args.only):
+                continue
+            if not args.subprocess:
+                try:
+                    run_one(args, row)
+                except Exception as e:  # one failed row must not stop the others; it is retried on the next run
+                    print(f"{row} failed: {type(e).__name__}: {e}", flush=True)
                 continue
             cmd = [sys.executable, "-m", "groupsparse.experiments.lm_eval", "--one", row,
                    "--model", args.model, "--data", args.data, "--results", args.results, "--threads", str(args.threads),
