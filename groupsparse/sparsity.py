@@ -57,9 +57,12 @@ def hoyer_sparsity(x: Any, *, axis: int | None = None, weights: Any = None):
     n = a.shape[vec_axis]
     if n < 2:
         raise ValueError(f"x: got vectors of length {n}, expected length >= 2 (Hoyer sparsity is 0/0 below that)")
-    # scale invariant: divide each vector by its largest magnitude so squares neither overflow nor underflow
+    # scale invariant in x and in w: divide each vector (and its weights) by a power of two of its largest entry,
+    # exactly, so squares neither overflow nor underflow (1e-300 or 1e+300 vectors, subnormals, huge weights)
     peak = a.max(axis=vec_axis, keepdims=True)
-    a = a / np.where(peak > 0, peak, 1.0)
+    a = np.ldexp(a, -np.clip(np.frexp(peak)[1], -1022, 1023))
+    if w is not None:
+        w = np.ldexp(w, -np.frexp(w.max(axis=vec_axis, keepdims=True))[1])
     l1 = (a if w is None else w * a).sum(axis=vec_axis)
     l2 = np.sqrt((a * a).sum(axis=vec_axis))
     if w is None:

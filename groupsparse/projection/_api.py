@@ -58,14 +58,14 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
             return None
         data, back = data.numpy(), "to_torch"
     out = np.empty_like(data)
-    stats = np.zeros(5)
+    stats = np.zeros(6)
     status = solve_plain_small(data, group.offsets, s, margin, tol, max_iter, out, stats)
     if status < 0:
         return None
     info = ProjectionInfo(mu=float(stats[0]), iterations=int(stats[1]), evaluations=int(stats[2]),
                           sparsity=float(stats[3]), target=s, discontinuity=False, converged=True, engine="numba",
                           n_vectors=group.n_vectors, already_sparse=status == 0)
-    info.bound = float(stats[4])
+    info.bound, info.low = float(stats[4]), int(stats[5])
     return out, info, back
 
 

@@ -84,11 +84,23 @@ class NumbaEngine:
                 raise ValueError("vectors: got NaN or Inf entries, expected finite values")
             # e within [-1022, 1023]: 2^e and 2^-e both exist (a subnormal vector's peak lands at >= 2^-52)
             e[vids] = np.clip(np.frexp(mx)[1], -1022, 1023)
-        self.e = e
         self.inv = np.ldexp(1.0, -e)
         if trouble.any():
             chunks = np.flatnonzero(trouble[self.cvec])
             fp[chunks] = self._first_pass(self.inv[self.cvec], chunks)[chunks]
+            # then the same rule as the ordinary vectors (2^e just above sqrt(sum |c|^2)), exactly: scaling the
+            # data by a power of two shifts e and changes no bit of the solve
+            sq = _reduce_rows(fp, self.first)[vids, 2]
+            adj = np.where(sq > 0, np.frexp(np.sqrt(sq))[1], 0)
+            adj = np.clip(e[vids] + adj, -1022, 1023) - e[vids]
+            e[vids] += adj
+            scale = np.ldexp(1.0, -adj)[np.searchsorted(vids, self.cvec[chunks])]
+            fp[chunks, 1] *= scale
+            fp[chunks, 2] *= scale * scale
+            if self.weighted:
+                fp[chunks, 3] *= scale
+            self.inv = np.ldexp(1.0, -e)
+        self.e = e
         # the ordinary vectors' sums, rescaled exactly
         good = ~trouble[self.cvec]
         isq = self.inv[self.cvec[good]]

@@ -29,7 +29,7 @@ def _sums_all(x, offsets, inv, t, sums):
 
 
 @jit
-def _total(beta, wn, e, sums):
+def _total(beta, wn, sh, sums):
     """S = sum_i sp_i (compensated: r can be 1e6) and dS/dmu, unweighted, from per-vector sums."""
     S = 0.0
     comp = 0.0
@@ -43,7 +43,7 @@ def _total(beta, wn, e, sums):
             sp = beta[i] * (wn[i] - h)
             dh = (-m + h * h) / nu
             if dh != 0.0:
-                dS -= beta[i] * dh * math.ldexp(beta[i], -e[i])
+                dS -= beta[i] * dh * math.ldexp(beta[i], sh[i])
         y = sp - comp
         tot = S + y
         comp = (tot - S) - y
@@ -103,7 +103,8 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, out, stats):
     t = np.zeros(r)
     sums = np.empty((r, 3))
     _first_pass(x, offsets[:-1], offsets[1:] - offsets[:-1], inv, sums)
-    top = 0.0
+    top = 0.0  # the largest one-hot point, as a mantissa m in [0.5, 1) and exponent E: 2^E m
+    E = -(10**6)
     bound = 0.0
     for i in range(r):
         sq = math.sqrt(offsets[i + 1] - offsets[i])
@@ -118,10 +119,20 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, out, stats):
             sums[i, 1] = sa * inv[i]
             sums[i, 2] = saa * inv[i] * inv[i]
             # the mu where vector i is surely one-hot: sqrt(sum a^2) bounds its largest entry
-            top = max(top, math.ldexp(math.sqrt(sums[i, 2]) / beta[i], e[i]))
+            m, p = math.frexp(math.sqrt(sums[i, 2]) / beta[i])
+            if p + e[i] > E or (p + e[i] == E and m > top):
+                top, E = m, p + e[i]
             bound = max(bound, math.ldexp(math.sqrt(sums[i, 2]), e[i]))
     stats[4] = bound
-    S, dS = _total(beta, wn, e, sums)
+    low = 10**6
+    for i in range(r):
+        if sums[i, 2] > 0.0:
+            low = min(low, e[i])
+    stats[5] = low
+    # mu is handled relative to 2^E (E: the top's exponent, see _solver.reference_exponent; all e_i here lie
+    # within 2^±400, so no centring is needed): scaling the data by 2^k changes nothing but E
+    sh = E - e  # thresholds t_i = ldexp(mu beta_i, E - e_i)
+    S, dS = _total(beta, wn, sh, sums)
     evals = 1
     if s == 0.0 or S >= r * s:
         out[:] = x
@@ -157,9 +168,9 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, out, stats):
                 break  # adjacent doubles: a jump
         mu = cand
         for i in range(r):
-            t[i] = math.ldexp(mu * beta[i], -e[i])
+            t[i] = math.ldexp(mu * beta[i], sh[i])
         _sums_all(x, offsets, inv, t, sums)
-        S, dS = _total(beta, wn, e, sums)
+        S, dS = _total(beta, wn, sh, sums)
         evals += 1
         res = abs(S - aim)
         slow = slow + 1 if res > 0.5 * prev_res else 0
@@ -175,7 +186,7 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, out, stats):
     if not done:
         return -1
     _write(x, offsets, inv, e, t, sums, out)  # the loop ended on an evaluation at hi
-    stats[0] = hi
+    stats[0] = math.ldexp(hi, E)
     stats[1] = it
     stats[2] = evals
     stats[3] = S_hi / r

@@ -112,9 +112,10 @@ def key_mid(lo, hi):
 
 def reference_exponent(p_max: int, p_min: int) -> int:
     """E such that the group's top (2^p_max) and its smallest vector's range (from 2^(p_min - 60)) are normal
-    doubles once divided by 2^E: 0 for ordinary data, centred when the group spans hundreds of decades."""
-    if p_max <= 1000 and p_min >= -900:
-        return 0
+    doubles once divided by 2^E. Taken from the group's own exponents (never a fixed 0), so scaling the data by
+    2^k shifts E by k and the whole solve, bisection included, is exactly equivariant."""
+    if p_min >= p_max - 900:
+        return p_max
     return max((p_max + p_min) // 2, p_max - 1000)
 
 
@@ -204,7 +205,8 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
             m, p = np.frexp(eng.ratio_host[nz] / eng.beta_host[nz])
             p = p + eng.e_host[nz]
             j = np.lexsort((m, p))[-1]
-            top_key, p_min = float(p[j]) + float(m[j]), int(p.min())
+            # m rounded up to 40 bits: p + m is then exact (|p| < 2^12), whatever p (equivariance)
+            top_key, p_min = float(p[j]) + math.ceil(float(m[j]) * 2.0**40) * 2.0**-40, int(p.min())
     # two collectives for all the constants: sums, and maxima (p + m orders the tops like their values)
     r_tot, msum = comm.sum(np.array([float(r_loc), margin * r_loc if margin_sum is None else margin_sum]))
     mx = comm.max(np.array([top_key, float(-p_min), float(eng.weighted)]))
@@ -214,7 +216,7 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
     E = reference_exponent(p_top, int(-mx[1]))
     if r_loc:
         eng.set_shift(E - eng.e_host)
-    # strictly inside the all-one-hot region (the key keeps ~40 bits of the top: 1e-9 covers that too)
+    # strictly inside the all-one-hot region
     mu_top = math.ldexp(mx[0] - p_top, p_top - E) * (1 + 1e-9) if math.isfinite(mx[0]) else 1.0
     target = r_tot * sparsity
     need = min(r_tot * (sparsity + margin), float(r_tot))
@@ -230,12 +232,15 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
         return ev
 
     bound = float(np.max(np.ldexp(eng.cnorm_host, eng.e_host))) if r_loc else 0.0
+    nzv = eng.cnorm_host > 0 if r_loc else np.zeros(0, dtype=bool)
+    low = int(eng.e_host[nzv].min()) if nzv.any() else 10**6
 
     def info(mu, S, it, **kw):
         res = ProjectionInfo(mu=float(np.ldexp(mu, E)), iterations=it, evaluations=evals, sparsity=float(S / r_tot),
                               target=sparsity, converged=kw.pop("conv", True), engine=eng.name,
                               n_vectors=r_tot, discontinuity=kw.pop("disc", False), **kw)
         res.bound = bound  # the largest vector l2 norm in the group: no output entry exceeds it
+        res.low = low  # the smallest vector exponent (outputs near the subnormal range: _contract)
         return res
 
     ev0 = evaluate(0.0)
