@@ -38,14 +38,17 @@ def find_reports(paths) -> list[dict]:
         if p.is_file() and p.name == "report.json":
             files[p.resolve()] = None
         elif p.is_dir():
+            root = p.resolve()
             for f in sorted(p.rglob("report.json")):
-                files[f.resolve()] = None
+                f = f.resolve()
+                # a run folder inside another run folder (below the searched folder) is a part of that run
+                inner = f.parent.parents[:len(f.parent.relative_to(root).parts)] if f.is_relative_to(root) else ()
+                if not any((a / _files.MANIFEST).is_file() or (a / "report.json").is_file() for a in inner):
+                    files[f] = None
         else:
             raise FileNotFoundError(f"report: got {str(p)!r}, expected a run folder or a report.json")
     found = []
     for f in files:
-        if any((a / "report.json").is_file() for a in f.parent.parents):
-            continue
         r = _files.read_json(f)
         missing = [k for k in _REQUIRED if k not in r]
         if missing:
@@ -220,7 +223,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["dataset"], r["model"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(11 * len(panels), 5.5), squeeze=False)
     for ax, (ds, model) in zip(axes[0], panels):
         sub = [r for r in rows if (r["dataset"], r["model"]) == (ds, model)]
         for r in sub:
@@ -228,13 +231,14 @@ def plot(rows: list[dict], path: str | Path) -> None:
                 ax.axhline(100 * r["accuracy_mean"], color="k", ls="--", lw=1, label=f"dense ({r['epochs']} ep)")
         lines = sorted({(r["method"], r["protocol"], r["variant"], r["epochs"], r["finetune_epochs"])
                         for r in sub if r["method"] != "dense"}, key=str)
+        colors = plt.get_cmap("tab20").colors
         for i, (m, p, v, e, f) in enumerate(lines):
             pts = sorted((r["zero_fraction"], r["accuracy_mean"], r["accuracy_std"]) for r in sub
                          if (r["method"], r["protocol"], r["variant"], r["epochs"], r["finetune_epochs"]) == (m, p, v, e, f))
             # x = -log10(1 - zeros): 90, 99 % zeros spread evenly, where the methods differ.
             xs = [-math.log10(max(1 - z, 1e-6)) + 0.004 * (i - len(lines) / 2) for z, _, _ in pts]
             ax.errorbar(xs, [100 * a for _, a, _ in pts], yerr=[100 * s for _, _, s in pts], marker="o", ms=4,
-                        capsize=2, ls="-" if p != "during" else "--", label=f"{m} {p} {v} ({e}+{f} ep)".replace("  ", " "))
+                        capsize=2, color=colors[i % len(colors)], ls="-" if p != "during" else "--", label=f"{m} {p} {v} ({e}+{f} ep)".replace("  ", " "))
         # Random pruning (a floor) can sit tens of points lower: keep the axis on the methods that compete.
         main = [100 * r["accuracy_mean"] for r in sub if r["method"] != "random"]
         if main and any(100 * r["accuracy_mean"] < min(main) - 10 for r in sub if r["method"] == "random"):
@@ -246,7 +250,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{ds} / {model} (mean ± std over seeds; epochs = dense + after)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     _files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
