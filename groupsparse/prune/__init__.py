@@ -11,9 +11,11 @@ Typical use (induced GSP in a plain loop)::
     pruner.remove()                          # plain parameters with real zeros
 """
 
+from . import oneshot
 from .baselines import GradualMagnitudePruner, HoyerSquareRegularizer, MagnitudePruner, RandomPruner, hoyer_square
 from .checkpoint import load_state_dict, prune_state_dict, save_state_dict
 from .masks import MASK_STYLES, Pruner, pruned_state_dict, smallest_k
+from .oneshot import PruneResult, prune_model
 from .pruner import GSPPruner
 from .report import LayerStats, SparsityReport, sparsity_report
 from .schedule import Schedule
@@ -26,6 +28,7 @@ __all__ = [
     "as_vectors", "from_vectors", "vector_shape", "project_tensors", "VECTOR_MODES", "SCOPES", "NORMALIZATIONS",
     "MASK_STYLES", "smallest_k", "pruned_state_dict", "sparsity_report", "SparsityReport", "LayerStats",
     "load_state_dict", "save_state_dict", "prune_state_dict",
+    "oneshot", "prune_model", "PruneResult",
 ]
 
 
