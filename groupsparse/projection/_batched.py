@@ -49,7 +49,7 @@ def solve_each(eng, sparsity: float, *, tol: float, max_iter: int):
         hi = xp.where(~above & ~done, t, hi)
         newton = t - (ev.h - target) / xp.where(ev.dh < 0, ev.dh, -1.0)
         # an open top: the one-hot threshold, doubled past it (weighted one-hots keep moving to lighter entries)
-        hi_eff = xp.where(xp.isfinite(hi), hi, xp.where(lo >= top, 2 * lo, top))
+        hi_eff = xp.where(xp.isfinite(hi), hi, 2 * xp.maximum(xp.where(xp.isfinite(lo), lo, 0.0), top))
         lo_eff = xp.where(xp.isfinite(lo), lo, xp.minimum(2 * t, -top) - 1e-300)
         inside = (ev.dh < 0) & (slow < 2) & (newton > lo_eff) & (newton < hi_eff)
         mid = xp.where(xp.isfinite(lo), _host_mid(eng, lo_eff, hi_eff), lo_eff)

@@ -231,7 +231,8 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
         ev.S, ev.dS = (float(v) for v in comm.sum(np.array([ev.S, ev.dS])))
         return ev
 
-    bound = float(np.max(np.ldexp(eng.cnorm_host, eng.e_host))) if r_loc else 0.0
+    with np.errstate(over="ignore"):
+        bound = float(np.max(np.ldexp(eng.cnorm_host, eng.e_host))) if r_loc else 0.0
     nzv = eng.cnorm_host > 0 if r_loc else np.zeros(0, dtype=bool)
     low = int(eng.e_host[nzv].min()) if nzv.any() else 10**6
 

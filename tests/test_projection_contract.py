@@ -1,0 +1,182 @@
+"""Issue 8: the precision contract per output dtype, layouts, and the smaller defects (docs/projection.md §4-5)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import groupsparse as gs
+import groupsparse.projection._numba as engine_mod
+import groupsparse.projection._small as small
+from groupsparse.projection._contract import _ROUNDOFF
+
+ENGINES = ["numba", "torch"]
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def provable(n, dtype):
+    """2u/(1-u) sqrt(n)/(sqrt(n)-1): the most rounding to ``dtype`` can move one vector's sparsity."""
+    u = _ROUNDOFF[dtype]
+    return 2 * u / (1 - u) * np.sqrt(n) / (np.sqrt(n) - 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(2, 40), st.floats(0.05, 0.95), st.sampled_from(sorted(HALF)),
+       st.sampled_from(ENGINES), st.integers(0, 2**32 - 1), st.floats(-12, 12))
+def test_feasible_in_the_output_dtype(r, n, s, dtype, engine, seed, log_scale):
+    """Measured on the returned values (in their own dtype), the average is >= s, and above it by no more
+    than the margin the solve aimed with plus the band and one rounding."""
+    x = torch.from_numpy(np.random.default_rng(seed).normal(size=(r, n)) * 2.0 ** (log_scale if dtype != "float16" else 0))
+    x = x.to(HALF[dtype])
+    out, info = gs.project(x, s, axis=1, engine=engine, return_info=True)
+    assert out.dtype == x.dtype
+    sp = gs.hoyer_sparsity(out.double(), axis=1).mean().item()
+    assert sp >= s
+    if not info.already_sparse and not info.discontinuity:
+        tol = {"float32": 4e-7, "float16": 1e-5, "bfloat16": 1e-4}[dtype]
+        assert sp <= s + info.margin + tol + provable(n, dtype) + 1e-12
+        assert abs(info.sparsity - sp) < 1e-9 or dtype == "float32"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_issue_half_examples(engine):
+    x = torch.tensor([-0.453125, 1.609375], dtype=torch.bfloat16)
+    out = gs.project(x, 0.5741393, engine=engine)
+    assert gs.hoyer_sparsity(out.double()) >= 0.5741393
+    with pytest.raises(ValueError, match="float16"):
+        gs.project(np.array([6e4] + [5e4] * 50, np.float16), 0.3, engine=engine)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_already_feasible_comes_back_bit_for_bit(dtype, engine):
+    """Feasible as measured in its own dtype (even within the aiming margin): returned unchanged, -0.0 included."""
+    x = np.random.default_rng(1).normal(size=(6, 9)).astype(dtype)
+    x[0, 0] = -0.0
+    s = float(gs.hoyer_sparsity(x.astype(np.float64), axis=1).mean()) - 1e-12
+    out = gs.project(x, s, axis=1, engine=engine)
+    assert out.dtype == x.dtype and out.tobytes() == x.tobytes()
+    assert gs.project(x, 0.0, axis=1, engine=engine).tobytes() == x.tobytes()
+
+
+def test_float64_overflow_raises_and_limits_are_kept():
+    for big, s in ((np.array([1.7e308, 1.7e308, 1.0]), 1.0), (np.array([1e308, 3e307, 1e300]), 0.5)):
+        out = gs.project(big, s)
+        assert np.all(np.isfinite(out)) and gs.hoyer_sparsity(out) >= s
+    with pytest.raises(ValueError, match="float64"):
+        gs.project(np.array([1.7e308, 1.6e308, 1.5e308, 1e300]), 0.3)
+
+
+# ---------------------------------------------------------------- layouts
+
+
+def _layouts(M):
+    base = np.asarray(M, np.float64)
+    ro = base.copy()
+    ro.flags.writeable = False
+    wide = np.zeros((base.shape[0], 2 * base.shape[1]))
+    wide[:, ::2] = base
+    yield "view", wide[:, ::2]
+    yield "fortran", np.asfortranarray(base)
+    yield "big-endian", base.astype(">f8")
+    yield "read-only", ro
+    yield "parameter", torch.nn.Parameter(torch.from_numpy(base.copy()))
+
+
+@pytest.mark.parametrize("path", ["small", "general"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_layouts_give_the_same_result(engine, path, monkeypatch):
+    if path == "general":
+        monkeypatch.setattr(small, "SMALL_MAX_ENTRIES", -1)
+    M = np.random.default_rng(2).normal(size=(7, 5))
+    want = gs.project(np.ascontiguousarray(M), 0.6, engine=engine)
+    for name, X in _layouts(M):
+        got = gs.project(X, 0.6, engine=engine)
+        got = got.detach().numpy() if isinstance(got, torch.Tensor) else got
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15, err_msg=name)
+    Mb = np.arange(1.0, 7.0).reshape(2, 3).astype(">f8")
+    np.testing.assert_allclose(gs.project(Mb, 0.5, engine=engine), gs.project(Mb.astype("<f8"), 0.5, engine=engine))
+
+
+def test_inplace_validates_everything_before_writing():
+    a = np.array([3.0, 1.0, 2.0])
+    ro = np.array([1.0, 2.0, 5.0])
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        gs.project_([a, ro], 0.5)
+    np.testing.assert_array_equal(a, [3.0, 1.0, 2.0])
+
+
+def test_project_groups_empty_blocks_and_signed_zeros_on_torch():
+    res = gs.project_groups([[np.zeros((0, 0)), np.ones(3)], np.ones((2, 3))], 0.5, engine="torch")
+    assert res[0][0].shape == (0, 0) and gs.hoyer_sparsity(res[0][1]) >= 0.5
+    x = torch.tensor([[-0.0, 1.0, 0.0], [0.0, -0.0, 2.0]])
+    out = gs.project_groups([x], 0.5, axis=1, engine="torch")[0]
+    assert torch.equal(torch.signbit(out), torch.signbit(x))
+
+
+def test_weighted_kernels_respect_thread_thresholds(monkeypatch):
+    rng = np.random.default_rng(4)
+    x, w = rng.normal(size=(50, 40)), rng.uniform(0.5, 2, size=(50, 40))
+    from groupsparse.projection._group import as_group
+
+    g = as_group(x, axis=1, weights=w)
+    assert engine_mod.NumbaEngine(g.data, g.offsets, g.weights).par == 0
+    serial = gs.project(x, 0.7, axis=1, weights=w)
+    monkeypatch.setattr(engine_mod, "PARALLEL_MIN_ENTRIES", 0)
+    monkeypatch.setattr(engine_mod, "PARALLEL_MIN_THREADS", 1)
+    np.testing.assert_allclose(gs.project(x, 0.7, axis=1, weights=w), serial, rtol=1e-12)
+
+
+def test_numba_cache_falls_back_when_no_folder_is_writable(monkeypatch):
+    import numba
+
+    from groupsparse.projection import _kernels
+
+    real = numba.njit
+
+    def picky(*args, **kw):
+        if kw.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_kernels.nb, "njit", picky)
+
+    def f(a):
+        return a + 1
+
+    assert _kernels.jit(f)(1) == 2
+
+
+def test_concurrent_calls_under_workqueue():
+    """Threads entering threaded kernels at once abort numba's workqueue layer: the engine serializes them."""
+    code = textwrap.dedent("""
+        import threading, numpy as np, groupsparse as gs
+        import groupsparse.projection._numba as E
+        E.PARALLEL_MIN_ENTRIES, E.PARALLEL_MIN_THREADS = 0, 1
+        import groupsparse.projection._small as S
+        S.SMALL_MAX_ENTRIES = -1
+        x = np.random.default_rng(0).normal(size=(200, 300))
+        want = gs.project(x, 0.8, axis=1)
+        bad = []
+        def work():
+            for _ in range(5):
+                if not np.array_equal(gs.project(x, 0.8, axis=1), want):
+                    bad.append(1)
+        ts = [threading.Thread(target=work) for _ in range(4)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        assert not bad
+        print("ok")
+    """)
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
