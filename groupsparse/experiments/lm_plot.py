@@ -15,7 +15,7 @@ def plot(rows: list[dict], alloc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    fig, (ax, ax2, ax3, ax4) = plt.subplots(1, 4, figsize=(21, 4.8), gridspec_kw={"width_ratios": [1.3, 1, 1, 1]})
     dense = next((r["test_ppl"] for r in rows if r["row"] == "dense"), None)
     for method, (color, marker) in STYLE.items():
         pts = sorted((float(r["setting"]), r["test_ppl"]) for r in rows
@@ -49,6 +49,17 @@ def plot(rows: list[dict], alloc: dict, path: Path) -> None:
                      label=key.replace("_", " @ "))
     ax3.set(xlabel="decoder block", ylabel="zero fraction of the block", title="layer allocation: GSP (model group) vs OWL")
     ax3.legend(fontsize=7)
+    # GSP's allocation by kind of layer (OWL gives every Linear of a block the same sparsity)
+    for j, key in enumerate(k for k in ("gsp-model_0.5", "gsp-model_0.7") if k in alloc):
+        kinds: dict[str, list[float]] = {}
+        for name, z in alloc[key]["layers"].items():
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append(z)
+        names = sorted(kinds)
+        ax4.bar([i + 0.4 * j for i in range(len(names))], [sum(kinds[n]) / len(kinds[n]) for n in names], 0.4,
+                label=key.replace("_", " @ "))
+        ax4.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    ax4.set(ylabel="mean zero fraction over blocks", title="GSP (model group): allocation by layer kind")
+    ax4.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
