@@ -150,14 +150,3 @@ class Data:
         if self.sparse:
             return np.ascontiguousarray((self.X @ H.T).T)
         return H @ self.Xt
-
-    def at_nonzeros(self, Wt, H):
-        """(WH) at the stored entries of a sparse X, in CSR order (KL needs the model only there)."""
-        rows = np.repeat(np.arange(self.n), np.diff(self.X.indptr))
-        cols = self.X.indices
-        out = np.empty(len(cols))
-        step = 1 << 16  # bounded temporaries: r x step doubles at a time
-        for a in range(0, len(cols), step):
-            b = min(a + step, len(cols))
-            out[a:b] = np.einsum("ki,ki->i", Wt[:, rows[a:b]], H[:, cols[a:b]])
-        return out

@@ -125,21 +125,26 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
     components_ : ndarray of shape (n_components, n_features)
         H, the best iterate.
     reconstruction_err_ : float
-        :math:`\|X - WH\|_F` at the returned factors.
+        :math:`\|X - WH\|_F` over the observed entries at the returned factors; KL: :math:`\sqrt{2D}` (as
+        scikit-learn).
     n_iter_ : int
         Outer iterations run.
     history_ : ndarray of shape (n_iter_ + 1,)
-        Relative error :math:`\|X - WH\|_F / \|X\|_F` at the start and after every iteration.
+        Relative error :math:`\|X - WH\|_F / \|X\|_F` (observed entries; KL: :math:`\sqrt{2D}/\|X\|_F`) at the
+        start and after every iteration.
     best_iter_ : int
         Iteration of the returned iterate.
     sparsity_W_, sparsity_H_ : float
         Achieved average Hoyer sparsity of the columns of W and of the rows of H.
     n_features_in_ : int
+    n_steps_ : int
+        Blocks seen by :meth:`partial_fit` since the last ``fit`` (only after ``partial_fit``).
     feature_names_in_ : ndarray of str, only when X has string feature names.
 
     See Also
     --------
     sparse_nmf : the same computation as a function.
+    heldout_error : error on hidden entries, for choosing ``n_components`` and targets by cross-validation.
     groupsparse.project : the grouped sparse projection.
 
     Examples

@@ -14,7 +14,7 @@ The scheme, and why the objective never increases:
   at the current H, so D never increases (this is scikit-learn's ``solver="mu"`` step; our iterates match it).
 * A factor **with** a target takes one *scaled projected-gradient* step with Armijo backtracking: trial points
   :math:`H(t) = P_s(\min(\max(0, H - t\, S \circ \nabla_H D), 2h_{\max}))` with the multiplicative-update
-  scaling :math:`S = (H + \delta)/(W^\top M)` (:math:`\delta` = 1e-3 of the row's largest entry, so entries the
+  scaling :math:`S = (H + \delta)/(W^\top M)` (:math:`\delta` = 0.1 of the row's largest entry, so entries the
   projection zeroed can come back; the cap :math:`2h_{\max}` at twice the row's largest entry stops an entry of
   a column no component covers, whose gradient is about x/eps, from swallowing the row), accepted only if
   :math:`D(H(t)) \le D(H) - \frac{\sigma}{t}\|H(t) - H\|^2_{S^{-1}}` (:math:`\sigma` = 1e-4); otherwise t is
@@ -49,6 +49,8 @@ from ._solvers import Factor, Options, balance, finish_info
 
 SIGMA = 1e-4
 MAX_HALVINGS = 40
+DELTA = 0.1  # revival floor of the scaling, relative to the row maximum
+WARMUP = 10  # unconstrained multiplicative updates before the start is projected (targets only)
 
 
 class _Side:
@@ -100,14 +102,14 @@ def _pg_step(side, G, Fac: Factor, f0: float) -> float:
 
     Trial points F(t) = P_s(max(0, F - t S o grad)) with the multiplicative-update scaling S = (F + delta) / den:
     at t = 1 this is the projected multiplicative update (delta aside), the natural step length of KL; delta
-    (1e-3 of the row's largest entry) lets entries that the projection zeroed come back. A trial is accepted
+    (0.1 of the row's largest entry) lets entries that the projection zeroed come back. A trial is accepted
     only if it lowers D by sigma ||F(t) - F||^2_{S^-1} / t; otherwise t is halved.
     """
     ops = Fac.ops
     num, den = side.grad_parts(G, Fac.F)
     grad = den - num
     top = Fac.F.max(1, keepdims=True) if ops.name == "numpy" else Fac.F.amax(1, keepdim=True)
-    S = (Fac.F + 1e-3 * top + 1e-300) / ops.where(den > 0, den, 1.0 + 0.0 * den)
+    S = (Fac.F + DELTA * top + 1e-300) / ops.where(den > 0, den, 1.0 + 0.0 * den)
     t = min(1.0, 2.0 * Fac.t)  # grow back toward the multiplicative step after backtracking
     for h in range(MAX_HALVINGS):
         trial = ops.clamp0(Fac.F - t * (S * grad))
@@ -122,7 +124,7 @@ def _pg_step(side, G, Fac: Factor, f0: float) -> float:
             Fac.halvings.append(h)
             return f1
         t *= 0.5
-    Fac.t = t
+    Fac.t = max(t, 2.0**-30)  # nothing passed (near stationary): keep the next start from decaying to 0
     Fac.halvings.append(MAX_HALVINGS)
     return f0
 
@@ -161,6 +163,16 @@ def factorize_kl(D: Data, Wt0, H0, opts: Options, callback=None):
             tot = float(V.sum()) if D.M is None else ops.vdot(sideH.Mf, V)
         if tot > 0:
             Wf.F = Wf.F * (xsum / tot)
+    if opts.update_W and opts.update_H and (Wf.proj.s is not None or Hf.proj.s is not None):
+        # Projecting a random start picks random supports, and KL cannot move a support far: an entry outside
+        # it only returns through the small delta of the scaling (measured: topics stayed random word lists).
+        # A few unconstrained multiplicative updates first let the data choose the supports; D is monotone
+        # from the projected point on.
+        for _ in range(WARMUP):
+            balance(Wf, Hf)
+            _mu_step(sideW, Hf.F.T, Wf)
+            _mu_step(sideH, Wf.F.T, Hf)
+    if opts.update_W:
         Wf.start()
     if opts.update_H:
         Hf.start()
