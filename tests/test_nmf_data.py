@@ -233,3 +233,19 @@ def test_no_writable_cache_falls_back(monkeypatch):
     with pytest.warns(RuntimeWarning, match="without a disk cache"):
         f = _fastproj._jit()(lambda x: x + 1)
     assert f(1) == 2
+
+
+def test_warm_started_gsp_matches_cold():
+    """The compiled GSP started from a previous root (NMF's repeated projections) returns the same projection."""
+    from groupsparse.nmf._fastproj import gsp_rows
+
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        C = np.maximum(0.0, rng.standard_normal((int(rng.integers(2, 12)), int(rng.integers(2, 200)))))
+        s = float(rng.uniform(0.3, 0.95))
+        cold = gsp_rows(C, s)
+        ref = gs.project(C, s, axis=1)
+        for mu0 in (1e-6, 0.05, 0.5, 5.0):  # below, near and above the root, and beyond the bracket
+            warm = gsp_rows(C, s, mu0=mu0)
+            np.testing.assert_allclose(warm, cold, rtol=1e-9, atol=1e-12 * C.max())
+        np.testing.assert_allclose(cold, ref, rtol=1e-9, atol=1e-12 * C.max())

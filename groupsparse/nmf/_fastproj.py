@@ -97,20 +97,15 @@ def gsp_rows_warm(x, s, mu0, tol, max_iter, out):
     lo = 0.0
     hi = top
     mu = 0.0
-    if 0.0 < mu0 < top:  # warm start: one evaluation at the previous root usually brackets the new one tightly
-        mu = mu0
-        g, dg = _g_rows(x, mu * beta, sums)
-        if g > k + slack:
-            lo = mu
-        else:
-            hi = mu
-            if g >= k - band:
-                return _write_rows(x, hi * beta, sums, out), hi
+    warm = 0.0 < mu0 < top  # warm start: one evaluation at the previous root usually brackets the new one tightly
     slow = 0
     prev_res = math.inf
     for _ in range(max_iter):
         cand = math.nan
-        if slow < 2 and dg < 0.0:
+        if warm:
+            cand = mu0
+            warm = False
+        elif slow < 2 and dg < 0.0:
             cand = mu - (g - aim) / dg
         if not (lo < cand < hi):
             cand = 0.5 * (lo + hi)
