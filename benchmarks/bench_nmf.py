@@ -30,6 +30,47 @@ def _setup(src):
         sys.path.insert(0, os.path.abspath(src))
 
 
+def _topics_case(repeats, iters=20, r=20):
+    """KL on the Python-docs bag of words (sparse): our per-iteration time against scikit-learn's MU and
+    MiniBatchNMF, interleaved so load changes hit all alike."""
+    import numpy as np
+    from sklearn.decomposition import NMF, MiniBatchNMF
+    from sklearn.exceptions import ConvergenceWarning
+
+    from groupsparse.nmf import sparse_nmf
+    from groupsparse.nmf.realdata import DEFAULT_DOCS, bag_of_words
+
+    if not DEFAULT_DOCS.exists():
+        return dict(skipped=f"{DEFAULT_DOCS} absent")
+    X, _ = bag_of_words(DEFAULT_DOCS)
+    rng = np.random.default_rng(0)
+    W0, H0 = rng.random((X.shape[0], r)) * 0.1, rng.random((r, X.shape[1])) * 0.1
+    runs = {
+        "ours_kl": lambda: sparse_nmf(X, r, W=W0, H=H0, beta_loss="kullback-leibler", max_iter=iters, tol=0),
+        "ours_kl_gsp_0.9": lambda: sparse_nmf(X, r, W=W0, H=H0, beta_loss="kullback-leibler", sparsity_H=0.9,
+                                              max_iter=iters, tol=0),
+        "sklearn_mu": lambda: NMF(r, init="custom", beta_loss="kullback-leibler", solver="mu", max_iter=iters,
+                                  tol=0).fit_transform(X, W=W0.copy(), H=H0.copy()),
+        "sklearn_minibatch_epoch": lambda: MiniBatchNMF(r, init="custom", beta_loss="kullback-leibler",
+                                                        batch_size=512, max_iter=1, tol=0,
+                                                        max_no_improvement=None).fit_transform(
+            X, W=W0.copy(), H=H0.copy()),
+    }
+    times = {k: [] for k in runs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for _ in range(repeats):
+            for k, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    per_iter = {k: sorted(v)[len(v) // 2] / (1 if "epoch" in k else iters) for k, v in times.items()}
+    return dict(shape=list(X.shape), nnz=int(X.nnz), iters=iters, r=r, seconds_per_iter=per_iter,
+                ratio_ours_kl_to_sklearn_mu=per_iter["ours_kl"] / per_iter["sklearn_mu"],
+                ratio_ours_kl_gsp_to_sklearn_mu=per_iter["ours_kl_gsp_0.9"] / per_iter["sklearn_mu"],
+                note="minibatch: one epoch over all minibatches (batch_size 512) counted as one iteration")
+
+
 def _median_time(fn, repeats):
     ts = []
     for _ in range(repeats):
@@ -108,6 +149,7 @@ def main(argv=None):
     ap.add_argument("--src", default=None, help="checkout whose groupsparse is timed (default: the installed one)")
     ap.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--topics", action="store_true", help="also the KL case on the Python-docs bag of words")
     ap.add_argument("--blas-threads", type=int, default=1,
                     help="BLAS threads for both libraries (1: on a shared 2-core machine threaded BLAS spins and "
                          "makes small products 100x slower, measured)")
@@ -126,6 +168,8 @@ def main(argv=None):
     Xc = rng.random((2429, 361)) ** 3
     res["cases"]["cbcl_like"] = _case(Xc, 49, 50, 0.7, rng.random((2429, 49)), rng.random((49, 361)),
                                       max(3, args.repeats // 2))
+    if args.topics:
+        res["cases"]["topics_kl"] = _topics_case(3)
     res["cold_start"] = _cold(args.src)
     res["load_average_end"] = os.getloadavg()
     text = json.dumps(res, indent=2)
