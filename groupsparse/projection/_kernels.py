@@ -5,7 +5,7 @@ enters as a = |x_j| * inv_i with inv_i an exact power of two chosen per vector (
 squares stay near 1 whatever the vector's scale (1e-300 and 1e+300 in one group, subnormals). Weights are
 float64, already normalized per vector by a power of two (``_group``).
 
-Floating-point flags: the reductions use ``reassoc`` (so LLVM vectorizes the sums) and ``nsz``; reassociation
+Floating-point flags: the reductions use ``reassoc`` (so LLVM vectorizes the sums), ``nsz`` and ``contract``; reassociation
 there only reorders sums of O(1) values. The write kernels get no reassociation at all: there ``(|x| inv - t) S``
 must not be regrouped into products that overflow. Without ``nnan``/``ninf`` the input checks keep IEEE semantics.
 
@@ -20,7 +20,7 @@ import types
 import numba as nb
 import numpy as np
 
-_FM_SUM = {"reassoc", "nsz"}
+_FM_SUM = {"reassoc", "nsz", "contract"}
 _FM_WRITE = {"nsz"}
 
 

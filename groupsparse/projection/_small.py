@@ -29,7 +29,7 @@ def _sums_all(x, offsets, inv, t, sums):
 
 
 @jit
-def _total(beta, wn, sh, sums):
+def _total(beta, wn, dt, sums):
     """S = sum_i sp_i (compensated: r can be 1e6) and dS/dmu, unweighted, from per-vector sums."""
     S = 0.0
     comp = 0.0
@@ -43,7 +43,7 @@ def _total(beta, wn, sh, sums):
             sp = beta[i] * (wn[i] - h)
             dh = (-m + h * h) / nu
             if dh != 0.0:
-                dS -= beta[i] * dh * math.ldexp(beta[i], sh[i])
+                dS -= beta[i] * dh * dt[i]
         y = sp - comp
         tot = S + y
         comp = (tot - S) - y
@@ -131,8 +131,12 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, out, stats):
     stats[5] = low
     # mu is handled relative to 2^E (E: the top's exponent, see _solver.reference_exponent; all e_i here lie
     # within 2^±400, so no centring is needed): scaling the data by 2^k changes nothing but E
-    sh = E - e  # thresholds t_i = ldexp(mu beta_i, E - e_i)
-    S, dS = _total(beta, wn, sh, sums)
+    # thresholds t_i = ldexp(mu beta_i, E - e_i) = mu dt_i: the shifts stay within 2^+-850 here, so dt_i is a
+    # normal double and the product rounds exactly like the ldexp
+    dt = np.empty(r)
+    for i in range(r):
+        dt[i] = math.ldexp(beta[i], E - e[i])
+    S, dS = _total(beta, wn, dt, sums)
     evals = 1
     if s == 0.0 or S >= r * s:
         out[:] = x
@@ -168,9 +172,9 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, out, stats):
                 break  # adjacent doubles: a jump
         mu = cand
         for i in range(r):
-            t[i] = math.ldexp(mu * beta[i], sh[i])
+            t[i] = mu * dt[i]
         _sums_all(x, offsets, inv, t, sums)
-        S, dS = _total(beta, wn, sh, sums)
+        S, dS = _total(beta, wn, dt, sums)
         evals += 1
         res = abs(S - aim)
         slow = slow + 1 if res > 0.5 * prev_res else 0
