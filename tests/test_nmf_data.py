@@ -93,8 +93,10 @@ def test_sparse_and_dense_agree():
         np.testing.assert_allclose(a[1], b[1], rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(c[1], b[1], rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(a[2].history, b[2].history, rtol=1e-8)
-    est = SparseNMF(4, max_iter=10, tol=0, random_state=0).fit(Xs)
-    assert est.transform(Xs).shape == (50, 4)
+    for loss in ("frobenius", "kullback-leibler"):
+        est = SparseNMF(4, max_iter=10, tol=0, random_state=0, beta_loss=loss).fit(Xs)
+        assert est.transform(Xs).shape == (50, 4)
+        assert est.score(Xs) == pytest.approx(est.score(Xs.toarray()), rel=1e-9)  # sparse score stays sparse
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -215,7 +215,7 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         W_out, _, _ = _run(prep, self.get_params(), H=self.components_, update_H=False)
         return W_out
 
-    def partial_fit(self, X, y=None, W=None, H=None, mask=None):
+    def partial_fit(self, X, y=None, H=None, mask=None):
         """Update the components with one block of rows (data larger than memory); returns self.
 
         Online NMF in the style of scikit-learn's ``MiniBatchNMF``: the block's W is solved with H fixed, the

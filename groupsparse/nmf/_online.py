@@ -13,15 +13,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.base import clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._data import is_torch
 from ._estimator import _params, _run, _validated
+from ._fastproj import dot_at
 from ._input import start_factor, to_output
 from ._solvers import Factor, row_sparsity
-from ._params import check_real
+from ._params import check_beta_loss, check_real
 
 
 def partial_fit(est, X, H=None, mask=None):
@@ -86,6 +88,18 @@ def _observed_error(X, W, H, M, beta_loss):
     return float(np.sum(t - x + v)), int(M.sum())
 
 
+def _sparse_loss(D, W, H, loss):
+    """The loss over all entries of a sparse X without densifying: cached products (Frobenius) or WH at the
+    stored entries (KL, same epsilon as the solver)."""
+    X = D.X
+    if loss == "frobenius":
+        return D.xnorm2 - 2 * float(np.sum((X @ H.T) * W)) + float(np.sum((W.T @ W) * (H @ H.T)))
+    eps = 1e-10 * float(X.data.sum()) / (D.n * D.m)
+    v = np.empty(X.nnz)
+    dot_at(X.indptr, X.indices, np.ascontiguousarray(W), np.ascontiguousarray(H.T), eps, v)
+    return float(X.data @ np.log(X.data / v)) - float(X.data.sum()) + float(W.sum(0) @ H.sum(1)) + eps * D.n * D.m
+
+
 def _numpy(a):
     if is_torch(a):
         return a.detach().cpu().double().numpy()
@@ -94,24 +108,31 @@ def _numpy(a):
 
 def score(est, X, mask=None):
     check_is_fitted(est)
+    loss = check_beta_loss(est.beta_loss)
     W = est.transform(X, mask=mask)
     prep = _validated(est, X, mask, reset=False, need_cols=False)
+    if prep.D.sparse:
+        total = _sparse_loss(prep.D, np.asarray(W, dtype=np.float64), np.asarray(est.components_, np.float64), loss)
+        count = prep.D.n * prep.D.m
+        return -math.sqrt(max(total, 0.0) / count) if loss == "frobenius" else -total / count
     M = None if prep.D.M is None else _numpy(prep.D.M).astype(bool)
-    total, count = _observed_error(_numpy(prep.D.X), _numpy(W), _numpy(est.components_), M,
-                                   est.get_params()["beta_loss"] if est.beta_loss != 2 else "frobenius")
-    return -math.sqrt(total / count) if est.beta_loss in ("frobenius", 2) else -total / count
+    total, count = _observed_error(_numpy(prep.D.X), _numpy(W), _numpy(est.components_), M, loss)
+    return -math.sqrt(total / count) if loss == "frobenius" else -total / count
 
 
 def heldout_error(estimator, X, *, fraction=0.1, n_splits=3, mask=None, random_state=None):
     """Error on entries hidden from the fit, for choosing ``n_components`` or a sparsity target.
 
-    Each split hides a random ``fraction`` of the observed entries of X (dense), fits a clone of ``estimator``
+    Each split hides a random ``fraction`` of the observed entries of X (dense array or tensor), fits a clone of ``estimator``
     with them masked, and measures the root-mean-square error (Frobenius) or the mean KL divergence per entry
     on the hidden entries. Returns an array of ``n_splits`` errors (lower is better).
     """
     fraction = check_real("fraction", fraction, 0, 1, lo_open=True, hi_open=True)
     if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
         raise ValueError(f"n_splits: got {n_splits!r}, expected an int >= 1")
+    if sp.issparse(X):
+        raise ValueError("X: got a scipy.sparse matrix, expected a dense array or tensor (hidden entries need a mask)")
+    loss = check_beta_loss(estimator.get_params().get("beta_loss", "frobenius"))
     Xn = _numpy(X)
     observed = ~np.isnan(Xn)
     if mask is not None:
@@ -122,8 +143,7 @@ def heldout_error(estimator, X, *, fraction=0.1, n_splits=3, mask=None, random_s
         hide = observed & (rng.random_sample(Xn.shape) < fraction)
         est = clone(estimator)
         W = est.fit_transform(X, mask=observed & ~hide)
-        total, count = _observed_error(np.where(hide, Xn, 0.0), _numpy(W), _numpy(est.components_), hide,
-                                       "frobenius" if est.beta_loss in ("frobenius", 2) else "kullback-leibler")
-        errors.append(math.sqrt(total / max(count, 1)) if est.beta_loss in ("frobenius", 2)
-                      else total / max(count, 1))
+        total, count = _observed_error(np.where(hide, Xn, 0.0), _numpy(W), _numpy(est.components_), hide, loss)
+        count = max(count, 1)
+        errors.append(math.sqrt(total / count) if loss == "frobenius" else total / count)
     return np.asarray(errors)

@@ -128,7 +128,7 @@ def check_choice(name, value, choices):
     return value
 
 
-def _check_beta_loss(value):
+def check_beta_loss(value):
     aliases = {"frobenius": "frobenius", 2: "frobenius", "kullback-leibler": "kullback-leibler",
                1: "kullback-leibler"}
     if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)) or value not in aliases:
@@ -150,7 +150,7 @@ def options(p: dict) -> Options:
         hals_delta=check_real("hals_delta", p["hals_delta"], 0, 1, hi_open=True),
         l1_rate=check_real("l1_rate", p["l1_rate"], 0, 1, lo_open=True, hi_open=True),
         balance=bool(check_choice("balance", p["balance"], (True, False))),
-        beta_loss=_check_beta_loss(p.get("beta_loss", "frobenius")),
+        beta_loss=check_beta_loss(p.get("beta_loss", "frobenius")),
     )
 
 
