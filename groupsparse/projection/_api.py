@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -10,7 +9,7 @@ import numpy as np
 
 from ._group import Group, as_group, is_tensor, validate_sparsity
 from ._batched import solve_each, solve_groups
-from ._contract import _LARGEST, _TOL, _check_solver_options, _margin, _precision, solve_contract  # noqa: F401
+from ._contract import _LARGEST, _check_solver_options, _margin, _precision, solve_contract
 from ._solver import ProjectionInfo, solve_shared
 
 ENGINES = ("auto", "numba", "torch")
@@ -110,18 +109,19 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     weights : same structure as ``vectors``, strictly positive, optional
         Weighted Hoyer sparsity (REFERENCE.md §1); ``None`` is the plain measure.
     tol : float, optional
-        Accepted excess of the achieved average sparsity over the target: the result lies in
-        ``[sparsity, sparsity + tol]`` unless a discontinuity (tied largest entries) forces it higher.
-        Default 1e-12 for float64, 5e-7 for float32 (aimed 2e-7 inside), 5e-5 for float16 (4e-5 inside) and
-        5e-4 for bfloat16 (3e-4 inside), so that the result, rounded to its dtype, is still feasible.
+        Width of the accepted band above the aim. float64: the result lies in ``[sparsity, sparsity + tol]``
+        (default 1e-12), ties included. Coarser outputs are aimed inside by a rounding margin and are feasible
+        when measured in their own dtype (docs/projection.md §4): float32 (default tol 4e-7) within
+        ``[sparsity, sparsity + 2m + tol]`` with the provable margin m <= 4.1e-7; float16/bfloat16 (default 1e-5 /
+        1e-4) measured after rounding and re-solved further inside while short (``info.margin``).
     max_iter : int, optional
         Newton/bisection iterations (default 100); on exhaustion a ``ProjectionWarning`` is raised and the
         feasible end of the bracket is returned.
     engine : {"auto", "numba", "torch"}
         ``auto`` uses Numba for NumPy arrays and CPU tensors, torch for tensors on other devices.
     return_info : bool
-        Also return a :class:`ProjectionInfo` (mu, iterations, evaluations, achieved sparsity, discontinuity,
-        number of vectors sent to one-hot at a jump, engine used).
+        Also return a :class:`ProjectionInfo` (mu, iterations, evaluations, the average sparsity of the returned
+        vectors, discontinuity, vectors sent fully / partially to one-hot at a jump, engine used).
 
     Returns
     -------
@@ -131,7 +131,9 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     Notes
     -----
     Vectors of length 1 are rejected (their Hoyer sparsity is 0/0). A zero vector counts as sparsity 1 and
-    stays zero. Results carry no autograd history.
+    stays zero. Results carry no autograd history. Exact at every scale (project(a c) = a project(c)); at tied
+    largest entries the optimum is returned, on the target. Results beyond the output dtype's largest finite
+    value raise ``ValueError``.
     """
     s = validate_sparsity(sparsity)
     group = as_group(vectors, axis=axis, weights=weights)

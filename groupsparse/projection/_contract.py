@@ -41,9 +41,8 @@ def _check_solver_options(tol, max_iter, precision):
 
 
 def _margin(group: Group, precision: str) -> float:
-    """Provable margin for rounding to the output dtype: 2u/(1-u) times the mean of beta_i ||w_i|| (unweighted:
-    sqrt(n)/(sqrt(n)-1)), read from the lengths alone (weighted: bounded by the unweighted value's worst case
-    through max ||w||/(||w|| - min w), computed on the host from the normalized weights)."""
+    """Provable margin for rounding to the output dtype: 2u/(1-u) times the mean over vectors of
+    beta_i ||w_i|| = ||w_i|| / (||w_i|| - min w_i) (unweighted: sqrt(n)/(sqrt(n)-1), from the lengths alone)."""
     u = _ROUNDOFF[precision]
     if u == 0.0:
         return 0.0

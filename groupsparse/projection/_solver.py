@@ -59,7 +59,8 @@ class Evaluation:
 
 @dataclass
 class ProjectionInfo:
-    """What the solver did. ``sparsity`` is the average (weighted) Hoyer sparsity of the returned vectors."""
+    """What the solver did. ``sparsity`` is the average (weighted) Hoyer sparsity of the returned vectors;
+    ``margin`` how far inside the target the solve aimed (rounding to the output dtype, docs/projection.md §4)."""
 
     mu: float
     iterations: int
@@ -73,6 +74,7 @@ class ProjectionInfo:
     already_sparse: bool = False
     n_jumped: int = 0  # tied vectors sent fully to one-hot at a discontinuity
     n_partial: int = 0  # tied vectors given a partial share (0 or 1)
+    margin: float = 0.0
     collectives: int = 0  # collective calls made (groupsparse.distributed; 0 in one process)
     notes: list = field(default_factory=list)
 
@@ -239,7 +241,7 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
     def info(mu, S, it, **kw):
         res = ProjectionInfo(mu=float(np.ldexp(mu, E)), iterations=it, evaluations=evals, sparsity=float(S / r_tot),
                               target=sparsity, converged=kw.pop("conv", True), engine=eng.name,
-                              n_vectors=r_tot, discontinuity=kw.pop("disc", False), **kw)
+                              n_vectors=r_tot, discontinuity=kw.pop("disc", False), margin=margin, **kw)
         res.bound = bound  # the largest vector l2 norm in the group: no output entry exceeds it
         res.low = low  # the smallest vector exponent (outputs near the subnormal range: _contract)
         return res
