@@ -176,19 +176,18 @@ def project_cmd(inp, sparsity, out, axis, keys, weights, group, engine):
         raise ValueError(f"--out: got a .npy path for {len(keys)} arrays, expected .npz or .safetensors")
     check_paths({"IN": inp, "--weights": weights}, {"--out": out})
     t0 = time.perf_counter()
-    arrays = load_arrays(inp)
-    wts = load_arrays(weights) if weights else {}
+    arrays = load_arrays(inp, "IN")
+    wts = load_arrays(weights, "--weights") if weights else {}
     t_load = time.perf_counter() - t0
     if out.lower().endswith(".npy") and len(arrays) != 1:
         raise ValueError(f"--out: got a .npy path for the {len(arrays)} arrays of IN, expected .npz or .safetensors")
-    chosen, skipped = _choose(arrays, keys, axis)
+    chosen, skipped = _choose(arrays, keys, axis, inp)
     if not chosen:
         raise ValueError(f"IN: got no array to project in {inp!r} ({'; '.join(f'{k}: {r}' for k, r in skipped)}), "
                          f"expected a floating array with at least 2 entries along --axis {axis}")
     for k in chosen:
-        if weights and (k not in wts or tuple(wts[k].shape) != tuple(arrays[k].shape)):
-            got = f"shape {tuple(wts[k].shape)}" if k in wts else "no such array"
-            raise ValueError(f"--weights: got {got} for {k!r} in {weights!r}, expected shape {tuple(arrays[k].shape)}")
+        if weights:
+            _check_weights(wts.get(k), arrays[k], k, weights)
     if not str(out).lower().endswith(".safetensors"):
         torch_only = [k for k, v in arrays.items() if not _is_numpy(v)]
         if torch_only:
@@ -197,16 +196,24 @@ def project_cmd(inp, sparsity, out, axis, keys, weights, group, engine):
     t0 = time.perf_counter()
     infos = {}
     if group == "all":
-        res, info = project([arrays[k] for k in chosen], sparsity, axis=axis,
-                            weights=[_like(wts[k], arrays[k]) for k in chosen] if weights else None,
-                            engine=engine, return_info=True)
+        try:
+            res, info = project([arrays[k] for k in chosen], sparsity, axis=axis,
+                                weights=[_like(wts[k], arrays[k]) for k in chosen] if weights else None,
+                                engine=engine, return_info=True)
+        except ValueError as e:
+            bad = [k for k in chosen if not _finite(arrays[k])]  # the usual cause; say which array holds it
+            raise ValueError(f"IN {inp!r}{f' array {bad[0]!r}' if bad else ''}: {e}") from e
         for k, r in zip(chosen, res):
             arrays[k], infos[k] = r, info
     else:
         for k in chosen:
             w = _like(wts[k], arrays[k]) if weights else None
             # the result replaces the input at once: memory stays near input + output + one array
-            arrays[k], infos[k] = project(arrays[k], sparsity, axis=axis, weights=w, engine=engine, return_info=True)
+            try:
+                arrays[k], infos[k] = project(arrays[k], sparsity, axis=axis, weights=w, engine=engine,
+                                              return_info=True)
+            except ValueError as e:  # NaN entries, float16 overflow...: say which array of which file
+                raise ValueError(f"IN {inp!r} array {k!r}: {e}") from e
     t_project = time.perf_counter() - t0
     t0 = time.perf_counter()
     save_arrays(out, arrays)
@@ -234,7 +241,33 @@ def _like(w, a):
     return torch.from_numpy(w)
 
 
-def _choose(arrays: dict, keys, axis: int) -> tuple[list[str], list[tuple[str, str]]]:
+def _finite(a) -> bool:
+    import numpy as np
+
+    return bool(np.isfinite(a).all()) if _is_numpy(a) else bool(a.isfinite().all())
+
+
+def _check_weights(w, a, key: str, path) -> None:
+    """--weights for array ``key``: present, same shape, floating, finite and positive; checked before any
+    projection so that the error names the file and the array."""
+    import numpy as np
+
+    where = f"array {key!r} of {str(path)!r}"
+    if w is None:
+        raise ValueError(f"--weights: got no {where}, expected one with shape {tuple(a.shape)} (same keys as IN)")
+    if tuple(w.shape) != tuple(a.shape):
+        raise ValueError(f"--weights: got shape {tuple(w.shape)} for {where}, expected shape {tuple(a.shape)}")
+    floating = w.dtype.kind == "f" if _is_numpy(w) else w.dtype.is_floating_point
+    if not floating:
+        raise ValueError(f"--weights: got dtype {str(w.dtype).replace('torch.', '')} for {where}, expected a "
+                         "floating dtype")
+    ok = bool(((w > 0) & np.isfinite(w)).all()) if _is_numpy(w) else bool(((w > 0) & w.isfinite()).all())
+    if not ok:
+        raise ValueError(f"--weights: got a zero, negative or non-finite entry in {where}, expected strictly "
+                         "positive finite weights")
+
+
+def _choose(arrays: dict, keys, axis: int, path=None) -> tuple[list[str], list[tuple[str, str]]]:
     """(arrays to project, [(array, why it is skipped)]). Named arrays (--key) must be projectable."""
     def why_not(v) -> str | None:
         floating = v.dtype.is_floating_point if not _is_numpy(v) else v.dtype.kind == "f"
@@ -250,7 +283,7 @@ def _choose(arrays: dict, keys, axis: int) -> tuple[list[str], list[tuple[str, s
 
     for k in keys:
         if k not in arrays:
-            raise ValueError(f"--key: got {k!r}, expected one of {sorted(arrays)}")
+            raise ValueError(f"--key: got {k!r}, expected one of {sorted(arrays)} (the arrays of {str(path)!r})")
         reason = why_not(arrays[k])
         if reason:
             raise ValueError(f"--key: got {k!r} ({reason}), expected a floating array with at least 2 entries along "

@@ -10,6 +10,7 @@ import errno
 import itertools
 import os
 import re
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -78,6 +79,9 @@ def atomic_path(path: str | os.PathLike, *, writer_errors: bool = False) -> Iter
     ``writer_errors=True``: any other exception of the writer in the block (torch's "unexpected pos" or
     safetensors' I/O errors on a full disk) also becomes an ``OSError`` naming ``path``."""
     path = Path(path)
+    what = _not_a_file(path)
+    if what:  # the rename below would replace a device node or a pipe, or fail on a folder
+        raise ValueError(f"cannot write {str(path)!r}: it is {what}; expected a regular file path")
     folder = path.parent
     tmp = folder / f".{path.name}{TMP_MARK}{os.getpid()}-{next(_counter)}{path.suffix}"
     try:
@@ -112,8 +116,23 @@ def _identity(path: str | os.PathLike) -> tuple:
         return ("path", os.path.normcase(os.path.realpath(path)))
 
 
+def _not_a_file(path: str | os.PathLike, folder_ok: bool = False) -> str | None:
+    """What ``path`` is when it exists as something other than a regular file or a symlink (which an atomic
+    write replaces, leaving its target alone), or a folder when ``folder_ok``; else None."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode) or (folder_ok and stat.S_ISDIR(mode)):
+        return None
+    return {stat.S_IFDIR: "a folder", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "not a regular file")
+
+
 def check_paths(reads: Mapping[str, Any], writes: Mapping[str, Any]) -> None:
-    """Refuse a write path that names an input or another output (``None`` entries are ignored).
+    """Refuse a write path that names an input or another output, or that exists as a device, pipe or socket
+    (a rename over /dev/full would replace the device node itself); ``None`` entries are ignored. Outputs may
+    be folders (``nmf --out``): a folder given for a file is refused by click or by :func:`atomic_path`.
 
     ``reads``/``writes`` map what the user calls the path (``"IN"``, ``"--weights"``, ``"--out"``) to the path;
     symlinks and hard links are resolved, so ``-o`` through a link to IN is caught too. Raises ``ValueError``.
@@ -123,6 +142,9 @@ def check_paths(reads: Mapping[str, Any], writes: Mapping[str, Any]) -> None:
     for label, p in writes.items():
         if p is None:
             continue
+        what = _not_a_file(p, folder_ok=True)
+        if what:
+            raise ValueError(f"{label}: got {str(p)!r}, which is {what}; expected a path of a regular file or folder")
         ident = _identity(p)
         for rlabel, rp, rid in seen_reads:
             if ident == rid:
@@ -163,16 +185,17 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     return out
 
 
-def load_arrays(path: str | os.PathLike) -> dict[str, Any]:
+def load_arrays(path: str | os.PathLike, what: str = "input") -> dict[str, Any]:
     """Read every array of a .npy (key ``"array"``), .npz or .safetensors file.
 
     Arrays come back as NumPy arrays, except dtypes NumPy lacks (``bfloat16``...), which stay torch tensors.
-    A file that cannot be parsed is a ``ValueError`` naming it; a missing or unreadable one an ``OSError``.
+    A file that cannot be parsed is a ``ValueError`` naming it (and ``what`` the user calls it: ``"--weights"``);
+    a missing or unreadable one an ``OSError``.
     """
     path = Path(path)
-    suffix = check_suffix(path, ARRAY_SUFFIXES, "input")
+    suffix = check_suffix(path, ARRAY_SUFFIXES, what)
     if not path.is_file():
-        raise FileNotFoundError(2, f"input: no such file, expected a {'/'.join(ARRAY_SUFFIXES)} file", str(path))
+        raise FileNotFoundError(2, f"{what}: no such file, expected a {'/'.join(ARRAY_SUFFIXES)} file", str(path))
     try:
         if suffix == ".safetensors":
             return _read_safetensors(path)
@@ -185,11 +208,11 @@ def load_arrays(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as e:
         if e.errno is not None:
             raise  # permission, I/O error: the OSError already names the file
-        raise ValueError(f"input: cannot read {str(path)!r} as {suffix} ({e})") from e
+        raise ValueError(f"{what}: cannot read {str(path)!r} as {suffix} ({e})") from e
     except Exception as e:  # noqa: BLE001 - parsers raise anything from ValueError to SafetensorError
-        what = "it declares an array larger than memory" if isinstance(e, MemoryError) else f"{type(e).__name__}: {e}"
-        raise ValueError(f"input: cannot read {str(path)!r} as {suffix} (truncated or not a {suffix} file? "
-                         f"{what})") from e
+        detail = "it declares an array larger than memory" if isinstance(e, MemoryError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{what}: cannot read {str(path)!r} as {suffix} (truncated or not a {suffix} file? "
+                         f"{detail})") from e
 
 
 def _c_contiguous(v):

@@ -154,7 +154,7 @@ def test_any_tensor_is_not_suggested_to_whoever_passed_it(files):
 def test_unexpected_exceptions_and_debug_switch(files, monkeypatch):
     import groupsparse.io as gio
 
-    def boom(path):
+    def boom(path, what="input"):
         raise MemoryError()
 
     monkeypatch.setattr(gio, "load_arrays", boom)
