@@ -180,3 +180,21 @@ def test_concurrent_calls_under_workqueue():
     env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("path", ["small", "general"])
+def test_warm_start_changes_nothing_but_the_work(path, monkeypatch):
+    if path == "general":
+        monkeypatch.setattr(small, "SMALL_MAX_ENTRIES", -1)
+    rng = np.random.default_rng(5)
+    M = rng.normal(size=(60, 40))
+    _, first = gs.project(M, 0.7, axis=1, return_info=True)
+    M2 = M + 1e-3 * rng.normal(size=M.shape)
+    cold, ci = gs.project(M2, 0.7, axis=1, return_info=True)
+    for mu0 in (first.mu, 0.0, 1e-300, 1e300, first.mu * 1e-3):
+        warm, wi = gs.project(M2, 0.7, axis=1, return_info=True, mu0=mu0)
+        np.testing.assert_allclose(warm, cold, rtol=1e-9, atol=1e-12)
+        assert 0.7 <= wi.sparsity <= 0.7 + 1e-12
+    assert gs.project(M2, 0.7, axis=1, return_info=True, mu0=first.mu)[1].evaluations <= ci.evaluations
+    with pytest.raises(ValueError, match="mu0"):
+        gs.project(M, 0.7, mu0=-1.0)

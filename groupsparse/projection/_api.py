@@ -44,7 +44,7 @@ def _engine_for(group: Group, engine: str):
     return TorchEngine(data, group.offsets, group.weights, group.uniform_length), None
 
 
-def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, max_iter: int):
+def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, max_iter: int, mu0: float):
     """Small unweighted CPU groups: the whole solve in one compiled call (None: use the general solver)."""
     from ._small import SMALL_MAX_ENTRIES, solve_plain_small
 
@@ -58,7 +58,7 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
         data, back = data.numpy(), "to_torch"
     out = np.empty_like(data)
     stats = np.zeros(6)
-    status = solve_plain_small(data, group.offsets, s, margin, tol, max_iter, out, stats)
+    status = solve_plain_small(data, group.offsets, s, margin, tol, max_iter, mu0, out, stats)
     if status < 0:
         return None
     info = ProjectionInfo(mu=float(stats[0]), iterations=int(stats[1]), evaluations=int(stats[2]),
@@ -86,7 +86,7 @@ def _convert_back(flat, how):
 
 
 def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None, tol: float | None = None,
-            max_iter: int | None = None, engine: str = "auto", return_info: bool = False):
+            max_iter: int | None = None, engine: str = "auto", return_info: bool = False, mu0: float | None = None):
     r"""Grouped sparse projection (GSP): reach an *average* Hoyer sparsity over a group of vectors.
 
     Solves, for the vectors :math:`c_1..c_r` (any lengths :math:`n_i \ge 2`),
@@ -119,6 +119,10 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
         feasible end of the bracket is returned.
     engine : {"auto", "numba", "torch"}
         ``auto`` uses Numba for NumPy arrays and CPU tensors, torch for tensors on other devices.
+    mu0 : float, optional
+        Warm start: a guess of the dual variable, typically ``info.mu`` of an earlier call on similar data (a
+        pruner projecting every few steps, NMF's inner iterations). It is evaluated first; a poor guess costs one
+        evaluation and changes nothing in the result.
     return_info : bool
         Also return a :class:`ProjectionInfo` (mu, iterations, evaluations, the average sparsity of the returned
         vectors, discontinuity, vectors sent fully / partially to one-hot at a jump, engine used).
@@ -138,13 +142,17 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     s = validate_sparsity(sparsity)
     group = as_group(vectors, axis=axis, weights=weights)
     tol, max_iter = _check_solver_options(tol, max_iter, _precision(group.out_dtypes))
+    if mu0 is not None and (isinstance(mu0, bool) or not isinstance(mu0, (int, float, np.floating, np.integer))
+                            or not 0 <= float(mu0) < float("inf")):
+        raise ValueError(f"mu0: got {mu0!r}, expected a finite float >= 0 (info.mu of an earlier call)")
+    mu0 = float(mu0) if mu0 else 0.0
 
     def solve(margin):
-        solved = _try_small(group, engine, s, margin, tol, max_iter)
+        solved = _try_small(group, engine, s, margin, tol, max_iter, mu0)
         if solved is not None:
             return solved
         eng, how = _engine_for(group, engine)
-        flat, info = solve_shared(eng, s, margin=margin, tol=tol, max_iter=max_iter)
+        flat, info = solve_shared(eng, s, margin=margin, tol=tol, max_iter=max_iter, mu0=mu0)
         return flat, info, how
 
     flat, info, back = solve_contract(group, s, tol, solve)

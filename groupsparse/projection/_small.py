@@ -90,10 +90,11 @@ def _key_mid(lo, hi, buf, ibuf):
 
 
 @jit
-def solve_plain_small(x, offsets, s, margin, tol, max_iter, out, stats):
+def solve_plain_small(x, offsets, s, margin, tol, max_iter, mu0, out, stats):
     """Returns 0 (already sparse: out = x), 1 (solved), -1 (ask the general solver), -2 (scale: general solver).
 
-    ``stats`` receives [mu, iterations, evaluations, achieved average sparsity].
+    ``mu0`` > 0 is a warm start (the true dual variable), evaluated first. ``stats`` receives [mu, iterations,
+    evaluations, achieved average sparsity, largest vector norm, smallest vector exponent].
     """
     r = offsets.shape[0] - 1
     beta = np.empty(r)
@@ -160,7 +161,21 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, out, stats):
     prev_res = math.inf
     it = 0
     done = False
-    while it < max_iter:
+    m0 = math.ldexp(mu0, -E) if mu0 > 0.0 else 0.0
+    if lo < m0 < hi:
+        mu = m0
+        for i in range(r):
+            t[i] = mu * dt[i]
+        _sums_all(x, offsets, inv, t, sums)
+        S, dS = _total(beta, wn, dt, sums)
+        evals += 1
+        if S < need:
+            lo = mu
+        else:
+            hi = mu
+            S_hi = S
+            done = S <= need + band
+    while not done and it < max_iter:
         it += 1
         cand = math.nan
         if slow < 2 and dS > 0.0:

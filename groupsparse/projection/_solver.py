@@ -190,12 +190,13 @@ def tie_vector(xv, w, inv, e, t_lo, t_hi, m, beta, wnorm, sp_target):
 
 
 def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_iter: int, comm=None,
-                 margin_sum: float | None = None):
+                 margin_sum: float | None = None, mu0: float | None = None):
     """Grouped projection: returns ``(flat_output, ProjectionInfo)``.
 
     The result is feasible for ``sparsity + margin`` (the margin absorbs rounding to a coarser output dtype);
     a group already at ``sparsity`` is returned unchanged. Across ranks, ``margin_sum`` (this rank's share of
-    r times the margin) replaces ``margin``.
+    r times the margin) replaces ``margin``. ``mu0`` (the true dual variable, e.g. ``info.mu`` of an earlier
+    call on similar data) is evaluated first, so Newton starts next to the root.
     """
     comm = comm or LocalComm()
     r_loc = eng.n_vectors
@@ -265,7 +266,16 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
             hi = evaluate(hi_mu)
     cur, it, slow, prev_res = lo, 0, 0, math.inf
     converged = disc = False
-    while it < max_iter:
+    m0 = math.ldexp(mu0, -E) if mu0 else math.nan  # a warm start, in the solver's units
+    if lo.mu < m0 < (hi.mu if hi is not None else hi_mu):
+        cur = evaluate(m0)
+        if cur.S < need:
+            lo = cur
+            eng.confirm_lower(lo.mu)
+        else:
+            hi = cur
+            converged = cur.S <= need + band
+    while not converged and it < max_iter:
         it += 1
         top = hi.mu if hi is not None else hi_mu
         cand = math.nan
