@@ -217,7 +217,41 @@ def topics(out, data=DEFAULT_DOCS, r=20, iters=200, targets=(0.9, 0.95), seed=0,
         lines += [f"{k:2d}. " + ", ".join(words) for k, words in enumerate(tops[name])]
         lines.append("")
     _write_text(out / "top_words.md", "\n".join(lines) + "\n")
+    _plot_topics(results, out / "topics.png")
     return summary
+
+
+def _plot_topics(results, path):
+    """KL divergence, topic sparsity and time per iteration of every run, side by side."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in results]
+    colors = ["tab:blue" if n.startswith("ours KL") else "tab:green" if n.startswith("ours") else "tab:red"
+              for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharey=True)
+    for ax, key, label in zip(axes, ("kl", "topic_sparsity", "ms_per_iter"),
+                              ("KL divergence D(X || WH) (log)", "average Hoyer sparsity of the topics",
+                               "ms per iteration (MiniBatchNMF: per epoch)")):
+        ax.barh(range(len(names)), [r[key] for r in results], color=colors)
+        ax.set_xlabel(label)
+        if key == "kl":
+            ax.set_xscale("log")
+            ax.set_xlim(1e6, None)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # overlapping minor labels
+        if key == "topic_sparsity":
+            ax.set_xlim(0.8, 1.0)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.suptitle("Python docs bag of words (5086 x 7633, r = 20, 200 iterations); blue: our KL, green: our "
+                 "Frobenius, red: scikit-learn KL", fontsize=10)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
 
 
 def _frob2(X, W, H) -> float:
