@@ -198,3 +198,20 @@ def test_warm_start_changes_nothing_but_the_work(path, monkeypatch):
     assert gs.project(M2, 0.7, axis=1, return_info=True, mu0=first.mu)[1].evaluations <= ci.evaluations
     with pytest.raises(ValueError, match="mu0"):
         gs.project(M, 0.7, mu0=-1.0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_out_receives_the_result(engine):
+    rng = np.random.default_rng(6)
+    for X, axis in ((rng.normal(size=(30, 20)), 1), (rng.normal(size=(30, 20)).astype(np.float32), 0),
+                    (np.ones((4, 6)), 1), (torch.from_numpy(rng.normal(size=(8, 9))), 1)):
+        want = gs.project(X, 0.6, axis=axis, engine=engine)
+        out = torch.empty_like(X) if isinstance(X, torch.Tensor) else np.empty_like(X)
+        got = gs.project(X, 0.6, axis=axis, engine=engine, out=out)
+        assert got is out
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    X = rng.normal(size=(5, 4))
+    with pytest.raises(ValueError, match="overlapping"):
+        gs.project(X, 0.5, out=X)
+    with pytest.raises(ValueError, match="shape"):
+        gs.project(X, 0.5, out=np.empty((4, 5)))

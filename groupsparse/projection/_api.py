@@ -29,8 +29,8 @@ def _engine_for(group: Group, engine: str):
         if group.backend == "torch":
             x = data.numpy()
             w = group.weights.numpy() if group.weights is not None else None
-            return NumbaEngine(x, group.offsets, w), "to_torch"
-        return NumbaEngine(data, group.offsets, group.weights), None
+            return NumbaEngine(x, group.offsets, w, group.out_flat), "to_torch"
+        return NumbaEngine(data, group.offsets, group.weights, group.out_flat), None
     import torch
 
     from ._torch import TorchEngine
@@ -56,7 +56,7 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
         if data.device.type != "cpu":
             return None
         data, back = data.numpy(), "to_torch"
-    out = np.empty_like(data)
+    out = group.out_flat if group.out_flat is not None else np.empty_like(data)
     stats = np.zeros(6)
     status = solve_plain_small(data, group.offsets, s, margin, tol, max_iter, mu0, out, stats)
     if status < 0:
@@ -86,7 +86,8 @@ def _convert_back(flat, how):
 
 
 def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None, tol: float | None = None,
-            max_iter: int | None = None, engine: str = "auto", return_info: bool = False, mu0: float | None = None):
+            max_iter: int | None = None, engine: str = "auto", return_info: bool = False, mu0: float | None = None,
+            out: Any = None):
     r"""Grouped sparse projection (GSP): reach an *average* Hoyer sparsity over a group of vectors.
 
     Solves, for the vectors :math:`c_1..c_r` (any lengths :math:`n_i \ge 2`),
@@ -123,6 +124,10 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
         Warm start: a guess of the dual variable, typically ``info.mu`` of an earlier call on similar data (a
         pruner projecting every few steps, NMF's inner iterations). It is evaluated first; a poor guess costs one
         evaluation and changes nothing in the result.
+    out : array or tensor, optional
+        Where to put the result (one array/tensor input only): same type, shape and dtype as ``vectors``, not
+        overlapping it. When it is C-contiguous with the vectors along its last axis (float32/float64, CPU), the
+        engine writes straight into it (no fresh output memory); otherwise the result is copied in. Returned.
     return_info : bool
         Also return a :class:`ProjectionInfo` (mu, iterations, evaluations, the average sparsity of the returned
         vectors, discontinuity, vectors sent fully / partially to one-hot at a jump, engine used).
@@ -155,9 +160,54 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
         flat, info = solve_shared(eng, s, margin=margin, tol=tol, max_iter=max_iter, mu0=mu0)
         return flat, info, how
 
+    if out is not None:
+        group.out_flat = _out_buffer(out, vectors, group)
     flat, info, back = solve_contract(group, s, tol, solve)
-    out = group.rebuild(_convert_back(flat, back))
-    return (out, info) if return_info else out
+    res = group.rebuild(_convert_back(flat, back))
+    if out is not None:
+        if group.out_flat is None or flat is not group.out_flat:
+            _copy_into(out, res)
+        res = out
+    return (res, info) if return_info else res
+
+
+def _out_buffer(out: Any, vectors: Any, group: Group):
+    """Validate ``out``; return a flat NumPy view the CPU engine can write into, or None (copy at the end)."""
+    if isinstance(vectors, (list, tuple)):
+        raise ValueError("out: got an output for a list of vectors, expected out only with one array or tensor")
+    if type(out) is not type(vectors) and not (is_tensor(out) and is_tensor(vectors)):
+        raise TypeError(f"out: got {type(out).__name__}, expected {type(vectors).__name__} like the vectors")
+    if tuple(out.shape) != tuple(vectors.shape) or out.dtype != vectors.dtype:
+        raise ValueError(f"out: got shape {tuple(out.shape)} {out.dtype}, expected {tuple(vectors.shape)} "
+                         f"{vectors.dtype} (the vectors')")
+    if is_tensor(out):
+        if out.device != vectors.device:
+            raise ValueError(f"out: got a tensor on {out.device}, expected {vectors.device}")
+        if out.requires_grad:
+            raise ValueError("out: got a tensor that requires grad, expected a plain tensor (or use project_)")
+        if out.device.type != "cpu":
+            return None
+        arr = out.detach().numpy()
+        src = vectors.detach().numpy()
+    else:
+        if not out.flags.writeable:
+            raise ValueError("out: got a read-only array, expected a writeable one")
+        arr, src = out, vectors
+    if np.shares_memory(arr, src):
+        raise ValueError("out: got an array overlapping the vectors, expected separate memory (use project_)")
+    if arr.flags.c_contiguous and arr.dtype == group.data.dtype and arr.dtype.isnative and group.vectors_last:
+        return arr.reshape(-1)
+    return None
+
+
+def _copy_into(out, res):
+    if is_tensor(out):
+        import torch
+
+        with torch.no_grad():
+            out.copy_(res)
+    else:
+        out[...] = res
 
 
 def project_(vectors: Any, sparsity: float, **kwargs):

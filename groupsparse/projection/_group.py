@@ -97,6 +97,8 @@ class Group:
     rebuild: Callable[[Any], Any] = field(repr=False)
     uniform_length: int | None = None  # all vectors have this length (lets engines use 2-D layouts)
     out_dtypes: tuple = ()  # the dtypes results are returned in (they set the precision contract)
+    out_flat: Any = None  # a caller's output buffer laid out like ``data`` (project(out=...)), or None
+    vectors_last: bool = False  # one array whose vectors already lie along its last axis (``data`` is a view)
 
     @property
     def n_vectors(self) -> int:
@@ -196,7 +198,7 @@ def as_group(vectors: Any, *, axis: int = 0, weights: Any = None) -> Group:
         return np.ascontiguousarray(out, dtype=orig_dtype)
 
     return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=n,
-                 out_dtypes=(orig_dtype,))
+                 out_dtypes=(orig_dtype,), vectors_last=last or vectors.ndim == 1)
 
 
 def _group_from_list(vectors: Sequence[Any], weights: Any, axis: int) -> Group:

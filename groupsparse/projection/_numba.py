@@ -51,8 +51,9 @@ class NumbaEngine:
     name = "numba"
     xp = np
 
-    def __init__(self, data: np.ndarray, offsets: np.ndarray, weights: np.ndarray | None):
+    def __init__(self, data: np.ndarray, offsets: np.ndarray, weights: np.ndarray | None, out=None):
         self.x = data
+        self.out = out
         self.weighted = weights is not None
         self.w = weights if self.weighted else np.ones(1)  # unweighted kernels never read it
         self.offsets = offsets
@@ -191,8 +192,14 @@ class NumbaEngine:
     def thresholds(self, mu):
         return ldexp(mu * self.beta, self.shift)
 
+    def _fresh(self):
+        """The output buffer: the caller's (``project(out=...)``, when its layout matches) or new memory."""
+        return self.out if self.out is not None else np.empty_like(self.x)
+
     def copy_input(self):
-        return self.x.copy()
+        out = self._fresh()
+        np.copyto(out, self.x)
+        return out
 
     # evaluation
     def _stats(self, t: np.ndarray, mu: float | None):
@@ -285,7 +292,7 @@ class NumbaEngine:
     def _write(self, t, scale, onehot):
         """Kernel write with per-vector scale (normalized units); vectors whose scale times 2^e overflows are
         written here in two exact steps instead (rare: only vectors near the float64 limit)."""
-        out = np.empty_like(self.x)
+        out = self._fresh()
         big = ldexp(scale, self.e)
         bad = ~np.isfinite(big) & (onehot < 0)
         big = np.where(bad, 0.0, big)
