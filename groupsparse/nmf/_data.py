@@ -61,8 +61,12 @@ class NumpyOps:
         return np.asarray(a, dtype=np.float64)
 
     @staticmethod
-    def project(F, s, kind):
-        return project(F, s, axis=1) if kind == "group" else project_each(F, s, axis=1)
+    def project(F, s, kind, mu0=0.0):
+        """(projection, root mu or None). GSP is warm-started from ``mu0`` (the core's ``mu0=``)."""
+        if kind != "group":
+            return project_each(F, s, axis=1), None
+        out, info = project(F, s, axis=1, mu0=mu0, return_info=True)
+        return out, info.mu
 
     @staticmethod
     def to_numpy(a):
@@ -112,9 +116,11 @@ class TorchOps:
         return self.torch.as_tensor(np.asarray(a) if not is_torch(a) else a, dtype=self.dtype, device=self.device)
 
     @staticmethod
-    def project(F, s, kind):
-        f = project if kind == "group" else project_each
-        return f(F, s, axis=1, engine="torch")
+    def project(F, s, kind, mu0=0.0):
+        if kind != "group":
+            return project_each(F, s, axis=1, engine="torch"), None
+        out, info = project(F, s, axis=1, engine="torch", mu0=mu0, return_info=True)
+        return out, info.mu
 
     @staticmethod
     def to_numpy(a):

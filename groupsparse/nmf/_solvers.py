@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from ._data import NumpyOps
-from ._fastproj import _hals_rows, fgm_rows, gsp_rows
+from ._fastproj import _hals_rows, fgm_rows, gsp_rows_warm
 
 FREE_SOLVERS = ("hals", "fgm")
 PROJECTIONS = ("group", "column", "l1")
@@ -107,11 +107,17 @@ class Projector:
         self.calls += 1
         out = None
         if self.kind == "group" and self.ops.name == "numpy":
-            out = gsp_rows(F, self.s, mu0=self.mu)
-            if out is None:
+            out = np.empty_like(F)
+            status, mu = gsp_rows_warm(np.ascontiguousarray(F), self.s, self.mu, 1e-12, 100, out)
+            if status == 1:
+                self.mu = mu
+            elif status < 0:
+                out = None
                 self.fallbacks += 1
         if out is None:
-            out = self.ops.project(F, self.s, self.kind)
+            out, mu = self.ops.project(F, self.s, self.kind, self.mu)
+            if mu is not None:
+                self.mu = float(mu)
         if self.kind == "column":
             num = (out * F).sum(1)
             den = (out * out).sum(1)
