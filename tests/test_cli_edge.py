@@ -64,3 +64,50 @@ def test_project_errors_name_the_file_and_the_array(tmp_path):
     line = one_error_line(run("project", tmp_path / "in.npz", "-s", "0.8", "-o", tmp_path / "o.npz", "--key", "x"))
     assert "in.npz" in line and "'x'" in line
     assert not [n for n in os.listdir(tmp_path) if n.startswith("o.")]
+
+
+# ------------------------------------------------------------------------------------ odd checkpoint contents
+def test_checkpoint_nested_deeper_and_at_several_depths(tmp_path):
+    from collections import OrderedDict
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    sd = m.state_dict()  # an OrderedDict with _metadata (module versions that load_state_dict reads)
+    inp = tmp_path / "deep.pt"
+    torch.save({"model": {"net": sd}, "epoch": 3}, inp)
+    r = run("prune-checkpoint", inp, "-s", "0.8", "-o", tmp_path / "p.pt")
+    assert r.exit_code == 0 and "'model.net'" in r.output, r.output
+    out = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert out["epoch"] == 3 and isinstance(out["model"]["net"], OrderedDict)
+    assert out["model"]["net"]._metadata == sd._metadata and (out["model"]["net"]["0.weight"] == 0).any()
+    # tensors at several depths inside the weights: pruned under dotted names, written back in place
+    inp2 = tmp_path / "two.pt"
+    torch.save({"state_dict": {"enc": {"fc.weight": torch.randn(6, 8)}, "dec": {"fc.weight": torch.randn(6, 8)},
+                               "head.weight": torch.randn(4, 8), "step": 7}}, inp2)
+    r = run("prune-checkpoint", inp2, "-s", "0.8", "-o", tmp_path / "p2.pt")
+    assert r.exit_code == 0 and "3 tensors projected" in r.output, r.output
+    out = torch.load(tmp_path / "p2.pt", weights_only=True)["state_dict"]
+    assert out["step"] == 7 and all((t == 0).any() for t in (out["enc"]["fc.weight"], out["dec"]["fc.weight"]))
+    r = run("prune-checkpoint", inp2, "-s", "0.8", "-o", tmp_path / "p2.safetensors")
+    assert r.exit_code == 0 and "'step'" in r.output, r.output  # said to be dropped, before any work
+    torch.save({"a": {"fc.weight": torch.randn(6, 8)}, "a.fc.weight": torch.randn(6, 8)}, tmp_path / "clash.pt")
+    assert "two entries named 'a.fc.weight'" in one_error_line(
+        run("prune-checkpoint", tmp_path / "clash.pt", "-s", "0.8", "-o", tmp_path / "c.pt"))
+
+
+def test_checkpoint_odd_entries_are_one_line_naming_file_and_tensor(tmp_path):
+    cases = {"tuple.pt": ({("a", "b"): torch.randn(4, 4)}, "named by a tuple"),
+             "sparse.pt": ({"w.weight": torch.randn(4, 4).to_sparse()}, "sparse_coo"),
+             "meta.pt": ({"w.weight": torch.empty(4, 4, device="meta")}, "meta"),
+             "f8.pt": ({"w.weight": torch.randn(4, 4).to(torch.float8_e4m3fn)}, "float8_e4m3fn"),
+             "nan.pt": ({"w.weight": torch.tensor([[1.0, float("nan")], [1.0, 2.0]])}, "tensor 'w.weight'"),
+             "none.pt": ({"epoch": 3}, "no tensor to prune")}
+    for name, (obj, expected) in cases.items():
+        torch.save(obj, tmp_path / name)
+        line = one_error_line(run("prune-checkpoint", tmp_path / name, "-s", "0.8", "-o", tmp_path / "o.pt"))
+        assert name in line and expected in line, line
+    line = one_error_line(run("prune-checkpoint", tmp_path / "sparse.pt", "-s", "0.8", "-o", tmp_path / "o.safetensors"))
+    assert "sparse or meta" in line and ".pt output" in line
+    torch.save({"a.weight": torch.randn(8, 8), "b.weight": torch.randn(8, 8).to(torch.float8_e5m2)}, tmp_path / "m.pt")
+    r = run("prune-checkpoint", tmp_path / "m.pt", "-s", "0.8", "-o", tmp_path / "o.pt")
+    assert r.exit_code == 0 and "left dense: b.weight (float8_e5m2" in r.output, r.output
+    assert not (tmp_path / "o.safetensors").exists()

@@ -6,6 +6,7 @@ A training checkpoint often nests the weights (``{"model": sd, "epoch": 3, "opti
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -31,26 +32,110 @@ _TIED_NAMES = (("lm_head.weight", "model.embed_tokens.weight"), ("lm_head.weight
 
 @dataclass
 class Checkpoint:
-    """A checkpoint file's content: the ``state_dict`` to prune and where it sits in the file."""
+    """A checkpoint file's content: the ``state_dict`` to prune and where it sits in the file.
+
+    ``state_dict`` is flat (name -> value). Mappings of tensors nested inside the weights (``{"enc": {...},
+    "dec": {...}}``) appear under dotted names (``enc.fc.weight``) and are put back in place on writing; the
+    state_dict mapping keeps its type and attributes (an ``OrderedDict``'s ``_metadata`` versions)."""
 
     state_dict: dict[str, Any]
-    container: Any = None  # the whole object of a .pt file whose state_dict is nested under ``key``
-    key: str | None = None
+    container: Any = None  # the whole object of a .pt file whose state_dict is nested under ``path``
+    key: str | None = None  # ``path`` for messages: "model", or "model.enc" when nested deeper
     metadata: dict[str, str] | None = None  # safetensors header metadata, written back
     config: dict | None = field(default=None, repr=False)  # config.json beside the file (Hugging Face layout)
+    path: tuple = ()  # keys from the file's object down to the state_dict mapping
+    original: Any = field(default=None, repr=False)  # that mapping as read (its type and attributes are kept)
+    places: dict[str, tuple] = field(default_factory=dict, repr=False)  # dotted name -> keys inside ``original``
 
     @property
     def extras(self) -> list[str]:
         """Keys of the container besides the state_dict (``epoch``, ``optimizer``, ``ema``...)."""
-        return [k for k in self.container if k != self.key] if self.container is not None else []
+        if self.container is None:
+            return []
+        out, node = [], self.container
+        for i, k in enumerate(self.path):
+            out += [".".join(map(str, self.path[:i] + (o,))) for o in node if o != k]
+            node = node[k]
+        return out
 
     def with_state_dict(self, state_dict: Mapping[str, Any]) -> Any:
-        """The object to write: the container with the new state_dict in place (a shallow copy), or the dict."""
+        """The object to write: the file's object with the new tensors in place (copies along the way, the
+        input objects are not modified), or a plain dict when the checkpoint was not read from a file."""
+        if self.original is None:
+            sd = dict(state_dict)
+        else:
+            sd = copy.copy(self.original)  # an OrderedDict stays one, with its _metadata
+            copied = {(): sd}
+            for name, v in state_dict.items():
+                keys = self.places.get(name, (name,))
+                node = sd
+                for i in range(len(keys) - 1):
+                    if keys[: i + 1] not in copied:
+                        copied[keys[: i + 1]] = node[keys[i]] = copy.copy(node[keys[i]])
+                    node = copied[keys[: i + 1]]
+                node[keys[-1]] = v
         if self.container is None:
-            return dict(state_dict)
-        out = dict(self.container)
-        out[self.key] = dict(state_dict)
-        return out
+            return sd
+        return _replace_at(self.container, self.path, sd)
+
+
+def _replace_at(obj: Any, path: tuple, value: Any) -> Any:
+    """A copy of nested mapping ``obj`` with ``obj[path[0]][path[1]]... = value``; the rest is shared."""
+    if not path:
+        return value
+    out = copy.copy(obj)
+    out[path[0]] = _replace_at(obj[path[0]], path[1:], value)
+    return out
+
+
+def _holds_tensor(v: Any, depth: int = 0) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, Mapping) and depth < 8 and any(_holds_tensor(x, depth + 1) for x in v.values())
+
+
+def _find_state_dict(obj: Any, key: str | None, path: Path) -> tuple:
+    """Keys from the loaded object down to the state_dict: ``key`` if given, then ``state_dict``/``model``/...
+    or a lone mapping while a level holds no tensor itself (``{"model": {"enc": sd}, "epoch": 3}``)."""
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            raise KeyError(f"--key: got {key!r}, expected one of {list(obj) if isinstance(obj, Mapping) else []} "
+                           f"(the keys of {str(path)!r})")
+        keys, node = (key,), obj[key]
+    else:
+        keys, node = (), obj
+    while isinstance(node, Mapping) and not any(isinstance(v, torch.Tensor) for v in node.values()):
+        nxt = next((k for k in _NESTED_KEYS if isinstance(node.get(k), Mapping)), None)
+        if nxt is None:
+            maps = [k for k, v in node.items() if isinstance(v, Mapping) and _holds_tensor(v)]
+            nxt = maps[0] if len(maps) == 1 and len(node) == 1 else None
+        if nxt is None or len(keys) >= 8:
+            break
+        keys, node = keys + (nxt,), node[nxt]
+    return keys
+
+
+def _flatten(sd: Mapping, path: Path) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """(dotted name -> value, dotted name -> keys) of a state_dict whose values may be mappings of tensors."""
+    flat, places = {}, {}
+
+    def walk(m: Mapping, keys: tuple) -> None:
+        for k, v in m.items():
+            if not isinstance(k, str):
+                raise ValueError(f"checkpoint: {str(path)!r} has the entry {keys + (k,)!r} named by a "
+                                 f"{type(k).__name__}, expected str names (name -> tensor)")
+            here = keys + (k,)
+            if isinstance(v, Mapping) and _holds_tensor(v) and len(here) < 8:
+                walk(v, here)
+                continue
+            name = ".".join(here)
+            if name in flat:
+                raise ValueError(f"checkpoint: {str(path)!r} holds two entries named {name!r} (one nested), "
+                                 "expected unique dotted names")
+            flat[name], places[name] = v, here
+
+    walk(sd, ())
+    return flat, places
 
 
 def _unreadable(path: Path, e: BaseException) -> ValueError:
@@ -100,21 +185,17 @@ def load_checkpoint(path: str | os.PathLike, *, key: str | None = None,
         raise _unreadable(path, e) from e
     except Exception as e:  # noqa: BLE001 - UnpicklingError, SafetensorError, RuntimeError, MemoryError...
         raise _unreadable(path, e) from e
-    container = None
-    if key is not None:
-        if not isinstance(obj, Mapping) or key not in obj:
-            raise KeyError(f"--key: got {key!r}, expected one of {list(obj) if isinstance(obj, Mapping) else []} "
-                           f"(the keys of {str(path)!r})")
-        container = obj
-    elif isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        key = next((k for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
-        container = obj if key is not None else None
-    sd = obj[key] if container is not None else obj
+    keys = _find_state_dict(obj, key, path)
+    sd = obj
+    for k in keys:
+        sd = sd[k]
     if not isinstance(sd, Mapping):
-        where = f"[{key!r}]" if container is not None else ""
+        where = "".join(f"[{k!r}]" for k in keys)
         raise ValueError(f"checkpoint: {str(path)!r}{where} holds a {type(sd).__name__}, expected a state_dict "
                          "(name -> tensor)")
-    return Checkpoint(dict(sd), container=container, key=key if container is not None else None, config=config)
+    flat, places = _flatten(sd, path)
+    return Checkpoint(flat, container=obj if keys else None, key=".".join(map(str, keys)) or None, config=config,
+                      path=keys, original=sd, places=places)
 
 
 def load_state_dict(path: str | os.PathLike, *, key: str | None = None,
@@ -142,6 +223,10 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike, *, i
         bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise TypeError(f"state_dict: got non-tensor entries {bad[:5]}, expected only tensors for .safetensors")
+        bad = [k for k, v in state_dict.items() if not _dense(v)]
+        if bad:
+            raise TypeError(f"state_dict: got sparse or meta tensors {bad[:5]}, expected dense tensors with data for "
+                            ".safetensors (use a .pt output)")
     with atomic_path(path, writer_errors=True) as tmp:
         if suffix == ".safetensors":
             from safetensors.torch import save_file
@@ -161,6 +246,14 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike, *, i
     return path
 
 
+_PROJECTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dense(v: Any) -> bool:
+    """A tensor with strided memory and data (sparse and meta tensors have no storage to compare or project)."""
+    return isinstance(v, torch.Tensor) and v.layout == torch.strided and v.device.type != "meta"
+
+
 def find_ties(state_dict: Mapping[str, Any], *, config: Mapping | None = None) -> list[list[str]]:
     """Groups of names that hold one weight: tensors sharing storage (the same view), and a language model's
     output head with its input embedding (by the usual names) when ``config["tie_word_embeddings"]`` says so
@@ -176,7 +269,7 @@ def find_ties(state_dict: Mapping[str, Any], *, config: Mapping | None = None) -
 
     first_of = {}
     for k, v in state_dict.items():
-        if isinstance(v, torch.Tensor) and v.numel():
+        if _dense(v) and v.numel():
             view = (v.untyped_storage().data_ptr(), v.device, v.storage_offset(), tuple(v.shape), tuple(v.stride()))
             if view in first_of:
                 join(first_of[view], k)
@@ -190,7 +283,7 @@ def find_ties(state_dict: Mapping[str, Any], *, config: Mapping | None = None) -
                 continue
             embed = prefix + embed_name
             a, b = state_dict[head], state_dict.get(embed)
-            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            if not (_dense(a) and _dense(b)):
                 continue
             if head in group_of and group_of.get(embed) is group_of[head]:
                 continue  # already tied by storage
@@ -231,7 +324,15 @@ def prune_state_dict(state_dict: Mapping[str, Any], sparsity: float, *, vectors:
         except ValueError:
             return False
 
-    names = [n for n in names if projectable(state_dict[n])]
+    unsupported = [n for n in names if not (_dense(state_dict[n]) and state_dict[n].dtype in _PROJECTABLE)]
+    why_dense = ""
+    if unsupported:
+        v = state_dict[unsupported[0]]
+        kind = v.layout if v.layout != torch.strided else v.device if v.device.type == "meta" else v.dtype
+        why_dense = (f"left dense: {', '.join(unsupported[:5])}{' ...' if len(unsupported) > 5 else ''} "
+                     f"({str(kind).replace('torch.', '')}; the projection needs dense float16, bfloat16, float32 "
+                     "or float64 tensors with data)")
+    names = [n for n in names if n not in unsupported and projectable(state_dict[n])]
     group_of = {n: g for g in (find_ties(state_dict) if ties is None else ties) for n in g}
     chosen, reps = set(names), []
     for n in names:
@@ -246,22 +347,29 @@ def prune_state_dict(state_dict: Mapping[str, Any], sparsity: float, *, vectors:
         floating = sum(isinstance(v, torch.Tensor) and v.is_floating_point() for v in state_dict.values())
         raise ValueError(f"state_dict: got no tensor to prune among {len(state_dict)} entries ({floating} floating), "
                          "expected at least one (check --include/--exclude"
-                         + (")" if rule is not None else ", or --any-tensor to drop the name rule)"))
+                         + (")" if rule is not None else ", or --any-tensor to drop the name rule)")
+                         + (f"; {why_dense}" if why_dense else ""))
+    if why_dense:
+        warnings.warn(why_dense, stacklevel=2)
     out = dict(state_dict)
     kw = dict(vectors=mode, scope=scope, normalize=normalize, engine=engine, tol=tol)
     total = sum(state_dict[n].numel() for n in reps)
-    if progress is not None and scope == "layer":
-        results, infos, done = [], [], 0
-        for n in reps:
-            r, i = project_tensors([state_dict[n]], sparsity, **kw)
-            results += r
-            infos += i
-            done += state_dict[n].numel()
-            progress(n, done, total)
-    else:
-        results, infos = project_tensors([state_dict[n] for n in reps], sparsity, **kw)
-        if progress is not None:
-            progress(reps[-1], total, total)
+    try:
+        if progress is not None and scope == "layer":
+            results, infos, done = [], [], 0
+            for n in reps:
+                r, i = project_tensors([state_dict[n]], sparsity, **kw)
+                results += r
+                infos += i
+                done += state_dict[n].numel()
+                progress(n, done, total)
+        else:
+            results, infos = project_tensors([state_dict[n] for n in reps], sparsity, **kw)
+            if progress is not None:
+                progress(reps[-1], total, total)
+    except ValueError as e:  # NaN entries, float16 overflow: name the tensor (NaN is the one we can find cheaply)
+        bad = next((n for n in reps if not bool(state_dict[n].isfinite().all())), None)
+        raise ValueError(f"{'tensor ' + repr(bad) + ': ' if bad else ''}{e}") from e
     pruned, pruned_infos = [], []
     for k, (n, r) in enumerate(zip(reps, results)):
         for m in group_of.get(n, [n]):

@@ -46,6 +46,8 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
     import warnings
     from pathlib import Path
 
+    import torch
+
     from ..io import check_paths, check_suffix
     from .checkpoint import SUFFIXES, find_ties, load_checkpoint, prune_state_dict, save_state_dict
 
@@ -69,18 +71,32 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
     ckpt = load_checkpoint(inp, key=key)
     t["load"] = time.perf_counter() - t0
     sd = ckpt.state_dict
-    if Path(out).suffix.lower() == ".safetensors" and ckpt.extras:
-        click.echo(f"note: {', '.join(map(repr, ckpt.extras))} of IN are not written: .safetensors holds the "
-                   "tensors only (use a .pt OUT to keep them)")
+    to_safetensors = Path(out).suffix.lower() == ".safetensors"
+    if to_safetensors:
+        # checked before the projection: a .safetensors file holds dense tensors only
+        from .checkpoint import _dense
+
+        dropped = ckpt.extras + [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+        unwritable = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and not _dense(v)]
+        if unwritable:
+            raise ValueError(f"--out: got {out!r}, but {unwritable[0]!r} of {inp!r} is a sparse or meta tensor, "
+                             "which .safetensors cannot hold; expected a .pt output")
+        if dropped:
+            click.echo(f"note: {', '.join(map(repr, dropped))} of IN are not written: .safetensors holds the "
+                       "tensors only (use a .pt OUT to keep them)")
+            sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     size = sum(v.numel() for v in sd.values() if hasattr(v, "is_floating_point") and v.is_floating_point())
     t0 = time.perf_counter()
     with _progress_bar(progress, size) as advance, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        new, names, infos = prune_state_dict(sd, sparsity, vectors=vectors, scope=scope,
-                                             normalize=None if normalize == "none" else normalize,
-                                             include=list(include) or None, exclude=list(exclude) or None,
-                                             rule=(lambda n, t: True) if any_tensor else None, engine=engine,
-                                             ties=find_ties(sd, config=ckpt.config), progress=advance)
+        try:
+            new, names, infos = prune_state_dict(sd, sparsity, vectors=vectors, scope=scope,
+                                                 normalize=None if normalize == "none" else normalize,
+                                                 include=list(include) or None, exclude=list(exclude) or None,
+                                                 rule=(lambda n, t: True) if any_tensor else None, engine=engine,
+                                                 ties=find_ties(sd, config=ckpt.config), progress=advance)
+        except ValueError as e:  # no tensor selected, NaN entries...: say which file
+            raise ValueError(f"IN {inp!r}: {e}") from e
     t["project"] = time.perf_counter() - t0
     for w in caught:
         click.echo(f"note: {w.message}")
