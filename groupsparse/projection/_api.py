@@ -46,10 +46,14 @@ def _engine_for(group: Group, engine: str):
 
 def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, max_iter: int, mu0: float):
     """Small unweighted CPU groups: the whole solve in one compiled call (None: use the general solver)."""
+    from . import _numba
     from ._small import SMALL_MAX_ENTRIES, solve_plain_small
 
     data = group.data
-    if engine not in ("auto", "numba") or group.weights is not None or data.shape[0] > SMALL_MAX_ENTRIES:
+    size = data.shape[0]
+    threaded = size >= _numba.PARALLEL_MIN_ENTRIES and _numba.nb.get_num_threads() >= _numba.PARALLEL_MIN_THREADS
+    too_big = SMALL_MAX_ENTRIES < 0 or (threaded and size > SMALL_MAX_ENTRIES)
+    if engine not in ("auto", "numba") or group.weights is not None or too_big:
         return None
     back = None
     if group.backend == "torch":

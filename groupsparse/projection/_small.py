@@ -16,7 +16,10 @@ import numpy as np
 
 from ._kernels import _FM_SUM, _FM_WRITE, FIRST_PASS_PLAIN, jit, plain_sums, write_onehot
 
-# Measured (ResNet-50 layers, 2-core VM): the compiled loop beats Python-driven kernels up to ~1M entries.
+# The compiled loop takes every group the engine would run serially (measured on the 2-core VM: the five
+# 1-2.4M-entry ResNet-50 layers 17 ms against 30-41 ms through the Python-driven kernels, 1e7 entries in vectors
+# of length 9 0.31 s against 1.18 s); where the engine would run threaded it takes groups up to this size.
+# A negative value switches the compiled path off (tests use it to exercise the general solver).
 SMALL_MAX_ENTRIES = 1 << 20
 _LO_SQ, _HI_SQ = 2.0**-800, 2.0**800
 _first_pass = FIRST_PASS_PLAIN[0]  # sums |x| directly: NaN and Inf show in them
