@@ -111,3 +111,18 @@ def test_checkpoint_odd_entries_are_one_line_naming_file_and_tensor(tmp_path):
     r = run("prune-checkpoint", tmp_path / "m.pt", "-s", "0.8", "-o", tmp_path / "o.pt")
     assert r.exit_code == 0 and "left dense: b.weight (float8_e5m2" in r.output, r.output
     assert not (tmp_path / "o.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------- nmf --data files
+@pytest.mark.parametrize("name,content,expected", [
+    ("bad.csv", "1,2\n3,x\n", "could not convert"), ("empty.csv", "", "no data"), ("m.pt", "x", ".mat, .npy"),
+    ("one.npy", None, "2-D")], ids=["csv-text", "csv-empty", "suffix", "1-d"])
+def test_nmf_data_errors_name_the_file(tmp_path, name, content, expected):
+    if content is None:
+        np.save(tmp_path / name, np.ones(40))
+    else:
+        (tmp_path / name).write_text(content)
+    line = one_error_line(run("nmf", "cbcl", "--data", tmp_path / name, "--out", tmp_path / "o", "-r", "2",
+                              "--iters", "2", "--no-progress"))
+    assert name in line and expected in line, line
+    assert not (tmp_path / "o").exists()

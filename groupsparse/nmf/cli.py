@@ -47,6 +47,38 @@ def _shape(ctx, param, value):
     return h, w
 
 
+_DATA_SUFFIXES = (".mat", ".npy", ".npz", ".safetensors", ".csv", ".txt", ".tsv")
+
+
+def _check_data(path: Path, key: str | None) -> None:
+    """Read the matrix once before the runs, so that any failure of the readers (numpy's text parser, scipy,
+    an empty file) is one line naming the file and not an error of a later step. The matrix is small next to
+    the cost of the runs; cbcl() reads it again."""
+    import warnings
+
+    from .experiments import load_matrix
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "loadtxt: input contained no data" is a failure here
+            X = load_matrix(path, key)
+    except (ValueError, OSError, Warning) as e:
+        msg = str(e)
+        if key is not None and msg.startswith("data: got variables"):
+            # the loader's text speaks of the default choice; the user named a key
+            held = msg[len("data: "):].split(", expected")[0]  # "got variables [...] in 'file'"
+            raise ValueError(f"--key: got {key!r}, expected a variable of {str(path)!r} ({held})") from e
+        if str(path) in msg and (isinstance(e, ValueError) or (isinstance(e, OSError) and e.errno is not None)):
+            raise  # already names the file
+        raise ValueError(f"--data: cannot read {str(path)!r} ({type(e).__name__}: {msg})") from e
+    except Exception as e:  # noqa: BLE001 - scipy's MatReadError and friends name no file
+        raise ValueError(f"--data: cannot read {str(path)!r} (truncated or not a {path.suffix} file? "
+                         f"{type(e).__name__}: {e})") from e
+    if min(X.shape) < 1:
+        raise ValueError(f"--data: got an empty matrix of shape {X.shape} in {str(path)!r}, expected a non-empty "
+                         "non-negative matrix")
+
+
 @nmf.command("cbcl")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="CBCL.mat (variable X, 361 x 2429) or any non-negative matrix (.mat/.npy/.npz/.safetensors/.csv/.txt). "
@@ -71,26 +103,15 @@ def cbcl_cmd(data, out, rank, iters, seed, sparsity, layout, image_shape, key, n
             f"--data: got {str(path)!r}, which does not exist; expected CBCL.mat (variable X, 361 x 2429, pixels x "
             f"images). Put it at {DEFAULT_CBCL} or pass --data PATH."
         )
-    from ..io import check_paths
+    from ..io import check_paths, check_suffix
 
+    check_suffix(path, _DATA_SUFFIXES, "--data")
     check_paths({"--data": path}, {"--out": out})
     if Path(out).resolve() in path.resolve().parents:
         raise ValueError(f"--out: got {out!r}, which holds the input {str(path)!r}; expected a folder that does not")
-    try:
-        summary = cbcl(path, out=out, r=rank, iters=iters, seed=seed, sparse_target=sparsity, layout=layout,
-                       image_shape=image_shape, key=key, progress=not no_progress)
-    except ValueError as e:
-        if key is not None and str(e).startswith("data: got variables"):
-            # the loader's text speaks of the default choice; the user named a key
-            held = str(e)[len("data: "):].split(", expected")[0]  # "got variables [...] in 'file'"
-            raise ValueError(f"--key: got {key!r}, expected a variable of {str(path)!r} ({held})") from e
-        raise
-    except Exception as e:
-        # scipy's .mat reader fails with its own errors (MatReadError, OSError without errno) that name no file
-        if type(e).__module__.startswith("scipy.io") or (isinstance(e, OSError) and e.errno is None):
-            raise ValueError(f"--data: cannot read {str(path)!r} (truncated or not a .mat file? "
-                             f"{type(e).__name__}: {e})") from e
-        raise
+    _check_data(path, key)
+    summary = cbcl(path, out=out, r=rank, iters=iters, seed=seed, sparse_target=sparsity, layout=layout,
+                   image_shape=image_shape, key=key, progress=not no_progress)
     click.echo(f"{'method':<16} {'error %':>8} {'sparsity':>9} {'zeros':>7} {'coef 0':>7} {'time s':>7}")
     for r in summary["results"]:
         click.echo(f"{r['method']:<16} {r['rel_err_percent']:>8.3f} {r['sparsity']:>9.4f} "
