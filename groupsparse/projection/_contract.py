@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._group import Group, is_tensor
@@ -18,12 +20,17 @@ _COARSER = ("float64", "float32", "float16", "bfloat16")
 _NUDGES = 6  # re-solves further inside before the last resort (every vector one-hot, exact in any dtype)
 
 
+_PRECISION: dict = {}  # dtype -> key of _TOL (str() of a dtype is slow enough to matter on small calls)
+
+
 def _precision(dtypes) -> str:
     """The coarsest output dtype among ``dtypes``, as a key of _TOL/_ROUNDOFF."""
     worst = 0
     for d in dtypes:
-        name = str(d).replace("torch.", "")
-        key = name if name in _TOL else "float64"  # longdouble and friends are solved and returned at >= float64
+        key = _PRECISION.get(d)
+        if key is None:
+            name = str(d).replace("torch.", "")
+            key = _PRECISION[d] = name if name in _TOL else "float64"  # longdouble: solved and returned >= float64
         worst = max(worst, _COARSER.index(key))
     return _COARSER[worst]
 
@@ -46,15 +53,18 @@ def _margin(group: Group, precision: str) -> float:
     u = _ROUNDOFF[precision]
     if u == 0.0:
         return 0.0
-    lengths = np.diff(group.offsets).astype(np.float64)
-    if group.weights is None:
+    if group.weights is None and group.uniform_length:
+        ratio = math.sqrt(group.uniform_length) / (math.sqrt(group.uniform_length) - 1.0)
+    elif group.weights is None:
+        lengths = np.diff(group.offsets).astype(np.float64)
         ratio = np.sqrt(lengths) / (np.sqrt(lengths) - 1.0)
     else:
         w = group.weights
         w = w.detach().cpu().numpy() if is_tensor(w) else w
         nrm = np.sqrt(np.add.reduceat(w * w, group.offsets[:-1]))
         ratio = nrm / (nrm - np.minimum.reduceat(w, group.offsets[:-1]))
-    return float(2 * u / (1 - u) * np.mean(ratio) * (1 + 1e-6) + 1e-15)
+    mean = ratio if isinstance(ratio, float) else float(np.mean(ratio))
+    return 2 * u / (1 - u) * mean * (1 + 1e-6) + 1e-15
 
 
 def _measure(group: Group, flat, precision: str):
