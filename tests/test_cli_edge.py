@@ -126,3 +126,25 @@ def test_nmf_data_errors_name_the_file(tmp_path, name, content, expected):
                               "--iters", "2", "--no-progress"))
     assert name in line and expected in line, line
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------- stdout gone before the files are written
+def test_closed_stdout_costs_no_output(tmp_path):
+    """`groupsparse ... | head -1`: the reader may leave before the first note; every file is still written and
+    stderr holds no traceback. A pipe whose read end is closed makes the first print fail."""
+    import subprocess
+    import sys
+
+    torch.save({"fc.weight": torch.randn(6, 8), "x.weight": torch.randn(6, 8).to(torch.float8_e5m2)},
+               tmp_path / "m.pt")
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)
+    code = "import sys; from groupsparse.cli import main; main(sys.argv[1:], prog_name='groupsparse')"
+    try:
+        r = subprocess.run([sys.executable, "-c", code, "prune-checkpoint", "m.pt", "-s", "0.8", "-o", "p.pt",
+                            "--json", "r.json"], cwd=tmp_path, stdout=w_fd, stderr=subprocess.PIPE, text=True,
+                           timeout=300)
+    finally:
+        os.close(w_fd)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "p.pt").is_file() and (tmp_path / "r.json").is_file()

@@ -71,6 +71,8 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
     ckpt = load_checkpoint(inp, key=key)
     t["load"] = time.perf_counter() - t0
     sd = ckpt.state_dict
+    # printed after every file is written: a reader that leaves early (`| head`) must not cost an output
+    notes = []
     to_safetensors = Path(out).suffix.lower() == ".safetensors"
     if to_safetensors:
         # checked before the projection: a .safetensors file holds dense tensors only
@@ -82,8 +84,8 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
             raise ValueError(f"--out: got {out!r}, but {unwritable[0]!r} of {inp!r} is a sparse or meta tensor, "
                              "which .safetensors cannot hold; expected a .pt output")
         if dropped:
-            click.echo(f"note: {', '.join(map(repr, dropped))} of IN are not written: .safetensors holds the "
-                       "tensors only (use a .pt OUT to keep them)")
+            notes.append(f"{', '.join(map(repr, dropped))} of IN are not written: .safetensors holds the tensors "
+                         "only (use a .pt OUT to keep them)")
             sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     size = sum(v.numel() for v in sd.values() if hasattr(v, "is_floating_point") and v.is_floating_point())
     t0 = time.perf_counter()
@@ -98,8 +100,7 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
         except ValueError as e:  # no tensor selected, NaN entries...: say which file
             raise ValueError(f"IN {inp!r}: {e}") from e
     t["project"] = time.perf_counter() - t0
-    for w in caught:
-        click.echo(f"note: {w.message}")
+    notes += [str(w.message) for w in caught]
     t0 = time.perf_counter()
     report = _report(new, names, vectors)
     t["report"] = time.perf_counter() - t0
@@ -107,7 +108,6 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
     save_state_dict(new, out, input_path=inp, container=ckpt)
     t["save"] = time.perf_counter() - t0
     t["total"] = sum(t.values())
-    report.print(title=f"{inp} -> {out}")
     if json_path:
         import json
 
@@ -118,6 +118,9 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
                    state_dict_key=ckpt.key, copied_unchanged=ckpt.extras)
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    for n in notes:
+        click.echo(f"note: {n}")
+    report.print(title=f"{inp} -> {out}")
     where = ""
     if ckpt.key:
         where = f" (state_dict under {ckpt.key!r}; {', '.join(map(repr, ckpt.extras))} copied unchanged)"
