@@ -30,15 +30,18 @@ def provable(n, dtype):
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 30), st.integers(2, 40), st.floats(0.05, 0.95), st.sampled_from(sorted(HALF)),
-       st.sampled_from(ENGINES), st.integers(0, 2**32 - 1), st.floats(-12, 12))
-def test_feasible_in_the_output_dtype(r, n, s, dtype, engine, seed, log_scale):
+       st.sampled_from(ENGINES), st.integers(0, 2**32 - 1), st.floats(-12, 12), st.booleans())
+def test_feasible_in_the_output_dtype(r, n, s, dtype, engine, seed, log_scale, as_numpy):
     """Measured on the returned values (in their own dtype), the average is >= s, and above it by no more
     than the margin the solve aimed with plus the band and one rounding."""
     x = torch.from_numpy(np.random.default_rng(seed).normal(size=(r, n)) * 2.0 ** (log_scale if dtype != "float16" else 0))
     x = x.to(HALF[dtype])
+    if as_numpy and dtype != "bfloat16":
+        x = x.numpy()
     out, info = gs.project(x, s, axis=1, engine=engine, return_info=True)
     assert out.dtype == x.dtype
-    sp = gs.hoyer_sparsity(out.double(), axis=1).mean().item()
+    sp = float(gs.hoyer_sparsity(out.astype(np.float64) if as_numpy and dtype != "bfloat16" else out.double(),
+                                 axis=1).mean())
     assert sp >= s
     if not info.already_sparse and not info.discontinuity:
         tol = {"float32": 4e-7, "float16": 1e-5, "bfloat16": 1e-4}[dtype]

@@ -51,16 +51,21 @@ def mixed_group(draw, lo=-1000, hi=1000):
 
 
 @FAST
-@given(mixed_group(), st.floats(0.05, 0.95), st.sampled_from(ENGINES))
-def test_mixed_extreme_groups_feasible_and_certified(vecs, s, engine):
-    """Whatever the exponents, the result is on target and one mu certifies every interior vector (KKT)."""
-    out, info = gs.project(vecs, s, engine=engine, return_info=True)
+@given(mixed_group(), st.floats(0.05, 0.95), st.sampled_from(ENGINES), st.booleans(), st.data())
+def test_mixed_extreme_groups_feasible_and_certified(vecs, s, engine, weighted, data):
+    """Whatever the exponents (of the data and of each vector's weights), the result is on target and one mu
+    certifies every interior vector (KKT)."""
+    ws = None
+    if weighted:
+        ws = [np.ldexp(np.array(data.draw(st.lists(st.floats(0.5, 2.0), min_size=len(v), max_size=len(v)))),
+                       data.draw(st.integers(-1000, 1000))) for v in vecs]
+    out, info = gs.project(vecs, s, engine=engine, weights=ws, return_info=True)
     assert all(np.all(np.isfinite(o)) for o in out)
-    sp = avg(out)
+    sp = avg(out, ws)
     assert sp >= s and abs(info.sparsity - sp) < 1e-9
     if not info.already_sparse and not info.discontinuity:
         assert sp <= s + 1e-9
-        mus = [m for m, kind in kkt_mu(vecs, out) if kind == "interior"]
+        mus = [m for m, kind in kkt_mu(vecs, out, ws) if kind == "interior"]
         if len(mus) > 1:
             assert max(mus) / min(mus) - 1 < 1e-6, mus
 
