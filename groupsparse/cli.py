@@ -196,6 +196,13 @@ def project_cmd(inp, sparsity, out, axis, keys, weights, group, engine):
     t0 = time.perf_counter()
     infos = {}
     if group == "all":
+        if not all(_is_numpy(arrays[k]) for k in chosen):
+            # one group must be one kind of array: a bfloat16 array stays a torch tensor, so make all of them
+            # tensors (sharing memory); only .safetensors holds bfloat16, and that writer takes tensors
+            import torch
+
+            for k in chosen:
+                arrays[k] = torch.from_numpy(arrays[k]) if _is_numpy(arrays[k]) else arrays[k]
         try:
             res, info = project([arrays[k] for k in chosen], sparsity, axis=axis,
                                 weights=[_like(wts[k], arrays[k]) for k in chosen] if weights else None,

@@ -148,3 +148,19 @@ def test_closed_stdout_costs_no_output(tmp_path):
         os.close(w_fd)
     assert "Traceback" not in r.stderr, r.stderr
     assert (tmp_path / "p.pt").is_file() and (tmp_path / "r.json").is_file()
+
+
+def test_project_group_all_over_bfloat16_and_numpy_dtypes(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    save_file({"a": torch.randn(8, 6, dtype=torch.bfloat16), "b": torch.randn(8, 6, dtype=torch.float16),
+               "c": torch.randn(8, 6, dtype=torch.float64), "i": torch.arange(6)}, tmp_path / "in.safetensors")
+    np.savez(tmp_path / "w.npz", a=np.ones((8, 6)), b=np.ones((8, 6), dtype=np.float16), c=np.ones((8, 6)))
+    r = run("project", tmp_path / "in.safetensors", "-s", "0.8", "-o", tmp_path / "o.safetensors", "--group", "all",
+            "--weights", tmp_path / "w.npz")
+    assert r.exit_code == 0, r.output  # was "a mix of NumPy arrays and tensors": bfloat16 stays a tensor
+    out = load_file(tmp_path / "o.safetensors")
+    assert {k: v.dtype for k, v in out.items()} == {"a": torch.bfloat16, "b": torch.float16, "c": torch.float64,
+                                                    "i": torch.int64}
+    assert all((out[k] == 0).any() for k in "abc") and torch.equal(out["i"], torch.arange(6))
