@@ -89,7 +89,13 @@ def atomic_path(path: str | os.PathLike, *, writer_errors: bool = False) -> Iter
         clean_stale_temps(folder)
         # O_EXCL: never reuse a file; mode 0o666 lets the umask decide, as a plain open() would
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:  # the mode of the file replaced, else the umask's: what a plain open() would leave
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)
         yield tmp
+        # some writers replace the file they are given (safetensors leaves it 0600, unreadable to the group)
+        os.chmod(tmp, mode)
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(folder, directory=True)

@@ -164,3 +164,19 @@ def test_project_group_all_over_bfloat16_and_numpy_dtypes(tmp_path):
     assert {k: v.dtype for k, v in out.items()} == {"a": torch.bfloat16, "b": torch.float16, "c": torch.float64,
                                                     "i": torch.int64}
     assert all((out[k] == 0).any() for k in "abc") and torch.equal(out["i"], torch.arange(6))
+
+
+def test_outputs_get_the_mode_a_plain_write_gives(tmp_path):
+    # safetensors' writer left pruned models 0600, unreadable to the group that shares them
+    from groupsparse.io import save_arrays
+
+    umask = os.umask(0o022)
+    try:
+        save_arrays(tmp_path / "a.safetensors", {"x": np.ones(3)})
+        save_state_dict({"w": torch.ones(2)}, tmp_path / "b.safetensors")
+        assert all((tmp_path / n).stat().st_mode & 0o777 == 0o644 for n in ("a.safetensors", "b.safetensors"))
+        os.chmod(tmp_path / "a.safetensors", 0o640)
+        save_arrays(tmp_path / "a.safetensors", {"x": np.zeros(3)})  # replacing a file keeps its mode
+        assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
