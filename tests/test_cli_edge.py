@@ -180,3 +180,10 @@ def test_outputs_get_the_mode_a_plain_write_gives(tmp_path):
         assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(umask)
+
+
+def test_key_with_a_safetensors_checkpoint_is_refused(tmp_path):
+    save_state_dict({"fc.weight": torch.randn(6, 8)}, tmp_path / "m.safetensors")
+    line = one_error_line(run("prune-checkpoint", tmp_path / "m.safetensors", "-s", "0.8", "-o", tmp_path / "o.pt",
+                              "--key", "model"))  # was silently ignored
+    assert "--key: got 'model'" in line and "m.safetensors" in line and not (tmp_path / "o.pt").exists()

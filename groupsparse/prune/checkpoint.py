@@ -171,6 +171,9 @@ def load_checkpoint(path: str | os.PathLike, *, key: str | None = None,
     suffix = check_suffix(path, SUFFIXES, "checkpoint")
     if not path.is_file():
         raise FileNotFoundError(2, "checkpoint: no such file", str(path))
+    if key is not None and suffix == ".safetensors":
+        raise ValueError(f"--key: got {key!r} for {str(path)!r}, expected no --key: a .safetensors file holds one "
+                         "flat name -> tensor map")
     config = _read_config(path)
     try:
         if suffix == ".safetensors":
