@@ -8,6 +8,6 @@ cd "$(dirname "$0")/../../.."
 export OMP_NUM_THREADS=1
 [ -n "${CODE:-}" ] && export PYTHONPATH=$CODE
 python -P results/prune/digits/sweep.py "${SEEDS:-10}"
-for b in gmp magnitude; do
-  python -P -m groupsparse.experiments report runs/digits-v2 --baseline $b --out results/prune/digits/table-vs-$b
+for b in gmp magnitude gmp:during; do
+  python -P -m groupsparse.experiments report runs/digits-v2 --baseline $b --out results/prune/digits/table-vs-${b/:/-}
 done
