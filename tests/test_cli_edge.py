@@ -187,3 +187,15 @@ def test_key_with_a_safetensors_checkpoint_is_refused(tmp_path):
     line = one_error_line(run("prune-checkpoint", tmp_path / "m.safetensors", "-s", "0.8", "-o", tmp_path / "o.pt",
                               "--key", "model"))  # was silently ignored
     assert "--key: got 'model'" in line and "m.safetensors" in line and not (tmp_path / "o.pt").exists()
+
+
+def test_tensors_sharing_memory_in_other_shapes_are_left_dense(tmp_path):
+    big, t = torch.randn(16, 8), torch.randn(8, 8)
+    sd = {"a.weight": big[0:8], "b.weight": big[4:12], "c.weight": big[12:16], "e.weight": t, "f.weight": t.t(),
+          "g.weight": t}  # g is e: a tie, pruned once for both... unless f (a transpose of it) is selected too
+    torch.save(sd, tmp_path / "m.pt")
+    r = run("prune-checkpoint", tmp_path / "m.pt", "-s", "0.8", "-o", tmp_path / "o.pt")
+    assert r.exit_code == 0 and "left dense: a.weight, b.weight, e.weight, f.weight, g.weight" in r.output, r.output
+    out = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert all(torch.equal(out[k], sd[k]) for k in "abefg" for k in [k + ".weight"])
+    assert (out["c.weight"] == 0).any()  # a slice that overlaps nothing is pruned

@@ -257,6 +257,30 @@ def _dense(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.layout == torch.strided and v.device.type != "meta"
 
 
+def _partial_overlaps(state_dict: Mapping[str, Any], names: list[str]) -> list[str]:
+    """Names among ``names`` whose memory overlaps another tensor's without being the same view (a slice or
+    transpose of it): they cannot be projected apart, nor as one tied weight."""
+    by_storage: dict[tuple, list] = {}
+    for k, v in state_dict.items():
+        if _dense(v) and v.numel():
+            start = v.storage_offset() * v.element_size()
+            end = start + (1 + sum((n - 1) * st for n, st in zip(v.shape, v.stride()))) * v.element_size()
+            view = (start, tuple(v.shape), tuple(v.stride()), v.dtype)
+            by_storage.setdefault((v.untyped_storage().data_ptr(), v.device), []).append((start, end, view, k))
+    wanted, out = set(names), []
+    for items in by_storage.values():
+        if len(items) < 2:
+            continue
+        items.sort(key=lambda t: t[:2])
+        for i, (s0, e0, v0, k0) in enumerate(items):
+            for s1, e1, v1, k1 in items[i + 1:]:
+                if s1 >= e0:
+                    break
+                if v0 != v1:  # overlapping spans of different views (a conservative test: strides may interleave)
+                    out += [k for k in (k0, k1) if k in wanted and k not in out]
+    return [n for n in names if n in out]
+
+
 def find_ties(state_dict: Mapping[str, Any], *, config: Mapping | None = None) -> list[list[str]]:
     """Groups of names that hold one weight: tensors sharing storage (the same view), and a language model's
     output head with its input embedding (by the usual names) when ``config["tie_word_embeddings"]`` says so
@@ -336,6 +360,11 @@ def prune_state_dict(state_dict: Mapping[str, Any], sparsity: float, *, vectors:
                      f"({str(kind).replace('torch.', '')}; the projection needs dense float16, bfloat16, float32 "
                      "or float64 tensors with data)")
     names = [n for n in names if n not in unsupported and projectable(state_dict[n])]
+    partial = _partial_overlaps(state_dict, names)
+    if partial:
+        warnings.warn(f"left dense: {', '.join(partial[:6])}{' ...' if len(partial) > 6 else ''} (they share memory "
+                      "in different shapes or offsets: projecting one would change the other)", stacklevel=2)
+        names = [n for n in names if n not in partial]
     group_of = {n: g for g in (find_ties(state_dict) if ties is None else ties) for n in g}
     chosen, reps = set(names), []
     for n in names:
