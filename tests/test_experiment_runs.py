@@ -26,14 +26,14 @@ def _count_writes(monkeypatch, stop_at=None, mid_write=False):
     real = _files.atomic_write
     n = [0]
 
-    def write(path, writer):
+    def write(path, writer, **kw):
         n[0] += 1
         if stop_at is not None and n[0] == stop_at:
             if mid_write:  # the temporary file or folder is complete, the rename never happens
-                real(path, lambda tmp: (writer(tmp), (_ for _ in ()).throw(_Killed())))
-            real(path, writer)
+                real(path, lambda tmp: (writer(tmp), (_ for _ in ()).throw(_Killed())), **kw)
+            real(path, writer, **kw)
             raise _Killed()
-        real(path, writer)
+        real(path, writer, **kw)
 
     monkeypatch.setattr(_files, "atomic_write", write)
     return n

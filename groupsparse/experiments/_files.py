@@ -14,23 +14,29 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from ..io import atomic_path, clean_stale_temps
+
 MANIFEST = "manifest.json"
 
 
-def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None], *, folder: bool = False) -> None:
     """Run ``writer(tmp)`` on a temporary path beside ``path``, then rename it into place.
 
-    ``writer`` may write a file or create a directory at ``tmp``; a directory replaces an older one of the same
-    name (the old one is removed first, so a reader sees either the old or the new complete directory, never a
-    mix of their files).
+    A file goes through :func:`groupsparse.io.atomic_path` (fsync, rename, a named ``OSError`` on failure).
+    ``folder=True``: ``writer`` creates a directory at ``tmp``, which replaces an older one of the same name (the
+    old one is removed first, so a reader sees either the old or the new complete directory, never a mix).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not folder:
+        with atomic_path(path, writer_errors=True) as tmp:
+            writer(tmp)
+        return
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmpdir", dir=path.parent))
     tmp = tmpdir / path.name
     try:
         writer(tmp)
-        if tmp.is_dir() and path.is_dir():
+        if path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)  # same folder, same file system: atomic
     finally:
@@ -58,6 +64,7 @@ def clean_temporaries(folder: Path) -> None:
     """Remove what a killed writer left behind (``.<name>.*.tmpdir`` folders and ``.<name>.*.tmp*`` files)."""
     if not folder.is_dir():
         return
+    clean_stale_temps(folder)
     for p in folder.iterdir():
         if p.name.startswith(".") and (p.name.endswith(".tmpdir") or ".tmp" in p.name):
             if p.is_dir():

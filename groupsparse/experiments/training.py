@@ -145,7 +145,7 @@ def _write_checkpoint(ckpt: Path, epoch: int, model: nn.Module, opt: torch.optim
         torch.save(osd, tmp / "optim.pt")
         torch.save(rng, tmp / "rng.pt")
 
-    _files.atomic_write(ckpt / _epoch_dir(epoch), write)
+    _files.atomic_write(ckpt / _epoch_dir(epoch), write, folder=True)
 
 
 def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer | None = None) -> None:
@@ -178,7 +178,7 @@ def branch(src: Path, epoch: int, dst: Path, epochs: int) -> bool:
     st = _files.read_json(Path(src) / "state.json")
     if st.get("epochs") != epochs or st.get("epoch", 0) < epoch:
         return False
-    _files.atomic_write(Path(dst) / _epoch_dir(epoch), lambda tmp: shutil.copytree(snap, tmp))
+    _files.atomic_write(Path(dst) / _epoch_dir(epoch), lambda tmp: shutil.copytree(snap, tmp), folder=True)
     state = {"epoch": epoch, "step": st["steps_per_epoch"] * epoch, "epochs": epochs,
              "steps_per_epoch": st["steps_per_epoch"], "history": st["history"][:epoch],
              "seconds": sum(h["seconds"] for h in st["history"][:epoch]), "checkpoint": _epoch_dir(epoch)}
