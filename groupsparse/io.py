@@ -226,6 +226,18 @@ def _c_contiguous(v):
     return v if v.flags.c_contiguous else v.copy(order="C")
 
 
+def _write_npz(path: Path, arrays: Mapping[str, Any]) -> None:
+    """np.savez's format, written by hand: np.savez(f, **arrays) fails on arrays named 'file' or 'allow_pickle'."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for k, v in arrays.items():
+            with z.open(k + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(v), allow_pickle=False)
+
+
 def save_arrays(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
     """Write arrays (NumPy, or torch tensors for dtypes NumPy lacks) in the format named by ``path``'s suffix,
     atomically. Check the suffix with :func:`check_suffix` before long work: this raises the same error."""
@@ -244,8 +256,7 @@ def save_arrays(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
             with open(tmp, "wb") as f:
                 np.save(f, next(iter(arrays.values())))
         elif suffix == ".npz":
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+            _write_npz(tmp, arrays)
         elif tensors:
             import torch
             from safetensors.torch import save_file

@@ -199,3 +199,17 @@ def test_tensors_sharing_memory_in_other_shapes_are_left_dense(tmp_path):
     out = torch.load(tmp_path / "o.pt", weights_only=True)
     assert all(torch.equal(out[k], sd[k]) for k in "abefg" for k in [k + ".weight"])
     assert (out["c.weight"] == 0).any()  # a slice that overlaps nothing is pruned
+
+
+def test_npz_arrays_named_like_savez_parameters(tmp_path):
+    import zipfile
+
+    x = np.random.default_rng(0).normal(size=(8, 6))
+    with zipfile.ZipFile(tmp_path / "in.npz", "w") as z:  # np.savez itself cannot write these names
+        for k in ("file", "allow_pickle", "a/b"):
+            with z.open(k + ".npy", "w") as f:
+                np.lib.format.write_array(f, x)
+    r = run("project", tmp_path / "in.npz", "-s", "0.8", "-o", tmp_path / "o.npz")
+    assert r.exit_code == 0, r.output  # was "savez() got multiple values for argument 'file'"
+    with np.load(tmp_path / "o.npz") as z:
+        assert sorted(z.files) == ["a/b", "allow_pickle", "file"] and all((z[k] == 0).any() for k in z.files)
