@@ -53,6 +53,8 @@ class _Segments:
 
     def argmax(self, values):
         """First position (flat index) of each vector's maximum."""
+        if self.seg is None:  # torch.argmax returns the first maximal index
+            return values.view(self.r, self.n).argmax(1) + self.starts
         mx = self.reduce(values, "amax", -math.inf)
         pos = torch.arange(self.size, device=values.device)
         cand = torch.where(values == self.expand(mx), pos, self.size)
@@ -84,16 +86,20 @@ class TorchEngine:
         self.e = torch.where(peak > 0, e, 0)
         self.inv = ldexp(torch.ones_like(peak), -self.e)
         self.sigma = ldexp(torch.ones_like(peak), self.e)
-        self.a = a * self.seg.expand(self.inv)
+        self.a = a.mul_(self.seg.expand(self.inv))  # in place: one full-size float64 copy of the data
         self.weighted = weights is not None
         self.w = weights.to(torch.float64) if self.weighted else None
-        w = self.w if self.weighted else torch.ones_like(self.a)
-        ratio = self.a / w
-        self.argmax_pos = self.seg.argmax(ratio)
-        self.ratio_max = ratio[self.argmax_pos]
         if self.weighted:
-            self.wnorm = self.seg.sum(w * w).sqrt()
-            self.wmin = self.seg.reduce(w, "amin", math.inf)
+            ratio = self.a / self.w
+            self.argmax_pos = self.seg.argmax(ratio)
+            self.ratio_max = ratio[self.argmax_pos]
+            del ratio
+        else:
+            self.argmax_pos = self.seg.argmax(self.a)
+            self.ratio_max = self.a[self.argmax_pos]
+        if self.weighted:
+            self.wnorm = self.seg.sum(self.w * self.w).sqrt()
+            self.wmin = self.seg.reduce(self.w, "amin", math.inf)
         else:
             self.wnorm = torch.as_tensor(np.sqrt(np.diff(offsets).astype(np.float64)), device=self.device)
             self.wmin = torch.ones_like(self.wnorm)
@@ -133,12 +139,18 @@ class TorchEngine:
         pass  # no compaction on this engine: device passes are cheap and boolean compaction syncs
 
     def _stats(self, t):
+        """[sum w^2 on the support, sum w u, sum u^2] per vector; one full-size temporary (u) at a time where
+        the layout allows (equal lengths: row reductions, no stacked copies)."""
         te = self.seg.expand(t)
+        u = (self.a - te * self.w) if self.weighted else (self.a - te)
+        u.clamp_min_(0)
+        if self.seg.seg is None and not self.weighted:
+            rows = u.view(self.seg.r, self.seg.n)
+            m = torch.count_nonzero(rows, dim=1).double()
+            return torch.stack([m, rows.sum(1), torch.linalg.vector_norm(rows, dim=1).square()], 1)
         if self.weighted:
-            u = (self.a - te * self.w).clamp_min(0)
             cols = [torch.where(u > 0, self.w * self.w, 0.0), self.w * u, u * u]
         else:
-            u = (self.a - te).clamp_min(0)
             cols = [(u > 0).double(), u, u * u]
         return torch.stack([self.seg.sum(c) for c in cols], 1)
 
@@ -175,12 +187,13 @@ class TorchEngine:
 
     def _write(self, t, scale, onehot):
         te = self.seg.expand(torch.where(torch.isinf(t), 1e300, t))
-        w = self.w if self.weighted else 1.0
-        u = (self.a - te * w).clamp_min(0)
-        # (u scale) then the power of two: never one product that overflows where the result does not
-        z = torch.copysign(u * self.seg.expand(scale) * self.seg.expand(self.sigma), self.x.double())
+        z = (self.a - te * self.w) if self.weighted else (self.a - te)
+        z.clamp_min_(0)
+        # (u scale) then the power of two, in place: never one product that overflows where the result does not
+        z.mul_(self.seg.expand(scale)).mul_(self.seg.expand(self.sigma))
+        z.copysign_(self.x)
         oh = onehot >= 0
-        z = torch.where(self.seg.expand(oh), 0.0, z)
+        z.masked_fill_(self.seg.expand(oh), 0.0)
         pos = onehot[oh]
         z[pos] = self.x[pos].double()
         return z.to(self.x.dtype)
