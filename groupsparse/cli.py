@@ -168,7 +168,7 @@ def main() -> None:
 def project_cmd(inp, sparsity, out, axis, keys, weights, group, engine):
     """Project arrays of IN to an average Hoyer sparsity and write them (with the untouched rest) to OUT."""
     from . import project
-    from .io import ARRAY_SUFFIXES, check_paths, check_suffix, load_arrays, save_arrays
+    from .io import ARRAY_SUFFIXES, check_paths, check_safetensors_names, check_suffix, load_arrays, save_arrays
 
     if not 0 <= sparsity <= 1:  # checked before reading a possibly large file (the projection checks it again)
         raise ValueError(f"sparsity: got {sparsity}, expected a number in [0, 1]")
@@ -181,6 +181,7 @@ def project_cmd(inp, sparsity, out, axis, keys, weights, group, engine):
     t_load = time.perf_counter() - t0
     if out.lower().endswith(".npy") and len(arrays) != 1:
         raise ValueError(f"--out: got a .npy path for the {len(arrays)} arrays of IN, expected .npz or .safetensors")
+    check_safetensors_names(arrays, out, f"IN {inp!r}")
     chosen, skipped = _choose(arrays, keys, axis, inp)
     if not chosen:
         raise ValueError(f"IN: got no array to project in {inp!r} ({'; '.join(f'{k}: {r}' for k, r in skipped)}), "

@@ -226,6 +226,14 @@ def _c_contiguous(v):
     return v if v.flags.c_contiguous else v.copy(order="C")
 
 
+def check_safetensors_names(names, path: str | os.PathLike, source: str = "IN") -> None:
+    """``ValueError`` for a name a .safetensors file cannot hold: its header is a JSON object whose key
+    ``__metadata__`` is reserved (a tensor of that name made an unreadable file)."""
+    if Path(path).suffix.lower() == ".safetensors" and "__metadata__" in names:
+        raise ValueError(f"--out: got {str(path)!r}, but {source} has an entry named '__metadata__', a name that "
+                         ".safetensors reserves; expected a .pt/.npz output or another name")
+
+
 def _write_npz(path: Path, arrays: Mapping[str, Any]) -> None:
     """np.savez's format, written by hand: np.savez(f, **arrays) fails on arrays named 'file' or 'allow_pickle'."""
     import zipfile
@@ -247,6 +255,7 @@ def save_arrays(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
     suffix = check_suffix(path, ARRAY_SUFFIXES)
     if suffix == ".npy" and len(arrays) != 1:
         raise ValueError(f"--out: got a .npy path for {len(arrays)} arrays, expected .npz or .safetensors")
+    check_safetensors_names(arrays, path, "the data")
     tensors = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
     if tensors and suffix != ".safetensors":
         raise ValueError(f"--out: got {str(path)!r} for {tensors[0]!r} of dtype {arrays[tensors[0]].dtype}, which "

@@ -213,3 +213,18 @@ def test_npz_arrays_named_like_savez_parameters(tmp_path):
     assert r.exit_code == 0, r.output  # was "savez() got multiple values for argument 'file'"
     with np.load(tmp_path / "o.npz") as z:
         assert sorted(z.files) == ["a/b", "allow_pickle", "file"] and all((z[k] == 0).any() for k in z.files)
+
+
+def test_safetensors_output_refuses_the_reserved_metadata_name(tmp_path):
+    # a tensor named __metadata__ was written (rc 0) into a header no reader can parse
+    x = np.random.default_rng(0).normal(size=(8, 6))
+    np.savez(tmp_path / "in.npz", __metadata__=x, y=x)
+    line = one_error_line(run("project", tmp_path / "in.npz", "-s", "0.8", "-o", tmp_path / "o.safetensors"))
+    assert "'__metadata__'" in line and "in.npz" in line
+    torch.save({"__metadata__": torch.randn(6, 8), "fc.weight": torch.randn(6, 8)}, tmp_path / "m.pt")
+    line = one_error_line(run("prune-checkpoint", tmp_path / "m.pt", "-s", "0.8", "-o", tmp_path / "o.safetensors"))
+    assert "'__metadata__'" in line and "m.pt" in line
+    with pytest.raises(ValueError, match="__metadata__"):
+        save_state_dict({"__metadata__": torch.ones(2)}, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+    assert run("prune-checkpoint", tmp_path / "m.pt", "-s", "0.8", "-o", tmp_path / "o.pt").exit_code == 0

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..io import atomic_path, check_distinct, check_suffix
+from ..io import atomic_path, check_distinct, check_safetensors_names, check_suffix
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SUFFIXES = (".safetensors",) + TORCH_SUFFIXES
@@ -223,6 +223,7 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike, *, i
     if container is not None and metadata is None:
         metadata = container.metadata
     if suffix == ".safetensors":
+        check_safetensors_names(state_dict, path, "the state_dict")
         bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise TypeError(f"state_dict: got non-tensor entries {bad[:5]}, expected only tensors for .safetensors")

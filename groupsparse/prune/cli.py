@@ -76,7 +76,10 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
     to_safetensors = Path(out).suffix.lower() == ".safetensors"
     if to_safetensors:
         # checked before the projection: a .safetensors file holds dense tensors only
+        from ..io import check_safetensors_names
         from .checkpoint import _dense
+
+        check_safetensors_names(sd, out, f"IN {inp!r}")
 
         dropped = ckpt.extras + [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
         unwritable = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and not _dense(v)]
