@@ -206,3 +206,21 @@ def test_each_near_tie_is_continuous():
     out, info = gs.project_each(np.array([1.0, 0.99999]), 0.28, return_info=True)
     assert np.count_nonzero(out) == 2 and info["sparsity"][0] == pytest.approx(0.28, abs=1e-9)
     assert gs.hoyer_sparsity(out) == pytest.approx(0.28, abs=1e-9)
+
+
+@FAST
+@given(mixed_group(-1000, 1000), st.floats(0.05, 0.95), st.sampled_from(ENGINES))
+def test_each_exact_at_every_scale(vecs, s, engine):
+    """project_each: every vector at exactly s (or its one-hot at a jump), whatever each vector's exponent, and
+    equal to the per-vector solve of the same vector scaled to 1."""
+    out, info = gs.project_each(vecs, s, engine=engine, return_info=True)
+    for v, o, sp in zip(vecs, out, info["sparsity"]):
+        assert np.all(np.isfinite(o))
+        if not v.any():
+            assert not o.any()
+            continue
+        got = gs.hoyer_sparsity(o)
+        assert got == pytest.approx(sp, abs=1e-9) and (abs(got - s) < 1e-9 or got >= s)
+        k = -int(np.frexp(np.abs(v).max())[1])
+        unit = gs.project_each([np.ldexp(v, k)], s, engine=engine)[0]
+        np.testing.assert_allclose(np.ldexp(o, k), unit, rtol=1e-9, atol=1e-12)
