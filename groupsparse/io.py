@@ -83,7 +83,11 @@ def atomic_path(path: str | os.PathLike, *, writer_errors: bool = False) -> Iter
     if what:  # the rename below would replace a device node or a pipe, or fail on a folder
         raise ValueError(f"cannot write {str(path)!r}: it is {what}; expected a regular file path")
     folder = path.parent
-    tmp = folder / f".{path.name}{TMP_MARK}{os.getpid()}-{next(_counter)}{path.suffix}"
+    tail = f"{TMP_MARK}{os.getpid()}-{next(_counter)}{path.suffix}"
+    head = path.name
+    while len(os.fsencode(f".{head}{tail}")) > 255 and len(head) > 1:  # NAME_MAX: a long target name still fits
+        head = head[: max(1, len(head) - 16)]
+    tmp = folder / f".{head}{tail}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(folder)

@@ -228,3 +228,11 @@ def test_safetensors_output_refuses_the_reserved_metadata_name(tmp_path):
         save_state_dict({"__metadata__": torch.ones(2)}, tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
     assert run("prune-checkpoint", tmp_path / "m.pt", "-s", "0.8", "-o", tmp_path / "o.pt").exit_code == 0
+
+
+def test_long_output_names_that_the_file_system_allows(tmp_path, npy):
+    # the temp name (".NAME.groupsparse-tmp-PID-N.npy") passed NAME_MAX where NAME itself did not
+    for name in ("x" * 250 + ".npy", "é" * 125 + ".npy"):
+        r = run("project", npy, "-s", "0.8", "-o", tmp_path / name)
+        assert r.exit_code == 0 and (tmp_path / name).is_file(), r.output
+    assert sorted(os.listdir(tmp_path)) == sorted(["in.npy", "x" * 250 + ".npy", "é" * 125 + ".npy"])
