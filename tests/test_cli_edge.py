@@ -236,3 +236,14 @@ def test_long_output_names_that_the_file_system_allows(tmp_path, npy):
         r = run("project", npy, "-s", "0.8", "-o", tmp_path / name)
         assert r.exit_code == 0 and (tmp_path / name).is_file(), r.output
     assert sorted(os.listdir(tmp_path)) == sorted(["in.npy", "x" * 250 + ".npy", "é" * 125 + ".npy"])
+
+
+def test_safetensors_output_does_not_claim_to_copy_what_it_drops(tmp_path):
+    import json
+
+    torch.save({"model": {"fc.weight": torch.randn(6, 8)}, "epoch": 3}, tmp_path / "m.pt")
+    r = run("prune-checkpoint", tmp_path / "m.pt", "-s", "0.8", "-o", tmp_path / "o.safetensors",
+            "--json", tmp_path / "r.json")
+    assert r.exit_code == 0 and "copied unchanged" not in r.output and "'epoch' not written" in r.output, r.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["copied_unchanged"] == [] and doc["not_written"] == ["epoch"]

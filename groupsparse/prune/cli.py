@@ -72,7 +72,7 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
     t["load"] = time.perf_counter() - t0
     sd = ckpt.state_dict
     # printed after every file is written: a reader that leaves early (`| head`) must not cost an output
-    notes = []
+    notes, dropped = [], []
     to_safetensors = Path(out).suffix.lower() == ".safetensors"
     if to_safetensors:
         # checked before the projection: a .safetensors file holds dense tensors only
@@ -118,7 +118,8 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
 
         doc = report.to_dict()
         doc.update(target=sparsity, scope=scope, seconds=t, input=str(inp), output=str(out),
-                   state_dict_key=ckpt.key, copied_unchanged=ckpt.extras)
+                   state_dict_key=ckpt.key, copied_unchanged=[] if to_safetensors else ckpt.extras,
+                   not_written=dropped)
         with atomic_path(json_path) as tmp:
             tmp.write_text(json.dumps(doc, indent=2) + "\n")
     for n in notes:
@@ -126,7 +127,8 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
     report.print(title=f"{inp} -> {out}")
     where = ""
     if ckpt.key:
-        where = f" (state_dict under {ckpt.key!r}; {', '.join(map(repr, ckpt.extras))} copied unchanged)"
+        what = "not written" if to_safetensors else "copied unchanged"
+        where = f" (state_dict under {ckpt.key!r}; {', '.join(map(repr, ckpt.extras))} {what})"
     click.echo(f"{len(names)} tensors projected to average Hoyer sparsity {sparsity} ({vectors}, scope {scope}){where}"
                f" -> {out}")
     # a .safetensors file is memory-mapped: its pages are read when the projection and the writer first touch them
