@@ -247,3 +247,14 @@ def test_safetensors_output_does_not_claim_to_copy_what_it_drops(tmp_path):
     assert r.exit_code == 0 and "copied unchanged" not in r.output and "'epoch' not written" in r.output, r.output
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["copied_unchanged"] == [] and doc["not_written"] == ["epoch"]
+
+
+def test_config_tie_never_joins_tensors_of_different_shapes(tmp_path):
+    # tie_word_embeddings with a padded head: the head was overwritten by the embedding's shape and values
+    sd = {"model.embed_tokens.weight": torch.randn(10, 8), "lm_head.weight": torch.randn(12, 8)}
+    torch.save(sd, tmp_path / "m.pt")
+    (tmp_path / "config.json").write_text('{"tie_word_embeddings": true}')
+    r = run("prune-checkpoint", tmp_path / "m.pt", "-s", "0.8", "-o", tmp_path / "o.pt", "--any-tensor")
+    assert r.exit_code == 0, r.output
+    out = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in sd.items()}

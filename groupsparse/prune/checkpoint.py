@@ -316,7 +316,8 @@ def find_ties(state_dict: Mapping[str, Any], *, config: Mapping | None = None) -
             if head in group_of and group_of.get(embed) is group_of[head]:
                 continue  # already tied by storage
             same = a.shape == b.shape and a.dtype == b.dtype
-            if tie_cfg is True or (tie_cfg is None and same and torch.equal(a, b)):
+            # never by config alone: a head of another shape (padded vocabulary) would get the embedding's tensor
+            if same and (tie_cfg is True or (tie_cfg is None and torch.equal(a, b))):
                 join(head, embed)
     unique = {id(g): g for g in group_of.values()}
     return [sorted(g, key=list(state_dict).index) for g in unique.values()]
