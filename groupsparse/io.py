@@ -205,6 +205,9 @@ def load_arrays(path: str | os.PathLike, what: str = "input") -> dict[str, Any]:
     path = Path(path)
     suffix = check_suffix(path, ARRAY_SUFFIXES, what)
     if not path.is_file():
+        if path.exists():  # a pipe or device: reading it could block or never end
+            raise ValueError(f"{what}: got {str(path)!r}, which is {_not_a_file(path) or 'not a regular file'}; "
+                             "expected a regular file")
         raise FileNotFoundError(2, f"{what}: no such file, expected a {'/'.join(ARRAY_SUFFIXES)} file", str(path))
     try:
         if suffix == ".safetensors":

@@ -258,3 +258,10 @@ def test_config_tie_never_joins_tensors_of_different_shapes(tmp_path):
     assert r.exit_code == 0, r.output
     out = torch.load(tmp_path / "o.pt", weights_only=True)
     assert {k: tuple(v.shape) for k, v in out.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_pipe_as_input_is_refused_without_blocking(tmp_path):
+    for name, cmd in (("in.npy", "project"), ("in.pt", "prune-checkpoint")):
+        os.mkfifo(tmp_path / name)  # opening it would block until a writer comes: must be refused, not read
+        line = one_error_line(run(cmd, tmp_path / name, "-s", "0.8", "-o", tmp_path / ("o" + name[2:])))
+        assert name in line and "regular file" in line

@@ -170,6 +170,8 @@ def load_checkpoint(path: str | os.PathLike, *, key: str | None = None,
     path = Path(path)
     suffix = check_suffix(path, SUFFIXES, "checkpoint")
     if not path.is_file():
+        if path.exists():  # a pipe or device: reading it could block or never end
+            raise ValueError(f"checkpoint: got {str(path)!r}, which is not a regular file; expected a checkpoint file")
         raise FileNotFoundError(2, "checkpoint: no such file", str(path))
     if key is not None and suffix == ".safetensors":
         raise ValueError(f"--key: got {key!r} for {str(path)!r}, expected no --key: a .safetensors file holds one "
