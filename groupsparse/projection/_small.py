@@ -165,29 +165,21 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, mu0, out, stats):
     it = 0
     done = False
     m0 = math.ldexp(mu0, -E) if mu0 > 0.0 else 0.0
-    if lo < m0 < hi:
-        mu = m0
-        for i in range(r):
-            t[i] = mu * dt[i]
-        _sums_all(x, offsets, inv, t, sums)
-        S, dS = _total(beta, wn, dt, sums)
-        evals += 1
-        if S < need:
-            lo = mu
+    warm = lo < m0 < hi  # a warm start is the first point evaluated (not counted as an iteration)
+    while it < max_iter:
+        if warm:
+            cand = m0
+            warm = False
         else:
-            hi = mu
-            S_hi = S
-            done = S <= need + band
-    while not done and it < max_iter:
-        it += 1
-        cand = math.nan
-        if slow < 2 and dS > 0.0:
-            cand = mu + (aim - S) / dS
-        if not (lo < cand < hi):
-            cand = _key_mid(lo, hi, buf, ibuf)
-            slow = 0
-            if cand == lo:
-                break  # adjacent doubles: a jump
+            it += 1
+            cand = math.nan
+            if slow < 2 and dS > 0.0:
+                cand = mu + (aim - S) / dS
+            if not (lo < cand < hi):
+                cand = _key_mid(lo, hi, buf, ibuf)
+                slow = 0
+                if cand == lo:
+                    break  # adjacent doubles: a jump
         mu = cand
         for i in range(r):
             t[i] = mu * dt[i]
