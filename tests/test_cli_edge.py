@@ -265,3 +265,6 @@ def test_pipe_as_input_is_refused_without_blocking(tmp_path):
         os.mkfifo(tmp_path / name)  # opening it would block until a writer comes: must be refused, not read
         line = one_error_line(run(cmd, tmp_path / name, "-s", "0.8", "-o", tmp_path / ("o" + name[2:])))
         assert name in line and "regular file" in line
+    os.mkfifo(tmp_path / "x.csv")
+    line = one_error_line(run("nmf", "cbcl", "--data", tmp_path / "x.csv", "--out", tmp_path / "o", "--no-progress"))
+    assert "x.csv" in line and "regular file" in line

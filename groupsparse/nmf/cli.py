@@ -106,6 +106,8 @@ def cbcl_cmd(data, out, rank, iters, seed, sparsity, layout, image_shape, key, n
     from ..io import check_paths, check_suffix
 
     check_suffix(path, _DATA_SUFFIXES, "--data")
+    if not path.is_file():  # a pipe or device: reading it could block or never end
+        raise ValueError(f"--data: got {str(path)!r}, which is not a regular file; expected a data file")
     check_paths({"--data": path}, {"--out": out})
     if Path(out).resolve() in path.resolve().parents:
         raise ValueError(f"--out: got {out!r}, which holds the input {str(path)!r}; expected a folder that does not")
