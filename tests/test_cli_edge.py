@@ -268,3 +268,25 @@ def test_pipe_as_input_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "x.csv")
     line = one_error_line(run("nmf", "cbcl", "--data", tmp_path / "x.csv", "--out", tmp_path / "o", "--no-progress"))
     assert "x.csv" in line and "regular file" in line
+
+
+@pytest.mark.parametrize("cmd", ["project", "prune-checkpoint"])
+def test_ctrl_c_mid_write_leaves_no_output_and_no_temp(tmp_path, npy, cmd):
+    import subprocess
+    import sys
+
+    save_state_dict({"fc.weight": torch.randn(6, 8)}, tmp_path / "m.pt")
+    # the writer has written part of its file when SIGINT arrives, as a Ctrl-C during a long write would
+    code = ("import os, signal, sys, numpy as np, torch\n"
+            "def half(f):\n"
+            "    (open(f, 'wb') if isinstance(f, (str, os.PathLike)) else f).write(b'half')\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "np.save = lambda f, a, **k: half(f)\n"
+            "torch.save = lambda obj, f, **k: half(f)\n"
+            "from groupsparse.cli import main\n"
+            "main(sys.argv[1:], prog_name='groupsparse')\n")
+    args = ["project", "in.npy", "-o", "o.npy"] if cmd == "project" else ["prune-checkpoint", "m.pt", "-o", "o.pt"]
+    r = subprocess.run([sys.executable, "-c", code, *args, "-s", "0.8"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 130 and r.stderr.strip() == "groupsparse: error: interrupted", r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["in.npy", "m.pt"]
