@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
+from ._layouts import pruned_state_dict, smallest_k  # noqa: F401 (public through this module too)
 from .selection import Target, select_parameters
 
 MASK_STYLES = ("buffer", "torch_prune", "parametrize")
@@ -57,31 +58,6 @@ def check_prune_scope(scope: Any) -> str:
     if not isinstance(scope, str) or scope not in _SCOPES:
         raise ValueError(f"scope: got {scope!r}, expected 'model' (alias 'global') or 'layer'")
     return _SCOPES[scope]
-
-
-def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool tensor (same shape) marking exactly ``k`` entries with the smallest scores; ties broken by position.
-
-    Uses a k-th value threshold plus an explicit tie pass instead of a full sort, so it stays O(N) in memory
-    and exact when many scores tie (e.g. the zeros a projection leaves).
-    """
-    flat = scores.reshape(-1)
-    n = flat.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"k: got {k}, expected 0 <= k <= {n}")
-    out = torch.zeros(n, dtype=torch.bool, device=flat.device)
-    if k == 0:
-        return out.reshape(scores.shape)
-    if k == n:
-        return ~out.reshape(scores.shape)
-    thr = torch.kthvalue(flat.float(), k).values
-    below = flat < thr
-    out |= below
-    need = k - int(below.sum())
-    if need > 0:
-        ties = torch.nonzero(flat == thr).reshape(-1)[:need]
-        out[ties] = True
-    return out.reshape(scores.shape)
 
 
 class Pruner:
@@ -441,32 +417,3 @@ class Pruner:
                     out[t.name] = ~pruned[i:i + cnt].reshape(t.shape).to(t.param.device)
                     i += cnt
         return out
-
-
-def pruned_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain state_dict with real zeros: ``x_orig * x_mask`` folded into ``x``, ``*_mask`` buffers applied and
-    dropped, parametrizations flattened. Works on models pruned by this module or by torch.nn.utils.prune."""
-    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
-    out: dict[str, torch.Tensor] = {}
-    masks = {k[: -len("_mask")]: v for k, v in sd.items() if k.endswith("_mask") and isinstance(v, torch.Tensor)}
-    for k, v in sd.items():
-        if k.endswith("_mask") and k[: -len("_mask")] in masks and (
-                k[: -len("_mask")] in sd or k[: -len("_mask")] + "_orig" in sd):
-            continue
-        if ".parametrizations." in k:
-            head, rest = k.split(".parametrizations.", 1)
-            pname, leaf = rest.split(".", 1)
-            if leaf == "original":
-                m = sd.get(f"{head}.parametrizations.{pname}.0.mask")
-                w = v.detach().clone()
-                if m is not None:
-                    w = w.masked_fill(~m.bool(), 0)
-                out[f"{head}.{pname}"] = w
-            continue
-        name = k[: -len("_orig")] if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in sd else k
-        w = v.detach().clone() if isinstance(v, torch.Tensor) else v
-        m = masks.get(name)
-        if m is not None and isinstance(w, torch.Tensor) and m.shape == w.shape:
-            w = w.masked_fill(~m.bool(), 0)
-        out[name] = w
-    return out
