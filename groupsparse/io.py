@@ -217,7 +217,7 @@ def load_arrays(path: str | os.PathLike, what: str = "input") -> dict[str, Any]:
         if suffix == ".npy":
             return {"array": np.load(path, allow_pickle=False)}
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            out = {k: z[k] for k in z.files}
     except OSError as e:
         if e.errno is not None:
             raise  # permission, I/O error: the OSError already names the file
@@ -226,6 +226,11 @@ def load_arrays(path: str | os.PathLike, what: str = "input") -> dict[str, Any]:
         detail = "it declares an array larger than memory" if isinstance(e, MemoryError) else f"{type(e).__name__}: {e}"
         raise ValueError(f"{what}: cannot read {str(path)!r} as {suffix} (truncated or not a {suffix} file? "
                          f"{detail})") from e
+    for k, v in out.items():
+        if not isinstance(v, np.ndarray):  # np.load gives the raw bytes of a member that is not a .npy
+            raise ValueError(f"{what}: {str(path)!r} holds the member {k!r}, which is not a .npy array; expected "
+                             "an .npz of arrays only")
+    return out
 
 
 def _c_contiguous(v):

@@ -281,3 +281,14 @@ def test_ctrl_c_mid_write_leaves_no_output_and_no_temp(tmp_path, npy, cmd, monke
     r = run(*args, "-s", "0.8")
     assert r.exit_code == 130 and one_error_line(r) == "groupsparse: error: interrupted"
     assert sorted(os.listdir(tmp_path)) == ["in.npy", "m.safetensors"]
+
+
+def test_npz_with_a_member_that_is_not_an_array(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "in.npz", "w") as z:
+        with z.open("x.npy", "w") as f:
+            np.lib.format.write_array(f, np.ones((4, 4)))
+        z.writestr("notes.txt", "hello")  # np.load hands this back as bytes
+    line = one_error_line(run("project", tmp_path / "in.npz", "-s", "0.8", "-o", tmp_path / "o.npz"))
+    assert "in.npz" in line and "'notes.txt'" in line  # was AttributeError: 'bytes' object has no attribute 'dtype'
