@@ -234,16 +234,30 @@ def load_arrays(path: str | os.PathLike, what: str = "input") -> dict[str, Any]:
 
 
 def _c_contiguous(v):
-    # np.ascontiguousarray would turn a 0-d array into shape (1,)
+    # np.ascontiguousarray would turn a 0-d array into shape (1,); safetensors is little-endian only
+    if not v.dtype.isnative:
+        v = v.astype(v.dtype.newbyteorder("="))
     return v if v.flags.c_contiguous else v.copy(order="C")
 
 
-def check_safetensors_names(names, path: str | os.PathLike, source: str = "IN") -> None:
-    """``ValueError`` for a name a .safetensors file cannot hold: its header is a JSON object whose key
-    ``__metadata__`` is reserved (a tensor of that name made an unreadable file)."""
-    if Path(path).suffix.lower() == ".safetensors" and "__metadata__" in names:
+# NumPy dtypes a .safetensors file holds (safetensors.numpy's table); bfloat16/float8 arrive as torch tensors
+_SAFETENSORS_NUMPY = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16",
+                      "float32", "float64", "complex64")
+
+
+def check_safetensors_names(arrays, path: str | os.PathLike, source: str = "IN") -> None:
+    """``ValueError`` for an entry a .safetensors ``path`` cannot hold, checked before long work: the name
+    ``__metadata__``, reserved in its JSON header (a tensor of that name made an unreadable file), or a NumPy
+    dtype it lacks (strings, dates, records, complex128)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return
+    if "__metadata__" in arrays:
         raise ValueError(f"--out: got {str(path)!r}, but {source} has an entry named '__metadata__', a name that "
                          ".safetensors reserves; expected a .pt/.npz output or another name")
+    for k, v in arrays.items() if isinstance(arrays, Mapping) else ():
+        if type(v).__module__ == "numpy" and v.dtype.newbyteorder("=").name not in _SAFETENSORS_NUMPY:
+            raise ValueError(f"--out: got {str(path)!r}, but {k!r} of {source} has dtype {v.dtype}, which "
+                             ".safetensors cannot hold; expected a .npz output")
 
 
 def _write_npz(path: Path, arrays: Mapping[str, Any]) -> None:

@@ -292,3 +292,19 @@ def test_npz_with_a_member_that_is_not_an_array(tmp_path):
         z.writestr("notes.txt", "hello")  # np.load hands this back as bytes
     line = one_error_line(run("project", tmp_path / "in.npz", "-s", "0.8", "-o", tmp_path / "o.npz"))
     assert "in.npz" in line and "'notes.txt'" in line  # was AttributeError: 'bytes' object has no attribute 'dtype'
+
+
+def test_safetensors_output_dtypes_checked_before_the_work(tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
+    import groupsparse
+
+    x = np.random.default_rng(0).normal(size=(8, 6))
+    np.savez(tmp_path / "in.npz", x=x, names=np.array(["a", "b"]))
+    monkeypatch.setattr(groupsparse, "project", lambda *a, **k: pytest.fail("projected before the dtype check"))
+    line = one_error_line(run("project", tmp_path / "in.npz", "-s", "0.8", "-o", tmp_path / "o.safetensors"))
+    assert "'names'" in line and "<U1" in line and "disk full" not in line  # was "(is the disk full?)" at the end
+    monkeypatch.undo()
+    np.save(tmp_path / "be.npy", x.astype(">f8"))  # big-endian: written little-endian, not refused
+    assert run("project", tmp_path / "be.npy", "-s", "0.8", "-o", tmp_path / "be.safetensors").exit_code == 0
+    assert load_file(tmp_path / "be.safetensors")["array"].dtype == np.float64
