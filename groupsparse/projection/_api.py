@@ -340,6 +340,7 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
     largest = np.array([_LARGEST.get(p, 0.0) for p in precisions])
     redo = jumped | (bound >= largest) | np.array([p not in ("float64", "float32") for p in precisions])
     redo |= np.array([p == "float32" for p in precisions]) & (low < -96)
+    redo |= np.array([p == "float64" for p in precisions]) & (low < -956)  # outputs that may be subnormal
     parts = group.rebuild(_convert_back(flat, back))
     results, infos, i = [], [], 0
     counts = np.diff(starts)

@@ -29,7 +29,8 @@ def _precision(dtypes) -> str:
     for d in dtypes:
         key = _PRECISION.get(d)
         if key is None:
-            name = str(d).replace("torch.", "")
+            # byte order normalized first: a big-endian '>f4' is float32 (str() would say '>f4')
+            name = str(d.newbyteorder("=") if isinstance(d, np.dtype) else d).replace("torch.", "")
             key = _PRECISION[d] = name if name in _TOL else "float64"  # longdouble: solved and returned >= float64
         worst = max(worst, _COARSER.index(key))
     return _COARSER[worst]
@@ -67,27 +68,35 @@ def _margin(group: Group, precision: str) -> float:
     return 2 * u / (1 - u) * mean * (1 + 1e-6) + 1e-15
 
 
-def _measure(group: Group, flat, precision: str):
-    """(sum of sparsities, all finite) of ``flat`` rounded to the output dtype, in float64 (no over/underflow:
-    squares of float32/16 values are normal doubles)."""
+def _rounded(group: Group, flat) -> np.ndarray:
+    """``flat`` rounded to each block's own output dtype, back in float64 (inf where that overflows)."""
     import torch
 
-    if is_tensor(flat):
-        dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[precision]
-        z = flat.to(dt).double().abs().cpu().numpy()
-    else:
-        dt = {"float16": np.float16, "float32": np.float32}.get(precision)
-        if dt is None:  # bfloat16 NumPy arrays do not exist; torch rounds for us
-            z = torch.from_numpy(np.ascontiguousarray(flat)).to(torch.bfloat16).double().abs().numpy()
-        else:
-            with np.errstate(over="ignore"):  # overflow shows as inf: the overflow rule below
-                z = flat.astype(dt).astype(np.float64)
-            np.abs(z, out=z)
+    z = flat.detach().cpu() if is_tensor(flat) else flat
+    out = np.empty(int(group.offsets[-1]))
+    with np.errstate(over="ignore"):
+        for a, b, dt in group.blocks:
+            seg = z[a:b]
+            if isinstance(dt, torch.dtype):  # tensors (also when the CPU engine worked on their NumPy view)
+                seg = seg if is_tensor(seg) else torch.from_numpy(np.ascontiguousarray(seg))
+                out[a:b] = seg.to(dt).double().numpy()
+            else:
+                out[a:b] = np.asarray(seg).astype(dt).astype(np.float64)
+    return out
+
+
+def _measure(group: Group, flat):
+    """(sum of sparsities, all finite) of ``flat`` as returned (rounded to each block's dtype); each vector is
+    divided by a power of two of its peak first, so no square over- or underflows."""
+    z = np.abs(_rounded(group, flat))
     if not np.all(np.isfinite(z)):
         return 0.0, False
+    starts = group.offsets[:-1]
+    lengths = np.diff(group.offsets)
+    peak = np.maximum.reduceat(z, starts)
+    z = np.ldexp(z, np.repeat(-np.clip(np.frexp(peak)[1], -1022, 1023), lengths))
     w = group.weights
     w = np.ones_like(z) if w is None else (w.detach().cpu().numpy() if is_tensor(w) else w)
-    starts = group.offsets[:-1]
     l1 = np.add.reduceat(w * z, starts)
     l2 = np.sqrt(np.add.reduceat(z * z, starts))
     nrm = np.sqrt(np.add.reduceat(w * w, starts))
@@ -120,14 +129,14 @@ def solve_contract(group: Group, s: float, tol: float, solve, comm=None):
     info.margin = margin
     if info.already_sparse:
         return flat, info, back
-    if precision == "float64":
-        _check_finite(flat, precision, info, comm)
+    if precision == "float64" and not _may_be_subnormal(info, precision):
+        _check_finite(group, flat, precision, info, comm)
         return flat, info, back
     r = info.n_vectors
     measure = precision != "float32" or _may_be_subnormal(info, precision)
     for attempt in range(_NUDGES + 1):
         if measure:
-            S_loc, finite = _measure(group, flat, precision)
+            S_loc, finite = _measure(group, flat)
         else:
             S_loc, finite = info.sparsity * group.n_vectors, True
         S, ok = comm.sum(np.array([S_loc, float(not finite)]))
@@ -142,20 +151,19 @@ def solve_contract(group: Group, s: float, tol: float, solve, comm=None):
         measure = True
         flat, info, back = solve(min(margin, 1.0))
     if not measure:
-        _check_finite(flat, precision, info, comm)
+        _check_finite(group, flat, precision, info, comm)
     return flat, info, back
 
 
 _LARGEST = {"float64": 1.79e308, "float32": 3.4e38}
 
 
-def _check_finite(flat, precision, info, comm):
+def _check_finite(group, flat, precision, info, comm):
     """Overflow rule: results beyond the output dtype's range raise (never silently inf). Every output entry is
     at most its vector's l2 norm (``info.bound``, the largest over the group), so most groups skip the pass."""
     if comm.max(np.array([getattr(info, "bound", np.inf)]))[0] < _LARGEST[precision]:
         return
-    big = float(flat.abs().max()) if is_tensor(flat) else (float(np.abs(flat).max()) if flat.size else 0.0)
-    bad = not np.isfinite(big)
+    bad = not np.all(np.isfinite(_rounded(group, flat)))
     if comm.sum(np.array([float(bad)]))[0] > 0:
         raise _overflow_error(precision)
 
@@ -163,7 +171,8 @@ def _check_finite(flat, precision, info, comm):
 def _may_be_subnormal(info, precision: str) -> bool:
     """Outputs below the dtype's smallest normal lose the relative rounding bound. A nonzero output entry of
     vector i is at least ulp(t_i) ~ 2^(e_i - 53) (e_i: the vector's exponent), so only groups with a vector below
-    2^-60 (float32) can produce one: those are measured."""
-    return getattr(info, "low", -(10**6)) < {"float32": -60, "float16": 41, "bfloat16": -60}[precision]
+    2^-60 (float32; float64: 2^-956) can produce one: those are measured (float64 like float32: after writing,
+    re-solved further inside while short, the last resort every vector one-hot)."""
+    return getattr(info, "low", -(10**6)) < {"float64": -956, "float32": -60, "float16": 41, "bfloat16": -60}[precision]
 
 

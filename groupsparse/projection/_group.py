@@ -38,6 +38,21 @@ def _check_float(x: Any, what: str) -> None:
             f"{what}: got dtype {_dtype_name(x)}, expected a floating dtype (float16/32/64 or bfloat16); "
             "cast first, e.g. x.astype(np.float64) or x.double()"
         )
+    if not is_tensor(x) and x.dtype.itemsize > 8:
+        _check_longdouble(x, what)
+
+
+def _check_longdouble(x: np.ndarray, what: str) -> None:
+    """long double is solved in float64 and returned as long double: accepted only where that is exact, i.e.
+    every finite nonzero entry lies in float64's normal range (NaN/Inf are left to the usual check)."""
+    with np.errstate(over="ignore", under="ignore"):
+        y = x.astype(np.float64)
+    a = np.abs(x)
+    bad = (np.isfinite(a) & ~np.isfinite(y)) | ((a != 0) & (np.abs(y) < np.finfo(np.float64).tiny))
+    if np.any(bad):
+        raise ValueError(f"{what}: got {_dtype_name(x)} entries outside float64's normal range (e.g. "
+                         f"{x.reshape(-1)[np.argmax(bad.reshape(-1))]!r}), expected long double values representable "
+                         "in float64 (long double is solved in float64); rescale first")
 
 
 def _flat_float_buffer(x: Any):
@@ -46,6 +61,8 @@ def _flat_float_buffer(x: Any):
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         return x.detach().reshape(-1).contiguous()
+    if not x.dtype.isnative:  # big-endian input: every dtype decision below sees the native dtype
+        x = x.astype(x.dtype.newbyteorder("="))
     if x.dtype == np.float16:
         x = x.astype(np.float32)
     elif x.dtype.itemsize > 8:  # long double: the kernels run in float64
@@ -99,6 +116,7 @@ class Group:
     out_dtypes: tuple = ()  # the dtypes results are returned in (they set the precision contract)
     out_flat: Any = None  # a caller's output buffer laid out like ``data`` (project(out=...)), or None
     vectors_last: bool = False  # one array whose vectors already lie along its last axis (``data`` is a view)
+    blocks: tuple = ()  # (start, end, output dtype) of each input block in the flat layout
 
     @property
     def n_vectors(self) -> int:
@@ -198,7 +216,8 @@ def as_group(vectors: Any, *, axis: int = 0, weights: Any = None) -> Group:
         return np.ascontiguousarray(out, dtype=orig_dtype)
 
     return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=n,
-                 out_dtypes=(orig_dtype,), vectors_last=last or vectors.ndim == 1)
+                 out_dtypes=(orig_dtype,), vectors_last=last or vectors.ndim == 1,
+                 blocks=((0, int(offsets[-1]), orig_dtype),))
 
 
 def _group_from_list(vectors: Sequence[Any], weights: Any, axis: int) -> Group:
@@ -243,7 +262,8 @@ def _group_from_list(vectors: Sequence[Any], weights: Any, axis: int) -> Group:
         if weights is not None:
             w = torch.cat([moved(x, ax).detach().reshape(-1).to(torch.float64) for x, ax in zip(weights, axes)])
     else:
-        work = np.float64 if any(d == np.float64 or d == np.longdouble for d in dtypes) else np.float32
+        native = [d.newbyteorder("=") for d in dtypes]  # '>f8' == np.float64 is False
+        work = np.float64 if any(d == np.float64 or d == np.longdouble for d in native) else np.float32
         data = np.concatenate([np.asarray(b, dtype=work).reshape(-1) for b in blocks])
         w = None
         if weights is not None:
@@ -268,5 +288,5 @@ def _group_from_list(vectors: Sequence[Any], weights: Any, axis: int) -> Group:
         return parts
 
     return Group(data, offsets, w, "torch" if tensor else "numpy", rebuild, uniform_length=uniform,
-                 out_dtypes=tuple(dtypes))
+                 out_dtypes=tuple(dtypes), blocks=tuple((int(a), int(b), d) for a, b, d in zip(starts, starts[1:], dtypes)))
 
