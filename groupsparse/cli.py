@@ -70,6 +70,16 @@ def _describe(e: BaseException) -> str:
     return " ".join(msg.split())  # one line, whatever the message holds
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr (Python's format adds the source line, torch's add paragraphs)."""
+    text = " ".join(str(message).split())
+    text = text if len(text) <= 300 else text[:297] + "..."
+    try:
+        click.echo(f"groupsparse: warning: {text} ({category.__name__})", err=True)
+    except (OSError, ValueError):
+        pass  # stderr closed: a warning is not worth failing for
+
+
 class LazyGroup(click.Group):
     """A click group that imports a subcommand's module only when it is needed, and one error boundary."""
 
@@ -126,6 +136,11 @@ class LazyGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        import warnings
+
+        shown = warnings.showwarning
+        if os.environ.get("GROUPSPARSE_DEBUG", "") in ("", "0"):
+            warnings.showwarning = _warning_line  # a library's multi-line warning would bury the result
         try:
             rv = super().main(args, prog_name or "groupsparse", complete_var, standalone_mode=False, **extra)
             sys.exit(rv if isinstance(rv, int) else 0)
@@ -144,6 +159,8 @@ class LazyGroup(click.Group):
                 click.echo(f"groupsparse: error: {_describe(e)}", err=True)
             finally:
                 sys.exit(code)
+        finally:
+            warnings.showwarning = shown
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -254,10 +254,22 @@ def check_safetensors_names(arrays, path: str | os.PathLike, source: str = "IN")
     if "__metadata__" in arrays:
         raise ValueError(f"--out: got {str(path)!r}, but {source} has an entry named '__metadata__', a name that "
                          ".safetensors reserves; expected a .pt/.npz output or another name")
+    torch_types = None
     for k, v in arrays.items() if isinstance(arrays, Mapping) else ():
-        if type(v).__module__ == "numpy" and v.dtype.newbyteorder("=").name not in _SAFETENSORS_NUMPY:
-            raise ValueError(f"--out: got {str(path)!r}, but {k!r} of {source} has dtype {v.dtype}, which "
-                             ".safetensors cannot hold; expected a .npz output")
+        if type(v).__module__ == "numpy":
+            ok, other = v.dtype.newbyteorder("=").name in _SAFETENSORS_NUMPY, ".npz"
+        elif type(v).__module__.startswith("torch") and hasattr(v, "dtype"):
+            if torch_types is None:
+                from safetensors.torch import _TYPES  # the dtypes its torch writer knows
+
+                torch_types = set(_TYPES.values())
+            ok, other = v.dtype in torch_types and not v.is_quantized, ".pt"
+        else:
+            continue  # not an array: the writer's own check names it
+        if not ok:
+            raise ValueError(f"--out: got {str(path)!r}, but {k!r} of {source} has dtype "
+                             f"{str(v.dtype).replace('torch.', '')}, which .safetensors cannot hold; expected a "
+                             f"{other} output")
 
 
 def _write_npz(path: Path, arrays: Mapping[str, Any]) -> None:

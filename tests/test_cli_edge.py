@@ -308,3 +308,23 @@ def test_safetensors_output_dtypes_checked_before_the_work(tmp_path, monkeypatch
     np.save(tmp_path / "be.npy", x.astype(">f8"))  # big-endian: written little-endian, not refused
     assert run("project", tmp_path / "be.npy", "-s", "0.8", "-o", tmp_path / "be.safetensors").exit_code == 0
     assert load_file(tmp_path / "be.safetensors")["array"].dtype == np.float64
+
+
+def test_library_warnings_are_one_line_and_complex128_refused_early(tmp_path, monkeypatch):
+    import warnings
+
+    import groupsparse.io as gio
+
+    real = gio.load_arrays
+
+    def noisy(path, what="input"):
+        warnings.warn("a library\n  warning\n\n  over several lines", UserWarning)
+        return real(path, what)
+
+    monkeypatch.setattr(gio, "load_arrays", noisy)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 6)))
+    r = run("project", tmp_path / "x.npy", "-s", "0.8", "-o", tmp_path / "o.npy")
+    assert r.exit_code == 0 and "groupsparse: warning: a library warning over several lines (UserWarning)\n" in r.output
+    torch.save({"fc.weight": torch.randn(6, 8), "c": torch.ones(3, dtype=torch.complex128)}, tmp_path / "m.pt")
+    line = one_error_line(run("prune-checkpoint", tmp_path / "m.pt", "-s", "0.8", "-o", tmp_path / "o.safetensors"))
+    assert "'c'" in line and "complex128" in line and "disk full" not in line
