@@ -89,6 +89,9 @@ def test_checkpoint_nested_deeper_and_at_several_depths(tmp_path):
     assert out["step"] == 7 and all((t == 0).any() for t in (out["enc"]["fc.weight"], out["dec"]["fc.weight"]))
     r = run("prune-checkpoint", inp2, "-s", "0.8", "-o", tmp_path / "p2.safetensors")
     assert r.exit_code == 0 and "'step'" in r.output, r.output  # said to be dropped, before any work
+    torch.save({"layers": {0: {"weight": torch.randn(6, 8)}}}, tmp_path / "int.pt")  # int keys: named "0"
+    assert run("prune-checkpoint", tmp_path / "int.pt", "-s", "0.8", "-o", tmp_path / "i.pt").exit_code == 0
+    assert (torch.load(tmp_path / "i.pt", weights_only=True)["layers"][0]["weight"] == 0).any()
     torch.save({"a": {"fc.weight": torch.randn(6, 8)}, "a.fc.weight": torch.randn(6, 8)}, tmp_path / "clash.pt")
     assert "two entries named 'a.fc.weight'" in one_error_line(
         run("prune-checkpoint", tmp_path / "clash.pt", "-s", "0.8", "-o", tmp_path / "c.pt"))
@@ -96,6 +99,7 @@ def test_checkpoint_nested_deeper_and_at_several_depths(tmp_path):
 
 def test_checkpoint_odd_entries_are_one_line_naming_file_and_tensor(tmp_path):
     cases = {"tuple.pt": ({("a", "b"): torch.randn(4, 4)}, "named by a tuple"),
+             "bool.pt": ({True: torch.randn(4, 4)}, "named by a bool"),
              "sparse.pt": ({"w.weight": torch.randn(4, 4).to_sparse()}, "sparse_coo"),
              "meta.pt": ({"w.weight": torch.empty(4, 4, device="meta")}, "meta"),
              "f8.pt": ({"w.weight": torch.randn(4, 4).to(torch.float8_e4m3fn)}, "float8_e4m3fn"),

@@ -121,14 +121,14 @@ def _flatten(sd: Mapping, path: Path) -> tuple[dict[str, Any], dict[str, tuple]]
 
     def walk(m: Mapping, keys: tuple) -> None:
         for k, v in m.items():
-            if not isinstance(k, str):
+            if not isinstance(k, (str, int)) or isinstance(k, bool):  # int: {"layers": {0: {...}}}, named "0"
                 raise ValueError(f"checkpoint: {str(path)!r} has the entry {keys + (k,)!r} named by a "
                                  f"{type(k).__name__}, expected str names (name -> tensor)")
             here = keys + (k,)
             if isinstance(v, Mapping) and _holds_tensor(v) and len(here) < 8:
                 walk(v, here)
                 continue
-            name = ".".join(here)
+            name = ".".join(map(str, here))
             if name in flat:
                 raise ValueError(f"checkpoint: {str(path)!r} holds two entries named {name!r} (one nested), "
                                  "expected unique dotted names")
