@@ -89,9 +89,14 @@ def test_checkpoint_nested_deeper_and_at_several_depths(tmp_path):
     assert out["step"] == 7 and all((t == 0).any() for t in (out["enc"]["fc.weight"], out["dec"]["fc.weight"]))
     r = run("prune-checkpoint", inp2, "-s", "0.8", "-o", tmp_path / "p2.safetensors")
     assert r.exit_code == 0 and "'step'" in r.output, r.output  # said to be dropped, before any work
-    torch.save({"layers": {0: {"weight": torch.randn(6, 8)}}}, tmp_path / "int.pt")  # int keys: named "0"
-    assert run("prune-checkpoint", tmp_path / "int.pt", "-s", "0.8", "-o", tmp_path / "i.pt").exit_code == 0
-    assert (torch.load(tmp_path / "i.pt", weights_only=True)["layers"][0]["weight"] == 0).any()
+    # int keys are named "0"; an optimizer beside the weights is never pruned, even by --any-tensor
+    opt = {"state": {0: {"exp_avg": torch.randn(6, 8)}}, "param_groups": [{"lr": 0.1}]}
+    torch.save({"layers": {0: {"weight": torch.randn(6, 8)}}, "optimizer": opt}, tmp_path / "int.pt")
+    r = run("prune-checkpoint", tmp_path / "int.pt", "-s", "0.8", "-o", tmp_path / "i.pt", "--any-tensor")
+    assert r.exit_code == 0, r.output
+    out = torch.load(tmp_path / "i.pt", weights_only=True)
+    assert (out["layers"][0]["weight"] == 0).any()
+    assert torch.equal(out["optimizer"]["state"][0]["exp_avg"], opt["state"][0]["exp_avg"])
     torch.save({"a": {"fc.weight": torch.randn(6, 8)}, "a.fc.weight": torch.randn(6, 8)}, tmp_path / "clash.pt")
     assert "two entries named 'a.fc.weight'" in one_error_line(
         run("prune-checkpoint", tmp_path / "clash.pt", "-s", "0.8", "-o", tmp_path / "c.pt"))

@@ -22,6 +22,9 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SUFFIXES = (".safetensors",) + TORCH_SUFFIXES
 # keys under which training scripts commonly nest the weights in a .pt checkpoint
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+# training state that may sit beside the weights: never flattened into names that --any-tensor would prune
+_NOT_WEIGHTS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim", "scheduler", "lr_scheduler",
+                "lr_schedulers", "scaler", "callbacks", "loops")
 # (output head, input embedding) names that language models tie (Hugging Face layouts, Meta's Llama format);
 # matched after any common prefix such as "module."
 _TIED_NAMES = (("lm_head.weight", "model.embed_tokens.weight"), ("lm_head.weight", "transformer.wte.weight"),
@@ -125,7 +128,7 @@ def _flatten(sd: Mapping, path: Path) -> tuple[dict[str, Any], dict[str, tuple]]
                 raise ValueError(f"checkpoint: {str(path)!r} has the entry {keys + (k,)!r} named by a "
                                  f"{type(k).__name__}, expected str names (name -> tensor)")
             here = keys + (k,)
-            if isinstance(v, Mapping) and _holds_tensor(v) and len(here) < 8:
+            if isinstance(v, Mapping) and _holds_tensor(v) and len(here) < 8 and k not in _NOT_WEIGHTS:
                 walk(v, here)
                 continue
             name = ".".join(map(str, here))
