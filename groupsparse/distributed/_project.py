@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..projection._api import ENGINES, _convert_back, _engine_for
-from ..projection._contract import _COARSER, _check_solver_options, _margin, _precision
+from ..projection._contract import _COARSER, _NUDGES, _check_solver_options, _margin, _measure, _precision
 from ..projection._group import _validate_axis, as_group, is_tensor, validate_sparsity
 from ..projection._solver import Evaluation, solve_shared
 
@@ -149,7 +149,8 @@ def _demote(out: Any, like: Any):
 
 def _has_float64(vectors: Any) -> bool:
     items = vectors if isinstance(vectors, (list, tuple)) else [vectors]
-    return any(v.dtype in (torch.float64, np.float64, np.longdouble) for v in items)
+    return any((v.dtype if is_tensor(v) else v.dtype.newbyteorder("=")) in (torch.float64, np.float64, np.longdouble)
+               for v in items)
 
 
 # Layout of the one all_gather that validates the call across ranks (before any solver collective).
@@ -168,6 +169,25 @@ def _raise_agreed(comm: TorchDistComm, local_err: BaseException | None, flags: n
     kind, msg = msgs[bad]
     cls = {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)
     raise cls(f"rank {bad}: {msg}")
+
+
+def _measured_subnormal(grp, eng, comm, flat, info, s, tol, max_iter):
+    """float64 outputs that may be subnormal (a vector below 2^-956 on any rank): measured after writing and
+    re-solved further inside while short, as in the single-process contract (docs/projection.md §4)."""
+    if not info.low < -956:  # the smallest vector exponent over all ranks (solve_shared)
+        return flat, info
+    r_loc = grp.n_vectors if grp is not None else 0
+    margin = 0.0
+    for attempt in range(_NUDGES + 1):
+        S_loc = _measure(grp, flat)[0] if r_loc else 0.0
+        info.sparsity = float(comm.sum(np.array([S_loc]))[0] / info.n_vectors)
+        info.margin = margin
+        if info.sparsity >= s or attempt == _NUDGES:
+            break
+        margin = 1.0 if attempt == _NUDGES - 1 else margin + 2 * (s - info.sparsity) + tol
+        flat, info = solve_shared(eng, s, margin_sum=min(margin, 1.0) * r_loc, tol=tol, max_iter=max_iter,
+                                  comm=comm)
+    return flat, info
 
 
 def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, axis: int = 0,
@@ -254,6 +274,8 @@ def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, a
     # precision included: no measuring here, so the provable bound is what the contract rests on)
     local = _margin(grp, precision) * grp.n_vectors if grp is not None else 0.0
     flat, info = solve_shared(eng, s, margin_sum=local, tol=tol_, max_iter=max_iter_, comm=comm)
+    if precision == "float64" and not info.already_sparse:
+        flat, info = _measured_subnormal(grp, eng, comm, flat, info, s, tol_, max_iter_)
     info.target = s
     if grp is None:
         out = _empty_like(vectors)

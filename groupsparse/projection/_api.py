@@ -115,8 +115,10 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
         Weighted Hoyer sparsity (REFERENCE.md §1); ``None`` is the plain measure.
     tol : float, optional
         Width of the accepted band above the aim. float64: the result lies in ``[sparsity, sparsity + tol]``
-        (default 1e-12), ties included. Coarser outputs are aimed inside by a rounding margin and are feasible
-        when measured in their own dtype (docs/projection.md §4): float32 (default tol 4e-7) within
+        (default 1e-12), ties included, except where the dual misses the optimum (weighted vectors whose one-hot
+        position switches at a jump: feasible, not optimal, possibly far above the band) and for outputs in the
+        subnormal range (only ``>= sparsity``, measured after writing; docs/projection.md §3-§4). Coarser
+        outputs are aimed inside by a rounding margin and are feasible when measured in their own dtype (docs/projection.md §4): float32 (default tol 4e-7) within
         ``[sparsity, sparsity + 2m + tol]`` with the provable margin m <= 4.1e-7; float16/bfloat16 (default 1e-5 /
         1e-4) measured after rounding and re-solved further inside while short (``info.margin``).
     max_iter : int, optional
@@ -127,7 +129,7 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     mu0 : float, optional
         Warm start: a guess of the dual variable, typically ``info.mu`` of an earlier call on similar data (a
         pruner projecting every few steps, NMF's inner iterations). It is evaluated first; a poor guess costs one
-        evaluation and changes nothing in the result.
+        evaluation. The result lies in the same band as without it, not necessarily bit for bit the same.
     out : array or tensor, optional
         Where to put the result (one array/tensor input only): same type, shape and dtype as ``vectors``, not
         overlapping it. When it is C-contiguous with the vectors along its last axis (float32/float64, CPU), the
@@ -144,8 +146,10 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     Notes
     -----
     Vectors of length 1 are rejected (their Hoyer sparsity is 0/0). A zero vector counts as sparsity 1 and
-    stays zero. Results carry no autograd history. Exact at every scale (project(a c) = a project(c)); at tied
-    largest entries the optimum is returned, on the target. Results beyond the output dtype's largest finite
+    stays zero. Results carry no autograd history. Equivariant at every scale (project(a c) = a project(c) up
+    to rounding); at tied largest entries the optimum is returned, on the target. Big-endian inputs follow the
+    contract of their native dtype and come back in the caller's dtype; ``np.longdouble`` is solved in float64
+    and accepted only with entries in float64's normal range. Results beyond the output dtype's largest finite
     value raise ``ValueError``.
     """
     s = validate_sparsity(sparsity)

@@ -67,8 +67,6 @@ def _flat_float_buffer(x: Any):
         x = x.astype(np.float32)
     elif x.dtype.itemsize > 8:  # long double: the kernels run in float64
         x = x.astype(np.float64)
-    elif not x.dtype.isnative:  # big-endian input: the kernels read native floats
-        x = x.astype(x.dtype.newbyteorder("="))
     return np.ascontiguousarray(x).reshape(-1)
 
 

@@ -212,7 +212,11 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
             top_key, p_min = float(p[j]) + math.ceil(float(m[j]) * 2.0**40) * 2.0**-40, int(p.min())
     # two collectives for all the constants: sums, and maxima (p + m orders the tops like their values)
     r_tot, msum = comm.sum(np.array([float(r_loc), margin * r_loc if margin_sum is None else margin_sum]))
-    mx = comm.max(np.array([top_key, float(-p_min), float(eng.weighted)]))
+    nzv = eng.cnorm_host > 0 if r_loc else np.zeros(0, dtype=bool)
+    low_loc = int(eng.e_host[nzv].min()) if nzv.any() else 10**6
+    # (the smallest vector exponent rides along: outputs near the subnormal range, _contract, all ranks)
+    mx = comm.max(np.array([top_key, float(-p_min), float(eng.weighted), float(-low_loc)]))
+    low = int(-mx[3])
     r_tot, weighted = int(round(r_tot)), bool(mx[2])
     margin = msum / r_tot
     p_top = math.floor(mx[0]) if math.isfinite(mx[0]) else 0
@@ -236,15 +240,13 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
 
     with np.errstate(over="ignore"):
         bound = float(np.max(np.ldexp(eng.cnorm_host, eng.e_host))) if r_loc else 0.0
-    nzv = eng.cnorm_host > 0 if r_loc else np.zeros(0, dtype=bool)
-    low = int(eng.e_host[nzv].min()) if nzv.any() else 10**6
 
     def info(mu, S, it, **kw):
         res = ProjectionInfo(mu=float(np.ldexp(mu, E)), iterations=it, evaluations=evals, sparsity=float(S / r_tot),
                               target=sparsity, converged=kw.pop("conv", True), engine=eng.name,
                               n_vectors=r_tot, discontinuity=kw.pop("disc", False), margin=margin, **kw)
         res.bound = bound  # the largest vector l2 norm in the group: no output entry exceeds it
-        res.low = low  # the smallest vector exponent (outputs near the subnormal range: _contract)
+        res.low = low  # the smallest vector exponent over all ranks (outputs near the subnormal range: _contract)
         return res
 
     ev0 = evaluate(0.0)
