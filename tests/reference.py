@@ -144,6 +144,9 @@ def kkt_mu(vectors, outputs, weights=None):
             res.append((np.nan, "zero"))
             continue
         pz = zz.max()
+        if pz == 0:  # weighted: the one-hot may sit on a zero entry of lighter weight (alpha = 0)
+            res.append((np.nan, "onehot"))
+            continue
         an, zn = a / pa, zz / pz
         sup = zn > 0
         if sup.sum() == 1:
