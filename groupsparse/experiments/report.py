@@ -246,6 +246,8 @@ def plot(rows: list[dict], path: str | Path) -> None:
             ax.text(0.02, 0.02, "random: below the axis, see the table", transform=ax.transAxes, fontsize=8)
         ticks = sorted({r["target_sparsity"] for r in sub if r["method"] != "dense"})
         ax.set_xticks([-math.log10(1 - t) for t in ticks], [f"{100 * t:g}" for t in ticks])
+        if len(ticks) == 1:  # one zero fraction: keep the small side-by-side offsets small on the axis too
+            ax.set_xlim(-math.log10(1 - ticks[0]) - 0.08, -math.log10(1 - ticks[0]) + 0.08)
         ax.set_xlabel("zeros among pruned weights (%)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{ds} / {model} (mean ± std over seeds; epochs = dense + after)")
