@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces results/prune/digits/{table.csv,table.png,paired_*.csv}: digits / MLP (LeNet-300-100 on 64 inputs),
+# Reproduces results/prune/digits/table-vs-{gmp,magnitude,gmp-during}.{csv,png}: digits / MLP (LeNet-300-100 on 64 inputs),
 # 10 seeds, 90/95/98 % zeros, every method and both protocols, plus GSP with dense/rescaled kept values
-# (sweep.py: 390 `groupsparse prune` runs in one process; with deephoyer's lambda candidates 510 trainings). The dense model of
+# (sweep.py: 390 `groupsparse prune` runs in one process, 510 trainings with deephoyer's lambda candidates). The dense model of
 # each seed is trained once and reused (cache: runs/cache). CODE=DIR runs a frozen copy of the package.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
