@@ -95,13 +95,13 @@ def run_one(args, row: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
     before = _status_mb("VmRSS")
     reset = _reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = prune_model(model, data["calib"], progress=False, **kw) if kw else None
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0  # CPU time: robust to a loaded machine
     # VmHWM since the reset; without it (not Linux) the process peak, loading included
     peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"row": row, "method": row.split("@")[0], "setting": row.split("@")[1] if "@" in row else "dense",
-           "prune_s": seconds, "peak_rss_mb": peak, "rss_before_prune_mb": before,
+           "prune_s": seconds, "prune_cpu_s": cpu, "peak_rss_mb": peak, "rss_before_prune_mb": before,
            "prune_peak_over_model_mb": max(peak - before, 0.0), "threads": args.threads,
            "zero_fraction": result.zero_fraction if result else 0.0, "test_ppl": perplexity(model, data["test"])}
     res = Path(args.results)
@@ -116,12 +116,32 @@ def run_one(args, row: str) -> None:
     print(json.dumps(out), flush=True)
 
 
+def cpu_times(args, rows: list[str]) -> None:
+    """Pruning CPU time only (no perplexity), one thread, for ``rows``: ``RESULTS/lm_cpu_times.json``."""
+    from transformers import AutoModelForCausalLM
+
+    from ..prune.oneshot import prune_model
+
+    torch.set_num_threads(1)
+    data = torch.load(_cache(args))
+    table = dict(all_rows())
+    out = {}
+    for row in rows:
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+        c0 = time.process_time()
+        prune_model(model, data["calib"], progress=False, **table[row])
+        out[row] = time.process_time() - c0
+        print(row, f"{out[row]:.1f} s CPU", flush=True)
+    (Path(args.results) / "lm_cpu_times.json").write_text(json.dumps({"threads": 1, "cpu_s": out}, indent=1) + "\n")
+
+
 def aggregate(args) -> None:
     res = Path(args.results)
     rows = [json.loads(p.read_text()) for p in sorted((res / "rows").glob("*.json"))]
     order = {r: i for i, (r, _) in enumerate(all_rows())}
     rows.sort(key=lambda r: order.get(r["row"], 1e9))
-    keys = ["row", "method", "setting", "zero_fraction", "test_ppl", "prune_s", "peak_rss_mb", "prune_peak_over_model_mb"]
+    keys = ["row", "method", "setting", "zero_fraction", "test_ppl", "prune_s", "prune_cpu_s", "peak_rss_mb",
+            "prune_peak_over_model_mb"]
     with open(res / "lm_prune.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -153,7 +173,10 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", default=None, help="row ids to run (default all, in order)")
     ap.add_argument("--aggregate", action="store_true", help="only aggregate existing rows")
     ap.add_argument("--subprocess", action="store_true", help="one process per row (default: all rows in this one)")
+    ap.add_argument("--cpu-times", nargs="*", default=None, help="only measure pruning CPU time of these rows")
     args = ap.parse_args(argv)
+    if args.cpu_times:
+        return cpu_times(args, args.cpu_times)
     if args.one:
         return run_one(args, args.one)
     if not args.aggregate:
