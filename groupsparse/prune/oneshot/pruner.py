@@ -13,7 +13,7 @@ from ..masks import check_fraction
 from .gsp import gsp_allocation, gsp_masks
 from .methods import layer_mask, nm_mask, parse_pattern, row_mask, sparsegpt, wanda_scores
 from .owl import outlier_ratio, owl_sparsities
-from .walker import collect_stats, find_blocks, linear_layers, set_weight_matrix, walk, weight_matrix
+from .walker import find_blocks, linear_layers, set_weight_matrix, walk, weight_matrix
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "gsp", "owl")
 GROUPS = ("row", "layer", "model")
