@@ -242,3 +242,18 @@ def test_smallest_k_property(values, data):
     assert int(m.sum()) == k
     if 0 < k < len(values):
         assert float(s[m].max()) <= float(s[~m].min())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_smallest_k_is_exact_in_every_dtype(dtype):
+    from groupsparse.prune.masks import smallest_k
+
+    g = torch.Generator().manual_seed(0)
+    # float64 scores closer together than float32 can tell apart: a float32 threshold used to mark k - 1
+    base = 1.0 + torch.arange(512, dtype=torch.float64) * 1e-12
+    scores = (base[torch.randperm(512, generator=g)] if dtype == torch.float64
+              else (torch.randn(512, generator=g) * 100).to(dtype))
+    for k in (1, 255, 256, 511):
+        m = smallest_k(scores, k)
+        assert int(m.sum()) == k
+        assert scores[m].double().max() <= scores[~m].double().min()

@@ -24,12 +24,15 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         return out.reshape(scores.shape)
     if k == n:
         return ~out.reshape(scores.shape)
-    thr = torch.kthvalue(flat.float(), k).values
-    below = flat < thr
+    # the threshold must be found and compared in one exact dtype: a float32 k-th value of float64 scores can sit
+    # between two of them and mark one entry too few (widening half precision or ints to float64 is exact)
+    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.double()
+    thr = torch.kthvalue(work, k).values
+    below = work < thr
     out |= below
     need = k - int(below.sum())
     if need > 0:
-        ties = torch.nonzero(flat == thr).reshape(-1)[:need]
+        ties = torch.nonzero(work == thr).reshape(-1)[:need]
         out[ties] = True
     return out.reshape(scores.shape)
 
