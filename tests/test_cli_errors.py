@@ -256,3 +256,11 @@ def test_nmf_bad_mat_file_is_one_line_naming_it(tmp_path, content):
     line = one_error_line(run("nmf", "cbcl", "--data", tmp_path / "bad.mat", "--out", tmp_path / "o", "--iters", "2",
                               "--no-progress"))
     assert "bad.mat" in line
+
+
+def test_numpy_projection_does_not_import_torch():
+    # the CLI on a .npy file and NumPy callers skip torch's ~1 s import; tensors still work once torch is imported
+    code = ("import sys, numpy as np, groupsparse as gs; gs.project(np.random.rand(6, 5), .5); "
+            "gs.hoyer_sparsity(np.random.rand(6, 5), axis=0); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr

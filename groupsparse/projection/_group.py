@@ -7,19 +7,29 @@ concatenated (never padded); an N-D array has its vector axis moved last so each
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-try:  # torch is a dependency, but keep NumPy-only use importable if a user's torch is broken
-    import torch
-except Exception:  # pragma: no cover
-    torch = None
+
+class _LazyTorch:
+    """torch, imported on first use: NumPy-only callers (the CLI on a .npy file) skip its ~1 s import, and a
+    broken torch install does not break them. A tensor argument means the caller has imported torch already."""
+
+    def __getattr__(self, name: str) -> Any:
+        import torch as _torch
+
+        return getattr(_torch, name)
+
+
+torch = _LazyTorch()
 
 
 def is_tensor(x: Any) -> bool:
-    return torch is not None and isinstance(x, torch.Tensor)
+    t = sys.modules.get("torch")
+    return t is not None and isinstance(x, t.Tensor)
 
 
 def _dtype_name(x: Any) -> str:
