@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 
 import numba as nb
@@ -36,6 +37,45 @@ COMPACT_AFTER = 4
 # kernels are entered one caller at a time (uncontended, the lock costs ~100 ns).
 _PAR_LOCK = threading.Lock()
 _SAFE_SQ = (2.0**-800, 2.0**800)  # sums of squares in this range leave every relevant entry's square normal
+# Threads beside torch. numba's default layer order (tbb, omp, workqueue) picks OpenMP when tbb is missing, and
+# with torch imported first numba's omppool binds to torch's libgomp: every parallel launch then calls
+# omp_set_num_threads on torch's runtime (torch.set_num_threads(1) came back as 2) and numba's OpenMP threads spin
+# after each pass. Before numba starts its pool (once per process) the order becomes tbb, workqueue, omp (a pool
+# of its own), unless the user chose (NUMBA_THREADING_LAYER / NUMBA_THREADING_LAYER_PRIORITY, or
+# numba.config.THREADING_LAYER set in code); whatever layer runs, torch's thread count is restored after each call.
+# The pool is started when this module is imported (numba.get_num_threads(), which the threading thresholds call,
+# would start it anyway).
+
+
+class _KeepTorchThreads:
+    """Restores torch's thread count (when torch is already imported; never imported here) on exit."""
+
+    def __enter__(self):
+        self.torch = torch = sys.modules.get("torch")
+        self.n = torch.get_num_threads() if torch is not None and hasattr(torch, "get_num_threads") else None
+
+    def __exit__(self, *exc):
+        if self.n is not None and self.torch.get_num_threads() != self.n:
+            self.torch.set_num_threads(self.n)
+
+
+def _start_pool():
+    from numba.np.ufunc import parallel
+
+    user = ("NUMBA_THREADING_LAYER" in os.environ or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ
+            or nb.config.THREADING_LAYER != "default")
+    if not parallel._is_initialized and not user:
+        nb.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
+    with _KeepTorchThreads():  # numba's OpenMP pool sets the OpenMP thread count when it starts
+        nb.get_num_threads()
+
+
+_start_pool()
+
+
+def _run_threaded(fn, *args):
+    with _PAR_LOCK, _KeepTorchThreads():
+        return fn(*args)
 
 
 def _reduce_rows(per_chunk, first):
@@ -135,11 +175,9 @@ class NumbaEngine:
         self.n_evals = 0
 
     def _run(self, kernels, *args):
-        fn = kernels[self.par]
         if self.par:
-            with _PAR_LOCK:
-                return fn(*args)
-        return fn(*args)
+            return _run_threaded(kernels[1], *args)
+        return kernels[0](*args)
 
     def _first_pass(self, cinv, chunks):
         cs, cl = (self.cstart, self.clen) if chunks is None else (self.cstart[chunks], self.clen[chunks])
