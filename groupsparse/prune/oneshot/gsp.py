@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..vectors import project_tensors
-from .methods import lowest_k
+from .._layouts import smallest_k
 
 
 def gsp_masks(scores: list[torch.Tensor], fraction: float, *, scope: str = "layer", normalize="layer") -> list[torch.Tensor]:
@@ -65,7 +65,7 @@ def gsp_masks(scores: list[torch.Tensor], fraction: float, *, scope: str = "laye
     if k > total - rows:
         raise ValueError(f"sparsity: got {fraction}, expected at most {(total - rows) / total:.4f} for GSP "
                          "(the projection keeps the largest entry of every vector)")
-    flat = lowest_k(torch.cat(keys), k)
+    flat = smallest_k(torch.cat(keys), k)
     out, i = [], 0
     for c in scores:
         out.append(flat[i : i + c.numel()].reshape(c.shape))

@@ -2,26 +2,14 @@
 
 Every function works on one weight matrix ``W`` of shape (out, in) and returns a *prune* mask (True = set to
 zero) or new weights; nothing here touches modules. Counts are exact: a comparison group of n entries pruned at
-fraction p loses exactly ``round(p * n)`` entries (ties broken by position, via :func:`lowest_k`).
+fraction p loses exactly ``round(p * n)`` entries (ties broken by position, via :func:`~groupsparse.prune.masks.smallest_k`).
 """
 
 from __future__ import annotations
 
 import torch
 
-
-
-def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of exactly ``k`` lowest scores, ties by position; keeps the scores' precision.
-
-    (``masks.smallest_k`` compares float64 scores against a float32 k-th value and can come up one short.)
-    """
-    flat = scores.reshape(-1)
-    if not 0 <= k <= flat.numel():
-        raise ValueError(f"k: got {k}, expected 0 <= k <= {flat.numel()}")
-    out = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    out[torch.sort(flat, stable=True).indices[:k]] = True
-    return out.reshape(scores.shape)
+from .._layouts import smallest_k
 
 
 def parse_pattern(pattern) -> tuple[int, int] | None:
@@ -55,7 +43,7 @@ def row_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 def layer_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Prune exactly ``round(fraction · numel)`` lowest scores of the whole matrix."""
-    return lowest_k(scores, round(fraction * scores.numel()))
+    return smallest_k(scores, round(fraction * scores.numel()))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -102,7 +90,7 @@ def sparsegpt(w: torch.Tensor, gram: torch.Tensor, *, fraction: float = 0.0, nm:
             m1 = mask[:, i1:i2].clone()
         elif nm is None:
             k = round(total * i2 / in_f) - round(total * i1 / in_f)
-            m1 = lowest_k(W1 ** 2 / (d ** 2).unsqueeze(0), k)
+            m1 = smallest_k(W1 ** 2 / (d ** 2).unsqueeze(0), k)
         else:
             m1 = torch.zeros_like(W1, dtype=torch.bool)
         for j in range(i2 - i1):
