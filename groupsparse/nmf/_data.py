@@ -57,7 +57,7 @@ class NumpyOps:
         return np.log(a)
 
     @staticmethod
-    def asarray(a, like=None):
+    def asarray(a):
         return np.asarray(a, dtype=np.float64)
 
     @staticmethod
@@ -112,7 +112,7 @@ class TorchOps:
     def log(self, a):
         return self.torch.log(a)
 
-    def asarray(self, a, like=None):
+    def asarray(self, a):
         return self.torch.as_tensor(np.asarray(a) if not is_torch(a) else a, dtype=self.dtype, device=self.device)
 
     @staticmethod

@@ -50,7 +50,7 @@ def _check_values(Xn: np.ndarray, M: np.ndarray, name: str, need_cols: bool):
     return obs
 
 
-def _mask_array(mask, shape, torch_mask=False):
+def _mask_array(mask, shape):
     if is_torch(mask):
         mask = mask.detach().cpu().numpy()
     mask = np.asarray(mask)

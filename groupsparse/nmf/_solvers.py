@@ -79,9 +79,6 @@ def row_sparsity(F) -> np.ndarray:
     return np.where(l2 > 0, sp, 1.0)
 
 
-_row_sparsity = row_sparsity  # the name the experiments import
-
-
 class Projector:
     """The projection P applied after every (fast) gradient step on a constrained row factor.
 

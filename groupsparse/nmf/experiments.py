@@ -21,7 +21,7 @@ import numpy as np
 
 from ..io import atomic_path
 from ._estimator import sparse_nmf
-from ._solvers import _row_sparsity
+from ._solvers import row_sparsity
 
 CHECKPOINTS = (100, 200, 500)
 METHODS = ("A-HALS", "NeNMF", "l1-HALS", "GSP", "column-wise", "sklearn-l1")
@@ -90,7 +90,7 @@ def min_matched_cosine(true: np.ndarray, found: np.ndarray) -> float:
 
 
 def _avg_sp_cols(W: np.ndarray) -> float:
-    return float(np.mean(_row_sparsity(np.ascontiguousarray(W.T))))
+    return float(np.mean(row_sparsity(np.ascontiguousarray(W.T))))
 
 
 def _rel_err(X, W, H) -> float:
@@ -123,7 +123,7 @@ def _calibrate_sklearn(X, W0, H0, target: float, iters: int, steps: int = 10) ->
     for _ in range(steps):
         mid = 0.5 * (lo + hi)
         _, H = _sklearn_run(X, W0, H0, 10.0**mid, iters)
-        sp = float(np.mean(_row_sparsity(H)))
+        sp = float(np.mean(row_sparsity(H)))
         if abs(sp - target) < best[0]:
             best = (abs(sp - target), 10.0**mid)
         if sp < target:
