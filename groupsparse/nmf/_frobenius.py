@@ -147,7 +147,7 @@ def factorize(D: Data, Wt0, H0, opts: Options, callback: Callable[[int, float], 
                 imp.fill(Wf.F, Hf.F)
             WtW, WtX = products_H(Wf.F)
             Hf.update(WtW, WtX)
-            e2 = error2(Wf.F, Hf.F, WtW, WtX) if not masked else error2(Wf.F, Hf.F)
+            e2 = error2(Wf.F, Hf.F, WtW, WtX)  # masked: refills from the new H, products unused
         else:
             e2 = error2(Wf.F, Hf.F)
         new = _rel(e2, D.xnorm2)
