@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ..io import atomic_path
 
 # (row id, prune_model keywords); ordered so that a run cut short still covers 50 % and 2:4 for every method
 UNSTRUCTURED = [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("owl", {}),
@@ -59,9 +60,8 @@ def _cache(args) -> Path:
                            args.seq, seed=args.seed)
     test = chunk_windows(token_stream(read_texts(args.data, split="test"), enc, tok.eos_token_id), args.seq)
     test = test[:: args.test_stride]  # every k-th window: spread over all test documents, k times cheaper
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"calib": calib, "test": test}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, writer_errors=True) as tmp:
+        torch.save({"calib": calib, "test": test}, tmp)
     return path
 
 
@@ -110,9 +110,8 @@ def run_one(args, row: str) -> None:
             continue
         (res / sub).mkdir(parents=True, exist_ok=True)
         p = res / sub / f"{row.replace(':', '-').replace('@', '_')}.json"
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp:
+            tmp.write_text(json.dumps(obj, indent=1) + "\n")
     print(json.dumps(out), flush=True)
 
 

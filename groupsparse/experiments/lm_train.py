@@ -7,7 +7,7 @@ A byte-level BPE tokenizer (``tokenizers``, vocab 4096) is trained on the train 
 follows a cosine over a *time* budget (training seconds, saved in the checkpoint) so that a run cut short by a
 deadline still ends annealed, and a killed run resumes where its last checkpoint stopped. A checkpoint is one
 ``torch.save`` file (model, optimizer, RNG states, step, tokens, train seconds) written to a temporary name and
-moved into place with ``os.replace``, so a kill never leaves a half-written checkpoint. At the end the model and
+moved into place (:func:`groupsparse.io.atomic_path`), so a kill never leaves a half-written checkpoint. At the end the model and
 tokenizer are written with ``save_pretrained`` to ``RUN/model`` and the test perplexity to
 ``RESULTS/lm_model.json``.
 """
@@ -18,12 +18,12 @@ import argparse
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from ..io import atomic_path
 from ..prune.oneshot.calibration import chunk_windows, read_texts, token_stream
 
 EOS = "<|endoftext|>"
@@ -76,9 +76,8 @@ def build_model(vocab: int, args):
 
 
 def atomic_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, writer_errors=True) as tmp:
+        torch.save(obj, tmp)
 
 
 def main(argv=None):
