@@ -91,6 +91,14 @@ class _Side:
         return num, den
 
 
+def sparse_side(D: Data) -> _Side:
+    """D as a function of H for a scipy.sparse X (every unstored entry an observed zero): the solver's objective
+    and the estimator's sparse KL score."""
+    data = D.X.data
+    xsum = float(data.sum())
+    return _Side(None, D.X, None, D.ops, 1e-10 * xsum / (D.n * D.m), float(np.sum(data * np.log(data))) - xsum)
+
+
 def _mu_step(side, G, Fac: Factor) -> None:
     num, den = side.grad_parts(G, Fac.F)
     ops = Fac.ops
@@ -135,12 +143,9 @@ def factorize_kl(D: Data, Wt0, H0, opts: Options, callback=None):
     ops = D.ops
     X = D.X
     if D.sparse:
-        data = X.data
-        n_obs, xsum = X.shape[0] * X.shape[1], float(data.sum())
-        const = float(np.sum(data * np.log(data))) - xsum
-        eps = 1e-10 * xsum / n_obs
-        sideH = _Side(None, X, None, ops, eps, const)
-        sideW = _Side(None, D.Xt, None, ops, eps, const)
+        sideH = sparse_side(D)
+        sideW = _Side(None, D.Xt, None, ops, sideH.eps, sideH.const)
+        xsum = float(X.data.sum())
     else:
         Mn = D.M
         n_obs = float(Mn.sum()) if Mn is not None else X.shape[0] * X.shape[1]

@@ -20,8 +20,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._data import is_torch
 from ._estimator import _params, _run, _validated
-from ._fastproj import dot_at
 from ._input import start_factor, to_output
+from ._kl import sparse_side
 from ._solvers import Factor, row_sparsity
 from ._params import check_beta_loss, check_real
 
@@ -89,15 +89,12 @@ def _observed_error(X, W, H, M, beta_loss):
 
 
 def _sparse_loss(D, W, H, loss):
-    """The loss over all entries of a sparse X without densifying: cached products (Frobenius) or WH at the
-    stored entries (KL, same epsilon as the solver)."""
+    """The loss over all entries of a sparse X without densifying: cached products (Frobenius) or the KL
+    solver's own objective (WH at the stored entries)."""
     X = D.X
     if loss == "frobenius":
         return D.xnorm2 - 2 * float(np.sum((X @ H.T) * W)) + float(np.sum((W.T @ W) * (H @ H.T)))
-    eps = 1e-10 * float(X.data.sum()) / (D.n * D.m)
-    v = np.empty(X.nnz)
-    dot_at(X.indptr, X.indices, np.ascontiguousarray(W), np.ascontiguousarray(H.T), eps, v)
-    return float(X.data @ np.log(X.data / v)) - float(X.data.sum()) + float(W.sum(0) @ H.sum(1)) + eps * D.n * D.m
+    return sparse_side(D).value(W, H)
 
 
 def _numpy(a):
