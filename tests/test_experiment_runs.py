@@ -88,6 +88,24 @@ def test_folder_of_other_settings_is_refused(tmp_path):
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and holds no manifest.json"):
         run(_cfg(tmp_path, tmp_path / "junk", "magnitude", "after"))
+    with pytest.raises(ValueError, match="not empty and holds no manifest.json"):  # not ours to empty either
+        run(_cfg(tmp_path, tmp_path / "junk", "magnitude", "after", overwrite=True))
+    assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"
+
+
+def test_out_folder_never_is_or_holds_the_data_or_the_cache(tmp_path):
+    data = tmp_path / "d" / "cifar.npz"
+    data.parent.mkdir()
+    data.write_bytes(b"mine")
+    for out, kw, match in ((tmp_path / "d", dict(data=str(data)), "holds --data"),
+                           (tmp_path, {}, "holds --cache"),
+                           (tmp_path / "cache", {}, "same file as --cache")):
+        cfg = _cfg(tmp_path, out, "magnitude", "after", overwrite=True, **kw)
+        if kw:
+            cfg.dataset = "cifar10"
+        with pytest.raises(ValueError, match=match):
+            run(cfg)
+    assert data.read_bytes() == b"mine"
 
 
 def test_demo_out_refuses_another_run(tmp_path):

@@ -77,8 +77,8 @@ def claim_folder(folder: Path, settings: dict, *, overwrite: bool = False, what:
     """Make ``folder`` the home of a run with ``settings``; returns whether it already held this run.
 
     A folder holding another run (different settings) is refused with a one-line error naming the differences,
-    or emptied first with ``overwrite=True``. A non-empty folder without a manifest is refused too: it is not
-    ours to fill.
+    or emptied first with ``overwrite=True``. A non-empty folder without a manifest is refused too, whatever
+    ``overwrite`` says: it is not ours to fill or to empty.
     """
     folder = Path(folder)
     mf = folder / MANIFEST
@@ -91,9 +91,9 @@ def claim_folder(folder: Path, settings: dict, *, overwrite: bool = False, what:
             diff = _diff(old if isinstance(old, dict) else {}, settings)
             raise ValueError(f"{what}: {folder} holds a run with other settings ({diff}); expected the same "
                              "settings to resume; use another folder or --overwrite to replace it")
-    elif folder.exists() and any(folder.iterdir()) and not overwrite:
+    elif folder.exists() and any(folder.iterdir()):
         raise ValueError(f"{what}: {folder} is not empty and holds no {MANIFEST}, expected a new folder or a run "
-                         "folder of this command; use another folder or --overwrite")
+                         "folder of this command; use another folder (--overwrite only replaces run folders)")
     if overwrite and folder.exists():
         for p in folder.iterdir():
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
