@@ -218,11 +218,6 @@ class NumbaEngine:
     def group_sum(self, values, gid, n_groups):
         return np.bincount(gid, weights=values, minlength=n_groups)
 
-    def group_max(self, values, gid, n_groups):
-        out = np.full(n_groups, -np.inf)
-        np.maximum.at(out, gid, values)
-        return out
-
     def set_shift(self, shift):
         """thresholds t_i = ldexp(mu beta_i, shift_i) (the solver's reference exponent minus e_i)."""
         self.shift = np.asarray(shift, dtype=np.int64)
