@@ -140,9 +140,10 @@ def _not_a_file(path: str | os.PathLike, folder_ok: bool = False) -> str | None:
 
 
 def check_paths(reads: Mapping[str, Any], writes: Mapping[str, Any]) -> None:
-    """Refuse a write path that names an input or another output, or that exists as a device, pipe or socket
-    (a rename over /dev/full would replace the device node itself); ``None`` entries are ignored. Outputs may
-    be folders (``nmf --out``): a folder given for a file is refused by click or by :func:`atomic_path`.
+    """Refuse a write path that names an input or another output, a folder that holds an input (``--out`` of
+    ``nmf``/``prune`` over the folder of ``--data``), or that exists as a device, pipe or socket (a rename over
+    /dev/full would replace the device node itself); ``None`` entries are ignored. Outputs may be folders
+    (``nmf --out``): a folder given for a file is refused by click or by :func:`atomic_path`.
 
     ``reads``/``writes`` map what the user calls the path (``"IN"``, ``"--weights"``, ``"--out"``) to the path;
     symlinks and hard links are resolved, so ``-o`` through a link to IN is caught too. Raises ``ValueError``.
@@ -160,6 +161,9 @@ def check_paths(reads: Mapping[str, Any], writes: Mapping[str, Any]) -> None:
             if ident == rid:
                 raise ValueError(f"{label}: got {str(p)!r}, the same file as {rlabel} {str(rp)!r}; expected a "
                                  "different path (inputs are never overwritten)")
+            if Path(os.path.realpath(p)) in Path(os.path.realpath(rp)).parents:
+                raise ValueError(f"{label}: got {str(p)!r}, which holds {rlabel} {str(rp)!r}; expected a folder "
+                                 "that does not")
         for wlabel, wp, wid in seen_writes:
             if ident == wid:
                 raise ValueError(f"{label}: got {str(p)!r}, the same file as {wlabel} {str(wp)!r}; expected a "

@@ -78,6 +78,9 @@ def test_check_paths_library_function(tmp_path):
         check_paths({"IN": a}, {"--out": tmp_path / "b", "--json": tmp_path / "x" / ".." / "b"})
     with pytest.raises(ValueError, match="same file as IN"):
         check_paths({"IN": a}, {"--out": tmp_path / "." / "a"})
+    with pytest.raises(ValueError, match="--out: got .* which holds IN"):  # a folder over an input
+        check_paths({"IN": a}, {"--out": tmp_path})
+    check_paths({"--cache": tmp_path}, {"--out": tmp_path / "run"})  # an output inside a read folder is fine
 
 
 def test_nmf_data_inside_out_folder_is_refused(tmp_path):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import check_paths
 from ..prune import GSPPruner, GradualMagnitudePruner, MagnitudePruner, Pruner, RandomPruner, Schedule, hoyer_square
 from . import _files
 from . import _pruning as P
@@ -46,6 +47,8 @@ def run(config: Config) -> dict:
     c = config.resolve()
     out = Path(c.out)
     cache = Path(c.cache_dir) if c.cache_dir else default_cache_dir()
+    # --overwrite empties the run folder: it must not be, or hold, the data or the dense-model cache
+    check_paths({"--data": c.data, "--cache": cache}, {"--out": out})
     data = load_dataset(c.dataset, c.data, cache_dir=cache, train_subset=c.train_subset)
     data_id = data.fingerprint()
     settings = c.settings(data_id)

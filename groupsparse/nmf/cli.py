@@ -109,8 +109,6 @@ def cbcl_cmd(data, out, rank, iters, seed, sparsity, layout, image_shape, key, n
     if not path.is_file():  # a pipe or device: reading it could block or never end
         raise ValueError(f"--data: got {str(path)!r}, which is not a regular file; expected a data file")
     check_paths({"--data": path}, {"--out": out})
-    if Path(out).resolve() in path.resolve().parents:
-        raise ValueError(f"--out: got {out!r}, which holds the input {str(path)!r}; expected a folder that does not")
     _check_data(path, key)
     summary = cbcl(path, out=out, r=rank, iters=iters, seed=seed, sparse_target=sparsity, layout=layout,
                    image_shape=image_shape, key=key, progress=not no_progress)
