@@ -188,11 +188,7 @@ class Pruner:
         self._hook_grad(t)
 
     def _update(self, t: Target, m: torch.Tensor) -> None:
-        style = self._styles[t.name]
-        if style == "parametrize":
-            buf = next(p for p in t.module.parametrizations[t.param_name] if isinstance(p, _MaskParametrization)).mask
-        else:
-            buf = getattr(t.module, t.param_name + "_mask")
+        buf = self._mask_buffer(t)
         with torch.no_grad():
             buf.copy_(m.to(buf.dtype))
 
