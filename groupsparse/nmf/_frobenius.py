@@ -25,6 +25,11 @@ from ._fastproj import run_dense
 from ._solvers import Factor, NMFInfo, Options, balance, finish_info
 
 
+def err2_from_products(D: Data, WtW, WtX, H) -> float:
+    """||X - WH||_F^2 = ||X||^2 - 2<W^T X, H> + <W^T W, H H^T> (fully observed X; never forms WH)."""
+    return D.xnorm2 - 2 * D.ops.vdot(WtX, H) + D.ops.vdot(WtW, H @ H.T)
+
+
 def _rel(err2: float, xnorm2: float) -> float:
     return math.sqrt(max(err2, 0.0) / xnorm2) if xnorm2 > 0 else 0.0
 
@@ -105,7 +110,7 @@ def factorize(D: Data, Wt0, H0, opts: Options, callback: Callable[[int, float], 
             return imp.err2()
         if WtX is None:
             WtW, WtX = products_H(Wt)
-        return D.xnorm2 - 2 * ops.vdot(WtX, H) + ops.vdot(WtW, H @ H.T)
+        return err2_from_products(D, WtW, WtX, H)
 
     # Scale W so WH best fits X in least squares (a random start is off by an arbitrary factor), then make the
     # start feasible.

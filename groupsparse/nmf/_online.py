@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._data import is_torch
 from ._estimator import _params, _run, _validated
+from ._frobenius import err2_from_products
 from ._input import start_factor, to_output
 from ._kl import sparse_side
 from ._solvers import Factor, row_sparsity
@@ -91,9 +92,8 @@ def _observed_error(X, W, H, M, beta_loss):
 def _sparse_loss(D, W, H, loss):
     """The loss over all entries of a sparse X without densifying: cached products (Frobenius) or the KL
     solver's own objective (WH at the stored entries)."""
-    X = D.X
     if loss == "frobenius":
-        return D.xnorm2 - 2 * float(np.sum((X @ H.T) * W)) + float(np.sum((W.T @ W) * (H @ H.T)))
+        return err2_from_products(D, W.T @ W, D.WtX(W.T), H)
     return sparse_side(D).value(W, H)
 
 
