@@ -119,7 +119,6 @@ def _case(X, r, iters, s, W0, H0, repeats):
 _COLD = r"""
 import sys, time
 sys.path.insert(0, {src!r})
-t0 = time.perf_counter()
 sys.path.insert(0, {bench!r})
 from bench_nmf import _problem
 from groupsparse.nmf import sparse_nmf
