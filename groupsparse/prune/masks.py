@@ -20,7 +20,7 @@ and a gradient hook that zeros their gradients (so gradient clipping and norms s
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -60,6 +60,15 @@ def check_prune_scope(scope: Any) -> str:
     return _SCOPES[scope]
 
 
+class _Enforcement(NamedTuple):
+    """The masks of the masked targets in their parameters' dtype, valid while ``key`` matches the buffers."""
+
+    key: tuple                              # (id, _version) of every mask buffer, in target order
+    pairs: list                             # (parameter, mask) for the multi-tensor multiply
+    masks: dict[str, torch.Tensor]          # target name -> mask, for its gradient hook
+    versions: dict[str, tuple]              # target name -> (id, _version) of its buffer
+
+
 class Pruner:
     """Base class: a selection of parameters with optional keep-masks.
 
@@ -90,7 +99,7 @@ class Pruner:
         self._grad_handles: dict[str, Any] = {}
         # Enforcement cache: the masks in each parameter's dtype, rebuilt when a mask buffer changes (its
         # _version moves on any in-place write, load_state_dict included) and per optimizer its state tensors.
-        self._enf: tuple | None = None
+        self._enf: _Enforcement | None = None
         self._enf_opt: dict[int, tuple] = {}
         self._adopt_existing()
         # model.load_state_dict() of a masked state_dict (a resume, Lightning's ckpt_path) installs the saved masks
@@ -201,9 +210,9 @@ class Pruner:
             if buf is None:
                 return grad
             enf = self._enf  # checking this target's own buffer keeps a backward pass O(targets)
-            if enf is None or enf[3].get(t.name) != (id(buf), buf._version):
+            if enf is None or enf.versions.get(t.name) != (id(buf), buf._version):
                 enf = self._enforcement()
-            return grad * enf[2][t.name]
+            return grad * enf.masks[t.name]
 
         self._grad_handles[t.name] = t.param.register_hook(hook)
 
@@ -267,23 +276,22 @@ class Pruner:
             self.set_masks(masks, style=style)
 
     # ------------------------------------------------------------ enforcement
-    def _enforcement(self) -> tuple:
-        """(key, [(param, mask in its dtype)], {name: mask}, {name: buffer version}) for the masked targets, cached
-        while no mask changes."""
+    def _enforcement(self) -> _Enforcement:
+        """The masked targets' masks in their parameters' dtype, cached while no mask buffer changes."""
         bufs = [(t, b) for t in self.targets if (b := self._mask_buffer(t)) is not None]
         key = tuple((id(b), b._version) for _, b in bufs)
-        if self._enf is None or self._enf[0] != key:
+        if self._enf is None or self._enf.key != key:
             with torch.no_grad():
                 masks = {t.name: b.to(device=t.param.device, dtype=t.param.dtype) for t, b in bufs}
-            self._enf = (key, [(t.param, masks[t.name]) for t, _ in bufs], masks,
-                         {t.name: (id(b), b._version) for t, b in bufs})
+            self._enf = _Enforcement(key, [(t.param, masks[t.name]) for t, _ in bufs], masks,
+                                     {t.name: (id(b), b._version) for t, b in bufs})
             self._enf_opt.clear()
         return self._enf
 
     def _state_tensors(self, opt: torch.optim.Optimizer, pairs) -> tuple[list, list]:
         """Optimizer state tensors shaped like a masked parameter (momentum, Adam moments) and their masks; cached
         per optimizer until its state dict is replaced or grows (states appear at the first step)."""
-        key = (id(opt.state), len(opt.state), self._enf[0])
+        key = (id(opt.state), len(opt.state), self._enf.key)
         hit = self._enf_opt.get(id(opt))
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
@@ -308,7 +316,7 @@ class Pruner:
         if optimizers is not None:
             extra = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
             opts += [o for o in extra if all(o is not a for a in opts)]
-        pairs = self._enforcement()[1]
+        pairs = self._enforcement().pairs
         if not pairs:
             return
         torch._foreach_mul_([p.data for p, _ in pairs], [m for _, m in pairs])
