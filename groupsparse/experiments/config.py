@@ -164,7 +164,8 @@ class Config:
     def dense_settings(self, data_id: str) -> dict:
         keys = ("dataset", "model", "seed", "epochs", "batch_size", "lr", "schedule", "train_subset", "device",
                 "data_id", "groupsparse", "torch")
-        return {k: self.settings(data_id)[k] for k in keys}
+        s = self.settings(data_id)
+        return {k: s[k] for k in keys}
 
 
 def settings_key(settings: dict) -> str:
