@@ -106,8 +106,8 @@ def _numpy(a):
 def score(est, X, mask=None):
     check_is_fitted(est)
     loss = check_beta_loss(est.beta_loss)
-    W = est.transform(X, mask=mask)
     prep = _validated(est, X, mask, reset=False, need_cols=False)
+    W, _, _ = _run(prep, est.get_params(), H=est.components_, update_H=False)  # transform, on the checked X
     if prep.D.sparse:
         total = _sparse_loss(prep.D, np.asarray(W, dtype=np.float64), np.asarray(est.components_, np.float64), loss)
         count = prep.D.n * prep.D.m
