@@ -19,7 +19,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._data import is_torch
-from ._estimator import _params, _run, _validated
+from ._estimator import _check_factor, _params, _run, _validated
 from ._frobenius import err2_from_products
 from ._input import start_factor, to_output
 from ._kl import sparse_side
@@ -38,8 +38,6 @@ def partial_fit(est, X, H=None, mask=None):
     ops = prep.D.ops
     if first:
         if H is not None:
-            from ._estimator import _check_factor
-
             H0 = _check_factor("H", H, (r, prep.D.m))
         else:
             # scikit-learn's scale for a random start: entries of WH about the mean of X.
