@@ -143,21 +143,12 @@ def _prune_block(b, block, stats, method, sparsity, nm, group, refit, normalize,
         w = weight_matrix(mod)
         st = stats[name] if stats else None
         frac = targets.get((b, name), sparsity)
-        if method == "magnitude":
-            sc = w.abs().double()
-        else:
-            sc = wanda_scores(w, st.col_norm)
         new_w = None
-        if method == "sparsegpt":
+        if method == "sparsegpt":             # scores by its own OBS saliency inside the sweep
             new_w, mask = sparsegpt(w, st.gram, fraction=frac or 0.0, nm=nm, blocksize=blocksize, damp=damp)
-        elif nm is not None:
-            mask = nm_mask(sc, *nm)          # for GSP this is its N:M mask too (see gsp.py)
-        elif method == "magnitude":
-            mask = layer_mask(sc, frac)
-        elif method in ("wanda", "owl") or group == "row":
-            mask = row_mask(sc, frac)
-        else:                                 # gsp layer, or gsp model with the allocated fraction
-            mask = gsp_masks([sc], frac, scope="layer")[0]
+        else:
+            mask = _score_mask(w.abs().double() if method == "magnitude" else wanda_scores(w, st.col_norm),
+                               method, frac, nm, group)
         if refit:
             new_w, mask = sparsegpt(w, st.gram, mask=mask, blocksize=blocksize, damp=damp)
         if new_w is None:
@@ -166,3 +157,14 @@ def _prune_block(b, block, stats, method, sparsity, nm, group, refit, normalize,
         zeros = int((weight_matrix(mod) == 0).sum())
         res.layers.append({"block": b, "name": name, "shape": list(w.shape), "numel": w.numel(), "target": frac,
                            "zeros": zeros, "zero_fraction": zeros / w.numel()})
+
+
+def _score_mask(sc, method, frac, nm, group):
+    """Prune mask of a mask-only method from its scores (|W| for magnitude, Wanda's |W|·‖X‖ otherwise)."""
+    if nm is not None:
+        return nm_mask(sc, *nm)               # for GSP this is its N:M mask too (see gsp.py)
+    if method == "magnitude":
+        return layer_mask(sc, frac)
+    if method in ("wanda", "owl") or group == "row":
+        return row_mask(sc, frac)
+    return gsp_masks([sc], frac, scope="layer")[0]   # gsp layer, or gsp model with the allocated fraction
