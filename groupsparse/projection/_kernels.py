@@ -58,6 +58,16 @@ def plain_sums(xs, inv, t):
     return m, su, suu
 
 
+@nb.njit(inline="always", fastmath=_FM_WRITE)
+def plain_write(xs, os_, inv, t, sc):
+    """os_ = sign(xs) (|xs| inv - t)_+ sc, branch-free so LLVM vectorizes it."""
+    for j in range(xs.shape[0]):
+        xv = np.float64(xs[j])
+        d = abs(xv) * inv - t
+        r = d * sc if d > 0.0 else 0.0
+        os_[j] = r if xv >= 0.0 else -r
+
+
 @nb.njit(inline="always")
 def write_onehot(x, out, s0, n, oh):
     for j in range(s0, s0 + n):
@@ -221,16 +231,7 @@ def _write_plain(x, cstart, clen, cvec, inv, t, scale, onehot, out):
         if oh >= 0:
             write_onehot(x, out, s0, clen[c], oh)
             continue
-        ti = t[i]
-        sc = scale[i]
-        iv = inv[i]
-        xs = x[s0 : s0 + clen[c]]
-        os_ = out[s0 : s0 + clen[c]]
-        for j in range(xs.shape[0]):
-            xv = np.float64(xs[j])
-            d = abs(xv) * iv - ti
-            r = d * sc if d > 0.0 else 0.0
-            os_[j] = r if xv >= 0.0 else -r
+        plain_write(x[s0 : s0 + clen[c]], out[s0 : s0 + clen[c]], inv[i], t[i], scale[i])
 
 
 FIRST_PASS = twin(_first_pass, _FM_SUM)
