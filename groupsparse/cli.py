@@ -185,7 +185,7 @@ def main() -> None:
 def project_cmd(inp, sparsity, out, axis, keys, weights, group, engine):
     """Project arrays of IN to an average Hoyer sparsity and write them (with the untouched rest) to OUT."""
     from . import project
-    from .io import ARRAY_SUFFIXES, check_paths, check_safetensors_names, check_suffix, load_arrays, save_arrays
+    from .io import ARRAY_SUFFIXES, check_arrays_fit, check_paths, check_suffix, load_arrays, save_arrays
 
     if not 0 <= sparsity <= 1:  # checked before reading a possibly large file (the projection checks it again)
         raise ValueError(f"sparsity: got {sparsity}, expected a number in [0, 1]")
@@ -196,9 +196,7 @@ def project_cmd(inp, sparsity, out, axis, keys, weights, group, engine):
     arrays = load_arrays(inp, "IN")
     wts = load_arrays(weights, "--weights") if weights else {}
     t_load = time.perf_counter() - t0
-    if out.lower().endswith(".npy") and len(arrays) != 1:
-        raise ValueError(f"--out: got a .npy path for the {len(arrays)} arrays of IN, expected .npz or .safetensors")
-    check_safetensors_names(arrays, out, f"IN {inp!r}")
+    check_arrays_fit(out, arrays, f"IN {inp!r}")  # before the projection: save_arrays checks the same
     chosen, skipped = _choose(arrays, keys, axis, inp)
     if not chosen:
         raise ValueError(f"IN: got no array to project in {inp!r} ({'; '.join(f'{k}: {r}' for k, r in skipped)}), "
@@ -206,11 +204,6 @@ def project_cmd(inp, sparsity, out, axis, keys, weights, group, engine):
     for k in chosen:
         if weights:
             _check_weights(wts.get(k), arrays[k], k, weights)
-    if not str(out).lower().endswith(".safetensors"):
-        torch_only = [k for k, v in arrays.items() if not _is_numpy(v)]
-        if torch_only:
-            raise ValueError(f"--out: got {out!r}, but {torch_only[0]!r} has dtype {arrays[torch_only[0]].dtype}, "
-                             "which only .safetensors holds; expected a .safetensors output")
     t0 = time.perf_counter()
     infos = {}
     if group == "all":

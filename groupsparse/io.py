@@ -288,20 +288,32 @@ def _write_npz(path: Path, arrays: Mapping[str, Any]) -> None:
                 np.lib.format.write_array(f, np.asanyarray(v), allow_pickle=False)
 
 
+def check_arrays_fit(path: str | os.PathLike, arrays: Mapping[str, Any], source: str = "the data") -> list[str]:
+    """``ValueError`` unless the format named by ``path`` holds ``arrays``: its suffix, one array for .npy,
+    :func:`check_safetensors_names`, and dtypes NumPy lacks (torch tensors) for .safetensors only. Called by
+    :func:`save_arrays`; call it before long work. Returns the keys of the entries that are not NumPy arrays."""
+    import numpy as np
+
+    suffix = check_suffix(path, ARRAY_SUFFIXES)
+    if suffix == ".npy" and len(arrays) != 1:
+        raise ValueError(f"--out: got a .npy path for the {len(arrays)} arrays of {source}, expected .npz or "
+                         ".safetensors")
+    check_safetensors_names(arrays, path, source)
+    tensors = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+    if tensors and suffix != ".safetensors":
+        raise ValueError(f"--out: got {str(path)!r}, but {tensors[0]!r} of {source} has dtype "
+                         f"{arrays[tensors[0]].dtype}, which {suffix} cannot hold; expected a .safetensors output")
+    return tensors
+
+
 def save_arrays(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
     """Write arrays (NumPy, or torch tensors for dtypes NumPy lacks) in the format named by ``path``'s suffix,
-    atomically. Check the suffix with :func:`check_suffix` before long work: this raises the same error."""
+    atomically. Check them with :func:`check_arrays_fit` before long work: this raises the same errors."""
     import numpy as np
 
     path = Path(path)
-    suffix = check_suffix(path, ARRAY_SUFFIXES)
-    if suffix == ".npy" and len(arrays) != 1:
-        raise ValueError(f"--out: got a .npy path for {len(arrays)} arrays, expected .npz or .safetensors")
-    check_safetensors_names(arrays, path, "the data")
-    tensors = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
-    if tensors and suffix != ".safetensors":
-        raise ValueError(f"--out: got {str(path)!r} for {tensors[0]!r} of dtype {arrays[tensors[0]].dtype}, which "
-                         f"{suffix} cannot hold; expected a .safetensors output")
+    suffix = path.suffix.lower()
+    tensors = check_arrays_fit(path, arrays)
     with atomic_path(path, writer_errors=True) as tmp:
         if suffix == ".npy":
             with open(tmp, "wb") as f:
