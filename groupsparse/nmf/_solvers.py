@@ -199,8 +199,10 @@ class Factor:
         self.s = sparsity
         self.opts = opts
         self.ops = ops or NumpyOps()
-        kind = opts.projection if sparsity is not None and opts.projection != "l1" else "group"
-        self.proj = Projector(sparsity if kind == opts.projection else None, kind, self.ops)
+        if sparsity is None or opts.projection == "l1":
+            self.proj = Projector(None, "group", self.ops)
+        else:
+            self.proj = Projector(sparsity, opts.projection, self.ops)
         self.l1 = sparsity is not None and opts.projection == "l1"
         self.lam = None
 
