@@ -94,7 +94,7 @@ def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sp
     targets: dict[tuple[int, str], float] = {}
     if method == "magnitude":
         for b, block in enumerate(block_list):
-            _prune_block(b, block, None, method, sparsity, nm, None, refit, normalize, exclude, blocksize, damp, {}, res)
+            _prune_block(b, block, None, method, sparsity, nm, None, refit, exclude, blocksize, damp, {}, res)
     else:
         if nm is None and (method == "owl" or group == "model"):
             targets = _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda, exclude,
@@ -102,7 +102,7 @@ def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sp
         gram = method == "sparsegpt" or refit
 
         def on_block(b, block, stats):
-            _prune_block(b, block, stats, method, sparsity, nm, group, refit, normalize, exclude, blocksize, damp,
+            _prune_block(b, block, stats, method, sparsity, nm, group, refit, exclude, blocksize, damp,
                          targets, res)
 
         walk(model, calibration, on_block, gram=gram, batch_size=batch_size, progress=progress,
@@ -137,7 +137,7 @@ def _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda
     return targets
 
 
-def _prune_block(b, block, stats, method, sparsity, nm, group, refit, normalize, exclude, blocksize, damp, targets, res):
+def _prune_block(b, block, stats, method, sparsity, nm, group, refit, exclude, blocksize, damp, targets, res):
     layers = _selected(block, exclude)
     for name, mod in layers.items():
         w = weight_matrix(mod)
