@@ -108,6 +108,14 @@ def test_out_folder_never_is_or_holds_the_data_or_the_cache(tmp_path):
     assert data.read_bytes() == b"mine"
 
 
+def test_deephoyer_selection_reports_the_settings_of_its_folder(tmp_path):
+    out = tmp_path / "run"
+    r = run(_cfg(tmp_path, out, "deephoyer", "after"))
+    assert r["settings"] == json.loads((out / "manifest.json").read_text())["settings"]
+    assert r["settings"]["hoyer_lambda"] is None and len(r["hoyer_lambda_selection"]) == 3
+    assert run(_cfg(tmp_path, out, "deephoyer", "after")) == r  # finished: answered from its report.json
+
+
 def test_demo_out_refuses_another_run(tmp_path):
     from click.testing import CliRunner
 

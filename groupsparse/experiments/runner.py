@@ -55,7 +55,7 @@ def run(config: Config) -> dict:
     if _files.claim_folder(out, settings, overwrite=c.overwrite) and (out / "report.json").exists():
         return _files.read_json(out / "report.json")
     if c.method == "deephoyer" and c.hoyer_lambda is None:
-        return _select_lambda(c, out)
+        return _select_lambda(c, out, settings)
     if c.device == "cpu" and c.dataset == "digits":
         torch.set_num_threads(1)  # a tiny MLP runs several times faster on one thread than on shared cores
     data = data.to(c.device)
@@ -198,7 +198,7 @@ def run(config: Config) -> dict:
     return report
 
 
-def _select_lambda(c: Config, out: Path) -> dict:
+def _select_lambda(c: Config, out: Path, settings: dict) -> dict:
     """DeepHoyer with lambda chosen on the validation split: one full run per grid value (in ``out/lambda-*``),
     the best validation accuracy wins (ties: the smaller lambda); the test set is only read for the report."""
     runs = {}
@@ -207,7 +207,7 @@ def _select_lambda(c: Config, out: Path) -> dict:
     best = max(runs, key=lambda lam: (runs[lam]["val_accuracy"], -lam))
     report = dict(runs[best])
     report["hoyer_lambda_selection"] = {f"{lam:g}": r["val_accuracy"] for lam, r in runs.items()}
-    report["settings"] = _files.read_json(out / _files.MANIFEST)["settings"]
+    report["settings"] = settings  # what claim_folder wrote to out's manifest
     report["timings"] = {**report["timings"], "selection_total_s": sum(r["timings"]["total_s"] for r in runs.values())}
     _files.atomic_write(out / "model.safetensors",
                         lambda tmp: shutil.copyfile(out / f"lambda-{best:g}" / "model.safetensors", tmp))
