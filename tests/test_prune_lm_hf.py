@@ -163,3 +163,14 @@ def test_prune_lm_cli_errors(model_dir):
     assert r.exit_code != 0 and "--calibration is required" in r.output
     r = _cli("prune-lm", m, "--method", "wanda", "-s", "0.5", "--pattern", "2:4", "--calibration", cal, "--out", model_dir / "z")
     assert r.exit_code != 0 and "exactly one" in r.output
+
+
+def test_prune_lm_force_replaces_only_a_previous_output(model_dir):
+    m, cal = model_dir / "model", model_dir / "calib.txt"
+    keep = model_dir / "not-an-output"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("mine")
+    r = _cli("prune-lm", m, "--method", "magnitude", "-s", "0.5", "--calibration", cal, "--n-samples", 2,
+             "--seq-len", 16, "--quiet", "--force", "--out", keep)
+    assert r.exit_code != 0 and "not a prune-lm output" in r.output
+    assert (keep / "precious.txt").read_text() == "mine"

@@ -20,6 +20,10 @@ def _check_dirs(model_dir: Path, calibration: Path | None, out: Path, force: boo
         raise ValueError(f"--out: got {str(out)!r}, which holds the calibration file; expected a separate folder")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
         raise ValueError(f"--out: got {str(out)!r}, which exists and is not an empty folder; expected a new folder (or --force)")
+    # --force replaces the folder whole: only ever a previous prune-lm output, never e.g. a home folder given by mistake
+    if force and out.is_dir() and any(out.iterdir()) and not (out / "sparsity_report.json").is_file():
+        raise ValueError(f"--out: got {str(out)!r}, a non-empty folder that is not a prune-lm output (no "
+                         "sparsity_report.json); --force replaces only those, expected a new or prune-lm folder")
 
 
 @click.command("prune-lm")
