@@ -182,6 +182,16 @@ def test_ties_identical_across_engines_and_paths(monkeypatch):
     np.testing.assert_array_equal(a, c)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tie_whose_top_mantissa_rounds_up_to_one(engine):
+    """Tied largest entries of mantissa 1 - 2^-53 (top = ratio/beta exact): the solver's top key used to round
+    to the next power of two and decode as mu_top = 0, returning the input (sparsity 0.586 for a 0.75 target)."""
+    for a in (np.nextafter(0.5, 0), 1 - 2.0**-53):
+        x = np.array([0.0, 0.0, a, a])
+        out, info = gs.project([x], 0.75, engine=engine, return_info=True)
+        assert avg(out) >= 0.75 and avg(out) <= 0.75 + 1e-9 and info.mu > 0
+
+
 @st.composite
 def tie_group(draw):
     r = draw(st.integers(1, 4))
@@ -224,3 +234,4 @@ def test_each_exact_at_every_scale(vecs, s, engine):
         k = -int(np.frexp(np.abs(v).max())[1])
         unit = gs.project_each([np.ldexp(v, k)], s, engine=engine)[0]
         np.testing.assert_allclose(np.ldexp(o, k), unit, rtol=1e-9, atol=1e-12)
+

@@ -208,8 +208,12 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
             m, p = np.frexp(eng.ratio_host[nz] / eng.beta_host[nz])
             p = p + eng.e_host[nz]
             j = np.lexsort((m, p))[-1]
-            # m rounded up to 40 bits: p + m is then exact (|p| < 2^12), whatever p (equivariance)
-            top_key, p_min = float(p[j]) + math.ceil(float(m[j]) * 2.0**40) * 2.0**-40, int(p.min())
+            # m rounded up to 40 bits: p + m is then exact (|p| < 2^12), whatever p (equivariance); an m that
+            # rounds up to 1 is 0.5 of the next binade (p + 1.0 would decode below as a zero top, mu_top = 0)
+            pj, mj = float(p[j]), math.ceil(float(m[j]) * 2.0**40) * 2.0**-40
+            if mj == 1.0:
+                pj, mj = pj + 1.0, 0.5
+            top_key, p_min = pj + mj, int(p.min())
     # two collectives for all the constants: sums, and maxima (p + m orders the tops like their values)
     r_tot, msum = comm.sum(np.array([float(r_loc), margin * r_loc if margin_sum is None else margin_sum]))
     nzv = eng.cnorm_host > 0 if r_loc else np.zeros(0, dtype=bool)
