@@ -235,3 +235,64 @@ def test_each_exact_at_every_scale(vecs, s, engine):
         unit = gs.project_each([np.ldexp(v, k)], s, engine=engine)[0]
         np.testing.assert_allclose(np.ldexp(o, k), unit, rtol=1e-9, atol=1e-12)
 
+
+@st.composite
+def full_range_group(draw):
+    """Each entry at its own binary exponent over all of float64, mixed inside one vector: subnormals (down to
+    5e-324) beside entries near 4e307 (kept below 2^1021 so a vector's norm stays finite)."""
+    r = draw(st.integers(1, 4))
+    vecs = []
+    for _ in range(r):
+        n = draw(st.integers(2, 6))
+        mant = draw(st.lists(st.floats(0.5, 1.0, exclude_max=True), min_size=n, max_size=n))
+        exps = draw(st.lists(st.integers(-1073, 1021), min_size=n, max_size=n))
+        signs = draw(st.lists(st.sampled_from([-1.0, 0.0, 1.0]), min_size=n, max_size=n))
+        vecs.append(np.ldexp(np.array(signs) * np.array(mant), np.array(exps)))
+    return vecs
+
+
+@FAST
+@given(full_range_group(), st.floats(0.05, 0.95), st.sampled_from(ENGINES), st.sampled_from(["small", "general"]),
+       st.booleans(), st.data())
+def test_full_exponent_range_in_one_vector_is_feasible(vecs, s, engine, path, weighted, data):
+    """Subnormals to near the float64 limit inside one vector and one group, every engine and CPU path, with or
+    without weights at any exponent: finite, feasible measured on what was returned, and info reports it."""
+    ws = None
+    if weighted:
+        ws = [np.ldexp(np.array(data.draw(st.lists(st.floats(0.5, 2.0), min_size=len(v), max_size=len(v)))),
+                       data.draw(st.integers(-1000, 1000))) for v in vecs]
+    with pytest.MonkeyPatch.context() as mp:
+        paths(mp, path)
+        out, info = gs.project(vecs, s, engine=engine, weights=ws, return_info=True)
+    assert all(np.all(np.isfinite(o)) for o in out)
+    sp = avg(out, ws)
+    assert sp >= s and abs(info.sparsity - sp) < 1e-9
+
+
+@st.composite
+def near_tie_group(draw):
+    """A tie group with each nonzero entry moved a few ulps (or not): near-ties, where the solve is continuous."""
+    vecs = draw(tie_group())
+    out = []
+    for v in vecs:
+        steps = np.array(draw(st.lists(st.integers(-3, 3), min_size=v.size, max_size=v.size))) * (v != 0)
+        for _ in range(3):
+            v = np.where(steps > 0, np.nextafter(v, np.inf), np.where(steps < 0, np.nextafter(v, -np.inf), v))
+            steps = steps - np.sign(steps)
+        out.append(v)
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(near_tie_group(), st.floats(0.05, 0.95), st.sampled_from(ENGINES), st.sampled_from(["small", "general"]))
+def test_near_ties_reach_the_dual_bound(vecs, s, engine, path):
+    """Ties broken by a few ulps: feasible and as good as the Lagrangian dual allows, on every engine and path."""
+    with pytest.MonkeyPatch.context() as mp:
+        paths(mp, path)
+        out, info = gs.project(vecs, s, engine=engine, return_info=True)
+    sp = avg(out)
+    assert sp >= s - 1e-12
+    if info.already_sparse:
+        return
+    assert sp <= s + 1e-9
+    assert objective(out) >= dual_bound(vecs, s) - 1e-6
