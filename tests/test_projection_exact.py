@@ -192,6 +192,16 @@ def test_tie_whose_top_mantissa_rounds_up_to_one(engine):
         assert avg(out) >= 0.75 and avg(out) <= 0.75 + 1e-9 and info.mu > 0
 
 
+def assert_optimal_on_target(vecs, s, out, info):
+    """Feasible, on the target band unless returned unchanged, and at the Lagrangian dual bound (the optimum)."""
+    sp = avg(out)
+    assert sp >= s - 1e-12
+    if info.already_sparse:
+        return
+    assert sp <= s + 1e-9
+    assert objective(out) >= dual_bound(vecs, s) - 1e-6
+
+
 @st.composite
 def tie_group(draw):
     r = draw(st.integers(1, 4))
@@ -204,12 +214,7 @@ def tie_group(draw):
 def test_ties_reach_the_dual_bound(vecs, s, engine):
     """Feasible and as good as the Lagrangian dual allows: the optimum, on the target (docs/projection.md §3)."""
     out, info = gs.project(vecs, s, engine=engine, return_info=True)
-    sp = avg(out)
-    assert sp >= s - 1e-12
-    if info.already_sparse:
-        return
-    assert sp <= s + 1e-9
-    assert objective(out) >= dual_bound(vecs, s) - 1e-6
+    assert_optimal_on_target(vecs, s, out, info)
 
 
 def test_each_near_tie_is_continuous():
@@ -290,9 +295,4 @@ def test_near_ties_reach_the_dual_bound(vecs, s, engine, path):
     with pytest.MonkeyPatch.context() as mp:
         paths(mp, path)
         out, info = gs.project(vecs, s, engine=engine, return_info=True)
-    sp = avg(out)
-    assert sp >= s - 1e-12
-    if info.already_sparse:
-        return
-    assert sp <= s + 1e-9
-    assert objective(out) >= dual_bound(vecs, s) - 1e-6
+    assert_optimal_on_target(vecs, s, out, info)
