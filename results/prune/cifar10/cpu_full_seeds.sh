@@ -6,15 +6,17 @@
 #   after : magnitude, gsp-single-shot (2 masked finetune); gsp and gmp (1 shaping + 1 masked finetune)
 #   during: gsp and gmp shape dense epochs 7-8 at the training learning rate, then 2 masked finetune
 # Runs in order of importance so an interrupted session still has the headline comparisons. Resumable: rerun the same
-# command (each phase checkpoints every epoch; a run folder refuses other settings).
+# command (each phase checkpoints every epoch; a run folder refuses other settings). CODE=DIR runs a frozen copy of the
+# package in DIR (python -P: the working tree, which may be edited meanwhile, is not imported).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 DATA=${DATA:-../shared/data/cifar10-jpg.zip}
 SEED=${SEED:-0}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NUMBA_NUM_THREADS=1
+[ -n "${CODE:-}" ] && export PYTHONPATH=$CODE
 run() {  # method protocol [extra options]
   local m=$1 p=$2; shift 2
-  nice -n 10 python -m groupsparse.experiments prune --dataset cifar10 --model resnet20 --data "$DATA" --method $m \
+  nice -n 10 python -P -m groupsparse.experiments prune --dataset cifar10 --model resnet20 --data "$DATA" --method $m \
     --protocol $p --sparsity 0.9 --seed $SEED --epochs 8 --finetune-epochs 2 \
     --out runs/cifar10-cpu-full2/$m-$p-seed$SEED --cache runs/cache --device cpu --no-progress "$@"
 }
