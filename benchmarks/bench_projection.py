@@ -7,14 +7,25 @@
    ``project`` call per layer and with one ``project_groups`` call for all layers.
 2. scaling: 1e5 .. 1e8 entries (vectors of length 1000), time per entry.
 3. the resnet50 group through the torch engine on CPU, and on CUDA when available.
+4. short: vectors of length 9 (3x3 kernels) against length 1000 at 1e6 .. 1e8 entries (float32 N(0, 1), one
+   group, s = 0.8): ns per entry, ratio to a copy, and the 9-vs-1000 per-entry ratio.
+5. memory: peak extra memory of one call over the input size, in a fresh subprocess (peak RSS during the call
+   minus RSS just before; numba's allocations are invisible to tracemalloc): lengths 9, 64, 1000 (1e7 entries),
+   with and without ``out=``, and the ResNet-50 layers (one call per layer, results kept).
+
+``--baseline DIR`` also times sections 4-5 with the projection package of another checkout (e.g. a git worktree
+of an older commit), loaded beside this one: interleaved in the same process, so both see the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -117,11 +128,100 @@ def bench_torch(rng, repeat, device, s=0.8):
             "torch_threads": torch.get_num_threads()}
 
 
+def load_baseline(root):
+    """The ``groupsparse.projection`` package of another checkout, imported under its own name."""
+    init = Path(root).resolve() / "groupsparse" / "projection" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("baseline_projection", init, submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_projection"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_short(rng, sizes, repeat, baseline=None, s=0.8):
+    """Length 9 against length 1000 per entry; the callables are interleaved so a load spike hits all of them."""
+    impls = {"ours": gs.project} | ({"before": baseline.project} if baseline else {})
+    rows = []
+    for N in sizes:
+        row = {"entries": int(N)}
+        for n in (9, 1000):
+            m = rng.normal(0, 1, size=(int(N) // n, n)).astype(np.float32)
+            for f in impls.values():
+                f(m, s, axis=1)  # compile, warm
+            best = {k: math.inf for k in ["copy", *impls]}
+            for _ in range(repeat):
+                for k, f in [("copy", lambda: m.copy())] + [(k, lambda f=f: f(m, s, axis=1)) for k, f in impls.items()]:
+                    t0 = time.perf_counter()
+                    f()
+                    best[k] = min(best[k], time.perf_counter() - t0)
+            for k in impls:
+                row[f"n{n}_{k}_ns_per_entry"] = 1e9 * best[k] / m.size
+                row[f"n{n}_{k}_ratio_to_copy"] = best[k] / best["copy"]
+            row[f"n{n}_copy_s"] = best["copy"]
+            del m
+        for k in impls:
+            row[f"{k}_ratio_9_vs_1000"] = row[f"n9_{k}_ns_per_entry"] / row[f"n1000_{k}_ns_per_entry"]
+        rows.append(row)
+        print(f"  short {int(N):>11,d} entries: length 9 {row['n9_ours_ns_per_entry']:.2f} ns/entry "
+              f"({row['n9_ours_ratio_to_copy']:.1f}x copy), length 1000 {row['n1000_ours_ns_per_entry']:.2f} "
+              f"({row['n1000_ours_ratio_to_copy']:.1f}x) -> 9 vs 1000 {row['ours_ratio_9_vs_1000']:.2f}"
+              + (f"; before: 9 {row['n9_before_ns_per_entry']:.2f} ns/entry ({row['n9_before_ratio_to_copy']:.1f}x "
+                 f"copy), 9 vs 1000 {row['before_ratio_9_vs_1000']:.2f}" if baseline else ""), flush=True)
+    return rows
+
+
+_MEMORY_PROBE = r"""
+import json, sys, numpy as np
+sys.path[:0] = {path!r}
+{imp}
+def status(key):
+    with open('/proc/self/status') as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
+n, N, use_out = {n}, {N}, {out}
+if n:
+    x = [np.random.default_rng(0).normal(size=(N // n, n)).astype(np.float32)]
+else:
+    from shapes import resnet50_weight_shapes
+    rng = np.random.default_rng(0)
+    x = [rng.normal(0, 0.02, size=s).astype(np.float32).reshape(s[0], -1) for s in resnet50_weight_shapes()]
+for m in x:
+    project(m[:64], 0.8, axis=1)  # compile (and numba's pool) before measuring
+outs = [np.zeros_like(m) for m in x] if use_out else [None] * len(x)
+before = status('VmRSS')
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')  # resets the peak (VmHWM) to the current RSS
+res = [project(m, 0.8, axis=1, out=o) for m, o in zip(x, outs)]
+print(json.dumps((status('VmHWM') - before) / sum(m.nbytes for m in x)))
+"""
+
+
+def bench_memory(baseline_dir=None, N=10**7):
+    """Peak extra memory / input size of one call (per-layer calls for ResNet-50) in a fresh subprocess."""
+    here = str(Path(__file__).resolve().parent)
+    codes = {"ours": ([str(Path(here).parent), here], "from groupsparse import project")}
+    if baseline_dir:
+        codes["before"] = ([str(Path(baseline_dir).resolve()), here], "from groupsparse.projection import project")
+    rows = []
+    for n in (9, 64, 1000, 0):
+        for use_out in (False, True):
+            row = {"length": n or "resnet50", "out": use_out}
+            for k, (path, imp) in codes.items():
+                code = _MEMORY_PROBE.format(path=path, imp=imp, n=n, N=N, out=use_out)
+                res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                row[f"{k}_extra_over_input"] = float(res.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"  memory length {row['length']}, out={use_out}: extra {row['ours_extra_over_input']:.3f}x input"
+                  + (f" (before {row['before_extra_over_input']:.3f}x)" if baseline_dir else ""), flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats, scaling up to 1e7")
     p.add_argument("--out", default=None, help="JSON file for the results (default benchmarks/results/<device>.json)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "scaling", "torch"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "scaling", "torch", "short", "memory"])
+    p.add_argument("--baseline", default=None, help="another checkout whose projection sections 4-5 also time")
+    p.add_argument("--merge", action="store_true", help="keep the output file's other keys (rerun some sections)")
     args = p.parse_args()
     repeat = 3 if args.quick else 5
     rng = np.random.default_rng(0)
@@ -156,9 +256,16 @@ def main():
             print(f"torch engine on {d}: ours {1e3 * row['ours_s']:.1f} ms, copy {1e3 * row['copy_s']:.2f} ms -> "
                   f"{row['ratio_to_copy']:.1f}x copy; project_groups {1e3 * row['project_groups_s']:.1f} ms -> "
                   f"{row['project_groups_ratio_to_copy']:.1f}x", flush=True)
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    if "short" not in args.skip:
+        res["short_vectors"] = bench_short(rng, [1e6, 1e7] + ([] if args.quick else [1e8]), repeat, baseline)
+    if "memory" not in args.skip:
+        res["memory"] = bench_memory(args.baseline)
     dev = "cuda" if any(r.get("device", "").startswith("cuda") for r in res.get("torch", [])) else "cpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"projection-{dev}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():
+        res = json.loads(out.read_text()) | res
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))
     os.replace(tmp, out)

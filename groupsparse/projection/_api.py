@@ -45,15 +45,21 @@ def _engine_for(group: Group, engine: str):
 
 
 def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, max_iter: int, mu0: float):
-    """Small unweighted CPU groups: the whole solve in one compiled call (None: use the general solver)."""
+    """Unweighted CPU groups: the whole solve in one compiled call (None: use the general solver). Equal-length
+    groups take ``solve_uniform`` (no per-vector arrays, threaded when the engine would be), ragged ones
+    ``solve_plain_small`` where the engine would run serially."""
     from . import _numba
-    from ._small import SMALL_MAX_ENTRIES, solve_plain_small
+    from . import _small
+    from ._small import SMALL_MAX_ENTRIES, UNIFORM_MAX_LENGTH, solve_plain_small, solve_uniform
 
     data = group.data
+    if engine not in ("auto", "numba") or group.weights is not None or SMALL_MAX_ENTRIES < 0:
+        return None
     size = data.shape[0]
     threaded = size >= _numba.PARALLEL_MIN_ENTRIES and _numba.nb.get_num_threads() >= _numba.PARALLEL_MIN_THREADS
-    too_big = SMALL_MAX_ENTRIES < 0 or (threaded and size > SMALL_MAX_ENTRIES)
-    if engine not in ("auto", "numba") or group.weights is not None or too_big:
+    n = group.uniform_length
+    uniform = _small.UNIFORM and n is not None and (not threaded or n <= UNIFORM_MAX_LENGTH)
+    if not uniform and threaded and size > SMALL_MAX_ENTRIES:
         return None
     back = None
     if group.backend == "torch":
@@ -62,7 +68,12 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
         data, back = data.numpy(), "to_torch"
     out = group.out_flat if group.out_flat is not None else np.empty_like(data)
     stats = np.zeros(6)
-    status = solve_plain_small(data, group.offsets, s, margin, tol, max_iter, mu0, out, stats)
+    if uniform and threaded:
+        status = _numba._run_threaded(solve_uniform, data, n, s, margin, tol, max_iter, mu0, out, stats, True)
+    elif uniform:
+        status = solve_uniform(data, n, s, margin, tol, max_iter, mu0, out, stats, False)
+    else:
+        status = solve_plain_small(data, group.offsets, s, margin, tol, max_iter, mu0, out, stats)
     if status < 0:
         return None
     info = ProjectionInfo(mu=float(stats[0]), iterations=int(stats[1]), evaluations=int(stats[2]),

@@ -58,6 +58,20 @@ def plain_sums(xs, inv, t):
     return m, su, suu
 
 
+@nb.njit(inline="always", fastmath=_FM_SUM)
+def abs_sums(xs):
+    """(nonzeros, sum a, sum a^2) of a = |xs|: plain_sums at t = 0, except that NaN shows in the sums."""
+    m = 0.0
+    sa = 0.0
+    saa = 0.0
+    for j in range(xs.shape[0]):
+        a = abs(np.float64(xs[j]))
+        m += 1.0 if a > 0.0 else 0.0
+        sa += a
+        saa += a * a
+    return m, sa, saa
+
+
 @nb.njit(inline="always", fastmath=_FM_WRITE)
 def plain_write(xs, os_, inv, t, sc):
     """os_ = sign(xs) (|xs| inv - t)_+ sc, branch-free so LLVM vectorizes it."""
@@ -302,3 +316,135 @@ def argmax_shifted(x, w, offsets, vids, inv, t, zero, out):
                     best = v
                     arg = j
         out[q] = arg
+
+
+# ---- equal-length unweighted groups (``_small.solve_uniform``): vector i is x[i n : (i + 1) n], no offsets array
+# and no per-vector state outside a pass. They work in the caller's units (threshold T = mu beta 2^E), which is
+# what the per-vector power-of-two units give, bit for bit, wherever no square under- or overflows: always for
+# float32 entries, and for float64 entries within [2^-450, 2^450] (the solver checks; otherwise it falls back).
+
+UNIFORM_PART = 4096  # vectors per partial sum: the unit of threads, fixed so the result's bits ignore thread counts
+_NO_LOW = 0x7FF0000000000000  # the bit pattern of +inf
+_Q = 256  # per-vector sums buffered this many vectors at a time, so the sqrt/divide tail vectorizes across them
+
+
+@nb.njit(inline="always", fastmath=_FM_SUM)
+def _tail(k, beta, wn, M, SU, SUU):
+    """(sum of sparsities, sum of dh/dT) over k buffered vectors; a vector with no support counts as one-hot."""
+    s1 = 0.0
+    s2 = 0.0
+    for q in range(k):
+        suu = SUU[q]
+        ok = suu > 0.0
+        nu = math.sqrt(suu if ok else 1.0)
+        h = SU[q] / nu
+        s1 += beta * (wn - h) if ok else 1.0
+        s2 += (-M[q] + h * h) / nu if ok else 0.0  # = -m/||u|| + <1,u>^2/||u||^3 without cubing tiny norms
+    return s1, s2
+
+
+@jit(fastmath=_FM_WRITE)  # not inlined: its instructions keep these flags inside the reassociating pass
+def _write_block(x, out, v0, k, n, T, SU, SUU):
+    """Vectors v0 .. v0 + k - 1 projected at T from their buffered sums; a vector with no support goes one-hot on
+    its first largest |x| (as the general engine writes it). Branch-free: which vectors are one-hot is data."""
+    for q in range(k):
+        o0 = (v0 + q) * n
+        su, suu = SU[q], SUU[q]
+        one = not suu > 0.0
+        sc = 0.0 if one else (suu + T * su) / suu  # alpha / ||u||, alpha = <x, |c|> = (sum u^2 + T sum u) / ||u||
+        xs = x[o0 : o0 + n]
+        os_ = out[o0 : o0 + n]
+        amax = -1.0
+        arg = 0
+        if one or n <= 32:  # short vectors: always (a branch on data mispredicts); long ones: only when needed
+            for j in range(n):
+                a = abs(np.float64(xs[j]))
+                b = a > amax
+                amax = a if b else amax
+                arg = j if b else arg
+        arg = arg if one else -1
+        for j in range(n):
+            xv = np.float64(xs[j])
+            d = abs(xv) - T
+            r = d * sc if d > 0.0 else 0.0
+            v = 0.0 if one else (r if xv >= 0.0 else -r)
+            os_[j] = xv if j == arg else v
+
+
+def _uniform_pass(x, n, T, beta, wn, stride, write, out, part):
+    """One pass at threshold T over the parts 0, stride, 2 stride, ...: part[p] = [sum sp, sum dh/dT, vectors].
+    With ``write`` the projection at T is also written to ``out`` (the solver's speculative last pass)."""
+    r = x.shape[0] // n
+    for p in nb.prange(part.shape[0]):
+        M = np.empty(_Q)
+        SU = np.empty(_Q)
+        SUU = np.empty(_Q)
+        v0 = p * stride * UNIFORM_PART
+        v1 = min(r, v0 + UNIFORM_PART)
+        s1 = 0.0
+        s2 = 0.0
+        for b in range(v0, v1, _Q):
+            k = min(_Q, v1 - b)
+            for q in range(k):
+                o0 = (b + q) * n
+                M[q], SU[q], SUU[q] = plain_sums(x[o0 : o0 + n], 1.0, T)
+            if write:
+                _write_block(x, out, b, k, n, T, SU, SUU)
+            a1, a2 = _tail(k, beta, wn, M, SU, SUU)
+            s1 += a1
+            s2 += a2
+        part[p, 0] = s1
+        part[p, 1] = s2
+        part[p, 2] = max(v1 - v0, 0)
+
+
+def _uniform_first(x, n, beta, wn, check, part):
+    """The pass at T = 0, also: [3] largest and [4] smallest nonzero vector sum of squares, [5] sum |x| (NaN and
+    Inf show in it), and with ``check`` [6] largest and [7] smallest nonzero |x| (the float64 range rule)."""
+    r = x.shape[0] // n
+    for p in nb.prange(part.shape[0]):
+        M = np.empty(_Q)
+        SU = np.empty(_Q)
+        SUU = np.empty(_Q)
+        bits = SUU.view(np.int64)  # nonnegative doubles order like their bit patterns: integer max/min vectorize
+        v0 = p * UNIFORM_PART
+        v1 = min(r, v0 + UNIFORM_PART)
+        s1 = 0.0
+        s2 = 0.0
+        top = 0
+        low = _NO_LOW
+        total = 0.0
+        amax = 0.0
+        amin = math.inf
+        for b in range(v0, v1, _Q):
+            k = min(_Q, v1 - b)
+            for q in range(k):
+                o0 = (b + q) * n
+                M[q], SU[q], SUU[q] = abs_sums(x[o0 : o0 + n])
+            a1, a2 = _tail(k, beta, wn, M, SU, SUU)
+            s1 += a1
+            s2 += a2
+            for q in range(k):
+                total += SU[q]
+                sq = bits[q]
+                top = max(top, sq)
+                low = min(low, sq if sq > 0 else _NO_LOW)
+            if check:
+                for j in range(b * n, (b + k) * n):
+                    a = abs(np.float64(x[j]))
+                    amax = max(amax, a)
+                    amin = min(amin, a if a > 0.0 else math.inf)
+        part[p, 0] = s1
+        part[p, 1] = s2
+        part[p, 2] = v1 - v0
+        bits[0] = top
+        bits[1] = low
+        part[p, 3] = SUU[0]
+        part[p, 4] = SUU[1]
+        part[p, 5] = total
+        part[p, 6] = amax
+        part[p, 7] = amin
+
+
+UNIFORM_PASS = twin(_uniform_pass, _FM_SUM)
+UNIFORM_FIRST = twin(_uniform_first, _FM_SUM)

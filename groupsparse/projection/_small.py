@@ -14,7 +14,8 @@ import math
 
 import numpy as np
 
-from ._kernels import _FM_SUM, _FM_WRITE, FIRST_PASS_PLAIN, jit, plain_sums, plain_write, write_onehot
+from ._kernels import (_FM_SUM, _FM_WRITE, FIRST_PASS_PLAIN, UNIFORM_FIRST, UNIFORM_PART, UNIFORM_PASS, jit, plain_sums,
+                       plain_write, write_onehot)
 
 # The compiled loop takes every group the engine would run serially (measured on the 2-core VM: the five
 # 1-2.4M-entry ResNet-50 layers 17 ms against 30-41 ms through the Python-driven kernels, 1e7 entries in vectors
@@ -22,6 +23,10 @@ from ._kernels import _FM_SUM, _FM_WRITE, FIRST_PASS_PLAIN, jit, plain_sums, pla
 # A negative value switches the compiled path off (tests use it to exercise the general solver).
 SMALL_MAX_ENTRIES = 1 << 20
 _LO_SQ, _HI_SQ = 2.0**-800, 2.0**800
+# Threaded, equal-length groups take the compiled path up to this length (threads split a pass by vectors; the
+# engine also splits long vectors into chunks).
+UNIFORM_MAX_LENGTH = 1 << 14
+UNIFORM = True  # False sends equal-length groups to solve_plain_small (tests compare the two compiled paths)
 _first_pass = FIRST_PASS_PLAIN[0]  # sums |x| directly: NaN and Inf show in them
 
 
@@ -192,6 +197,143 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, mu0, out, stats):
     if not done:
         return -1
     _write(x, offsets, inv, e, t, sums, out)  # the loop ended on an evaluation at hi
+    stats[0] = math.ldexp(hi, E)
+    stats[1] = it
+    stats[2] = evals
+    stats[3] = S_hi / r
+    return 1
+
+
+# ---- equal-length groups: the whole solve with no per-vector arrays (docs/projection.md §6)
+
+_RANGE64 = 2.0**450  # float64 entries within [2^-450, 2^450]: no square or sum under- or overflows in any pass
+
+
+_pass_ser, _pass_par = UNIFORM_PASS
+_first_ser, _first_par = UNIFORM_FIRST
+
+
+@jit
+def _pass(par, x, n, T, beta, wn, write, out, part):
+    if par:
+        _pass_par(x, n, T, beta, wn, 1, write, out, part)
+    else:
+        _pass_ser(x, n, T, beta, wn, 1, write, out, part)
+
+
+@jit
+def _kahan(col):
+    s = 0.0
+    comp = 0.0
+    for v in col:
+        y = v - comp
+        tot = s + y
+        comp = (tot - s) - y
+        s = tot
+    return s
+
+
+@jit
+def solve_uniform(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
+    """``solve_plain_small`` for r = len(x) / n vectors of n entries each (x[i n : (i + 1) n]), in O(r / 4096)
+    memory: every pass recomputes what it needs per vector. Same statuses and ``stats``; ``par`` runs the
+    threaded kernels. A pass is written speculatively when Newton's own convergence predicts it lands in the band,
+    which saves the separate write pass."""
+    r = x.shape[0] // n
+    nparts = (r + UNIFORM_PART - 1) // UNIFORM_PART
+    sq = math.sqrt(n)
+    wn = sq
+    beta = 1.0 / (sq - 1.0)
+    first = np.zeros((nparts, 8))
+    if par:
+        _first_par(x, n, beta, wn, x.itemsize == 8, first)
+    else:
+        _first_ser(x, n, beta, wn, x.itemsize == 8, first)
+    if not math.isfinite(_kahan(first[:, 5])):
+        return -2  # NaN or Inf: the general solver reports it
+    if x.itemsize == 8 and (first[:, 6].max() > _RANGE64 or first[:, 7].min() < 1.0 / _RANGE64):
+        return -2
+    top_sq = first[:, 3].max()
+    low_sq = first[:, 4].min()
+    stats[4] = math.sqrt(top_sq)  # the largest vector norm: no output entry exceeds it
+    stats[5] = math.frexp(math.sqrt(low_sq))[1] if low_sq < math.inf else 10**6
+    S = _kahan(first[:, 0])
+    evals = 1
+    if s == 0.0 or S >= r * s:
+        out[:] = x
+        stats[0] = 0.0
+        stats[1] = 0.0
+        stats[2] = evals
+        stats[3] = S / r
+        return 0
+    need = min(r * (s + margin), 1.0 * r)
+    if need >= r:
+        return -1
+    # mu relative to 2^E, E the exponent of the largest one-hot point (the largest norm / beta): scaling the data
+    # by 2^k changes E only; T = mu dT with dT = beta 2^E, as the per-vector units' t_i = mu beta 2^(E - e_i)
+    top, E = math.frexp(math.sqrt(top_sq) / beta)
+    dT = math.ldexp(beta, E)
+    dS = -beta * dT * first[:, 1].sum()
+    band = tol * r
+    aim = need + 0.5 * band
+    part = np.zeros((nparts, 3))
+    lo = 0.0
+    hi = top * (1 + 1e-9)
+    mu = 0.0
+    S_hi = math.nan
+    slow = 0
+    prev_res = math.inf
+    last = abs(S - aim)
+    gain = math.nan  # res_k / res_(k-1)^2 of the last Newton step: predicts the next residual
+    it = 0
+    done = False
+    written = False
+    m0 = math.ldexp(mu0, -E) if mu0 > 0.0 else 0.0
+    warm = lo < m0 < hi
+    while it < max_iter:
+        newton = False
+        if warm:
+            cand = m0
+            warm = False
+        else:
+            it += 1
+            cand = math.nan
+            if slow < 2 and dS > 0.0:
+                cand = mu + (aim - S) / dS
+                newton = True
+            if not (lo < cand < hi):
+                buf = np.empty(2)
+                cand = _key_mid(lo, hi, buf, buf.view(np.int64))
+                slow = 0
+                newton = False
+                if cand == lo:
+                    break  # adjacent doubles: a jump
+        mu = cand
+        spec = newton and gain * last * last < 0.25 * band
+        _pass(par, x, n, mu * dT, beta, wn, spec, out, part)
+        S = _kahan(part[:, 0])
+        dS = -beta * dT * part[:, 1].sum()
+        evals += 1
+        res = abs(S - aim)
+        slow = slow + 1 if res > 0.5 * prev_res else 0
+        gain = res / (last * last) if newton and last > 0.0 else math.nan
+        prev_res = res
+        last = res
+        if S < need:
+            lo = mu
+        else:
+            hi = mu
+            S_hi = S
+            if S <= need + band:
+                done = True
+                written = spec
+                break
+    if not done:
+        return -1
+    if not written:
+        _pass(par, x, n, hi * dT, beta, wn, True, out, part)  # the loop ended on an evaluation at hi
+    if stats.shape[0] > 6:
+        stats[6] = written  # (tests and benchmarks: the speculative write was the last pass)
     stats[0] = math.ldexp(hi, E)
     stats[1] = it
     stats[2] = evals
