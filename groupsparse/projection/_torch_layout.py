@@ -1,0 +1,107 @@
+"""How the torch engine walks a flat group: pieces of consecutive vectors, each at most a chunk of entries.
+
+A piece is either *uniform* (rows of one length: a 2-D view, row reductions) or *ragged* (vectors of different
+lengths: ``torch.segment_reduce`` over their lengths). Neither needs per-entry segment ids, and every full-size
+temporary of the engine is one piece at a time, so the engine's extra memory is the output plus a few chunks
+(docs/torch-engine.md). On the CPU a chunk stays in cache between the engine's successive elementwise ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+F64 = torch.float64
+CPU_CHUNK = 1 << 16  # entries: the ~7 elementwise ops of one evaluation reuse a piece from L2
+DEVICE_CHUNK = 1 << 22  # on accelerators a piece is mostly a launch: large, yet a bounded share of the input
+UNIFORM_MIN_ROWS = 8  # shorter runs of one length join ragged pieces (one Python step per piece, not per run)
+
+
+@dataclass(frozen=True)
+class Piece:
+    e0: int  # first entry
+    e1: int  # one past the last entry
+    v0: int  # first vector
+    v1: int  # one past the last vector
+    n: int  # row length of a uniform piece; 0 for ragged
+
+
+def _ragged(offsets: np.ndarray, v0: int, v1: int, chunk: int, out: list) -> None:
+    """Vectors v0..v1 of mixed lengths as pieces of about ``chunk`` entries (vectorized: r can be 1e6)."""
+    cut = (offsets[v0 + 1 : v1 + 1] - offsets[v0]) // chunk  # the chunk each vector's end falls in
+    stops = np.flatnonzero(np.diff(cut)) + v0 + 1
+    bounds = [v0, *stops.tolist(), v1] if len(stops) == 0 or stops[-1] != v1 else [v0, *stops.tolist()]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out.append(Piece(int(offsets[a]), int(offsets[b]), int(a), int(b), 0))
+
+
+def _pieces(lengths: np.ndarray, chunk: int) -> list[Piece]:
+    out: list[Piece] = []
+    r = len(lengths)
+    offsets = np.zeros(r + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(lengths)) + 1, [r]]).astype(np.int64)  # equal-length runs
+    big = (np.diff(bounds) >= UNIFORM_MIN_ROWS) | (np.diff(offsets[bounds]) >= chunk)
+    big &= lengths[bounds[:-1]] > 0
+    rag = 0  # first vector not yet in a piece
+    for k in np.flatnonzero(big):
+        b0, b1, n = int(bounds[k]), int(bounds[k + 1]), int(lengths[bounds[k]])
+        if b0 > rag:
+            _ragged(offsets, rag, b0, chunk, out)
+        step = max(1, chunk // n)
+        for v in range(b0, b1, step):
+            w = min(v + step, b1)
+            out.append(Piece(int(offsets[v]), int(offsets[w]), v, w, n))
+        rag = b1
+    if r > rag:
+        _ragged(offsets, rag, r, chunk, out)
+    return out
+
+
+class Layout:
+    """Pieces of a group and the per-piece operations the engine needs (views, broadcasts, reductions)."""
+
+    def __init__(self, offsets: np.ndarray, device, n_entries: int, one_piece: bool = False):
+        lengths = np.diff(offsets)
+        chunk = CPU_CHUNK if device.type == "cpu" else max(DEVICE_CHUNK, n_entries // 8)
+        r = len(lengths)
+        self.pieces = [Piece(0, n_entries, 0, r, 0)] if one_piece else _pieces(lengths, chunk)
+        self.lens = torch.as_tensor(lengths, device=device)
+
+    @staticmethod
+    def rows(flat, p: Piece):
+        seg = flat[p.e0 : p.e1]
+        return seg.view(p.v1 - p.v0, p.n) if p.n else seg
+
+    def col(self, per_vector, p: Piece):
+        """Per-vector values lined up with the piece's entries (a broadcastable view for uniform pieces)."""
+        return self.local(per_vector[p.v0 : p.v1], p)
+
+    def local(self, v, p: Piece):
+        """Values of the piece's own vectors (length v1 - v0) lined up with its entries."""
+        if p.n:
+            return v[:, None]
+        return v.repeat_interleave(self.lens[p.v0 : p.v1], output_size=p.e1 - p.e0)
+
+    def reduce(self, values, p: Piece, how: str):
+        """Per-vector sum / amax / amin over a piece's entries (floating values)."""
+        if p.n:
+            return values.sum(1) if how == "sum" else (values.amax(1) if how == "max" else values.amin(1))
+        # unsafe: the lengths are ours and sum to the piece (the check would cost a device-to-host sync)
+        return torch.segment_reduce(values, how, lengths=self.lens[p.v0 : p.v1], unsafe=True)
+
+    def argmax(self, values, p: Piece):
+        """Flat position of the first maximum of each vector in the piece (float64 ``values``)."""
+        if p.n:  # torch.argmax returns the first maximal index
+            return values.argmax(1) + torch.arange(p.v1 - p.v0, device=values.device) * p.n + p.e0
+        mx = self.reduce(values, p, "max")
+        pos = torch.arange(p.e0, p.e1, device=values.device, dtype=F64)  # exact below 2^53 entries
+        cand = torch.where(values == self.local(mx, p), pos, float(p.e1))
+        return self.reduce(cand, p, "min").long()
+
+    def count(self, mask, p: Piece):
+        if p.n:
+            return mask.sum(1).to(F64)
+        return self.reduce(mask.to(F64), p, "sum")
