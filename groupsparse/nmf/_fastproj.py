@@ -77,13 +77,14 @@ def _g_rows(x, t, sums):
 
 
 @_jit(fastmath=_FM)
-def _piece_root(sums, t0, aim, t_lo, t_hi, beta, band):
+def _piece_root(sums, t0, aim, t_lo, t_hi, beta, band, max_steps):
     """Newton in O(r) on the smooth piece of g through t0: with the supports held fixed, the per-row sums at t
     follow from those at t0 (sum u - m dt, sum u^2 - 2 dt sum u + m dt^2). Returns a candidate t in
-    (t_lo, t_hi), or NaN. Only a candidate: the caller evaluates g there directly (the supports may change)."""
+    (t_lo, t_hi), or NaN. Only a candidate: the caller evaluates g there directly (the supports may change).
+    ``max_steps`` = 1 is the plain safeguarded Newton step on g (the core's iterates)."""
     dt = 0.0
     best = math.nan
-    for it in range(30):
+    for it in range(max_steps + 1):
         g = 0.0
         dg = 0.0
         for i in range(sums.shape[0]):
@@ -117,9 +118,10 @@ def _piece_root(sums, t0, aim, t_lo, t_hi, beta, band):
 
 
 @_jit(fastmath=_FM)
-def _eval_write(x, t, sums, out):
-    """g(t) and g'(t) evaluated directly, writing out_i = alpha_i x_i(mu) with the least-squares scale alpha_i
-    (REFERENCE.md §2) in the same pass: a row is rescaled while it is still in cache."""
+def _eval_write(x, t, sums, U, sc):
+    """g(t), g'(t) evaluated directly, writing the projection in factored form: row i is sc_i U_i with
+    U = (|x| - t)_+ and sc_i the least-squares scale alpha_i / ||U_i|| folded in (REFERENCE.md §2); a row with
+    no entry above t is one-hot at its largest |x| (U holds that |x|, sc_i = 1). Signs are the caller's."""
     r, p = x.shape
     for i in range(r):
         m = 0.0
@@ -132,15 +134,12 @@ def _eval_write(x, t, sums, out):
             m += 1.0 if pos else 0.0
             su += u
             suu += u * u
-            out[i, j] = u
+            U[i, j] = u
         sums[i, 0] = m
         sums[i, 1] = su
         sums[i, 2] = suu
         if suu > 0.0:
-            sc = (suu + t * su) / suu
-            for j in range(p):
-                v = out[i, j] * sc
-                out[i, j] = v if x[i, j] >= 0.0 else -v
+            sc[i] = (suu + t * su) / suu
         else:
             arg = 0
             amax = -1.0
@@ -149,15 +148,21 @@ def _eval_write(x, t, sums, out):
                 if a > amax:
                     amax = a
                     arg = j
-            for j in range(p):
-                out[i, j] = x[i, j] if j == arg else 0.0
+            U[i, arg] = amax
+            sc[i] = 1.0
     return _g_sums(sums, 1.0 / (math.sqrt(p) - 1.0))
 
 
 @_jit(fastmath=_FM)
-def _solve(x, s, mu0, tol, max_iter, out, sums, warm):
+def _solve(x, s, mu0, tol, max_iter, U, sc, sums, warm, piece_steps):
     """GSP of the rows of ``x`` given ``sums`` at mu = 0 and ``warm`` at mu0 (both as from :func:`_g_rows`;
-    ``warm`` is overwritten). Returns (status, mu) as :func:`gsp_rows_warm`."""
+    ``warm`` is overwritten). Returns (status, mu) as :func:`gsp_rows_warm`; the projection is left as
+    (U, sc) of :func:`_eval_write` when status is 1, and status 0 leaves U = x, sc = 1.
+
+    Between direct evaluations, up to ``piece_steps`` Newton steps on the current piece (:func:`_piece_root`):
+    the fast gradient's warm-started solves then need one direct evaluation (measured: 1.07 on average); 1
+    gives the plain Newton iterates of the core's solver (``groupsparse.project``), so the same point of the
+    accepted band."""
     r, p = x.shape
     sq = math.sqrt(p)
     beta = 1.0 / (sq - 1.0)
@@ -174,7 +179,8 @@ def _solve(x, s, mu0, tol, max_iter, out, sums, warm):
             return -1, 0.0
         top = max(top, math.sqrt(saa) / beta)
     if g <= k + slack:
-        out[:] = x
+        U[:] = x
+        sc[:] = 1.0
         return 0, 0.0
     if s >= 1.0:
         return -1, 0.0
@@ -191,20 +197,20 @@ def _solve(x, s, mu0, tol, max_iter, out, sums, warm):
         else:
             hi = mu
             if g >= k - band:
-                _eval_write(x, mu * beta, warm, out)
+                _eval_write(x, mu * beta, warm, U, sc)
                 return 1, mu
     slow = 0
     prev_res = abs(g - aim)
     for _ in range(max_iter):
         cand = math.nan
         if slow < 2:
-            cand = _piece_root(piece, mu * beta, aim, lo * beta, hi * beta, beta, band) / beta
+            cand = _piece_root(piece, mu * beta, aim, lo * beta, hi * beta, beta, band, piece_steps) / beta
         if not (lo < cand < hi):
             cand = 0.5 * (lo + hi)
             slow = 0
         mu = cand
         piece = warm
-        g, dg = _eval_write(x, mu * beta, piece, out)
+        g, dg = _eval_write(x, mu * beta, piece, U, sc)
         res = abs(g - aim)
         slow = slow + 1 if res > 0.5 * prev_res else 0
         prev_res = res
@@ -226,10 +232,17 @@ def gsp_rows_warm(x, s, mu0, tol, max_iter, out):
     r, p = x.shape
     sums = np.empty((r, 3))
     warm = np.empty((r, 3))
+    sc = np.empty(r)
     _g_rows(x, 0.0, sums)
     if mu0 > 0.0:
         _g_rows(x, mu0 / (math.sqrt(p) - 1.0), warm)
-    return _solve(x, s, mu0, tol, max_iter, out, sums, warm)
+    status, mu = _solve(x, s, mu0, tol, max_iter, out, sc, sums, warm, 1)
+    if status == 1:
+        for i in range(r):
+            for j in range(p):
+                v = out[i, j] * sc[i]
+                out[i, j] = v if x[i, j] >= 0.0 else -v
+    return status, mu
 
 
 def gsp_rows(C: np.ndarray, s: float, tol: float = 1e-12, max_iter: int = 100, mu0: float = 0.0):
@@ -241,24 +254,33 @@ def gsp_rows(C: np.ndarray, s: float, tol: float = 1e-12, max_iter: int = 100, m
 
 
 @_jit(fastmath=_FM)
-def _grad_step(Y, B, G, inv, t, Fn, sums, warm):
-    """Fn = max(0, Y - (G - B) / L) with G = AY, and in the same pass the sums of :func:`_g_rows` at mu = 0
-    (``sums``) and at the warm start t = mu0 beta (``warm``): two evaluations of g for the price of none."""
-    r, p = Y.shape
+def _grad_step(U, sc, Uo, sco, AF, AFo, B, mom, inv, t, V, sums, warm):
+    """One pass of the projected fast gradient with the iterates in factored form F_i = sc_i U_i (no pass to
+    rescale a projection): V = max(0, Y - (AY - B) / L) at Y = F + mom (F - Fo), AY = AF + mom (AF - AFo) from
+    the products of the last two iterates (one r x r by r x p product per step). In the same pass: the sums of
+    :func:`_g_rows` at mu = 0 (``sums``) and at the warm start t = mu0 beta (``warm``), and ||F - Fo||^2."""
+    r, p = U.shape
+    d2 = 0.0
     for i in range(r):
+        s1 = sc[i]
+        s0 = sco[i]
         m0 = 0.0
-        s0 = 0.0
-        ss0 = 0.0
+        a0 = 0.0
+        aa0 = 0.0
         m = 0.0
         su = 0.0
         suu = 0.0
         for j in range(p):
-            v = Y[i, j] + inv * (B[i, j] - G[i, j])
+            f = s1 * U[i, j]
+            df = f - s0 * Uo[i, j]
+            d2 += df * df
+            ay = AF[i, j] + mom * (AF[i, j] - AFo[i, j])
+            v = f + mom * df + inv * (B[i, j] - ay)
             v = v if v > 0.0 else 0.0
-            Fn[i, j] = v
+            V[i, j] = v
             m0 += 1.0 if v > 0.0 else 0.0
-            s0 += v
-            ss0 += v * v
+            a0 += v
+            aa0 += v * v
             d = v - t
             pos = d > 0.0
             u = d if pos else 0.0
@@ -266,11 +288,80 @@ def _grad_step(Y, B, G, inv, t, Fn, sums, warm):
             su += u
             suu += u * u
         sums[i, 0] = m0
-        sums[i, 1] = s0
-        sums[i, 2] = ss0
+        sums[i, 1] = a0
+        sums[i, 2] = aa0
         warm[i, 0] = m
         warm[i, 1] = su
         warm[i, 2] = suu
+    return d2
+
+
+@_jit(fastmath=_FM)
+def _fgm(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0, work, scs, sums, warm, As):
+    """:func:`fgm_rows` in place on caller-provided work arrays (``work``: (5, r, p), ``scs``: (3, r),
+    ``sums``/``warm``: (r, 3), ``As``: (r, r)); F (C-contiguous) is overwritten with the result, or with
+    garbage when not ``ok``.
+
+    A step's length ||F_k - F_{k-1}|| is measured in the next step's pass, so the stopping rule is checked
+    there (when it fires, that pass and one product are wasted; the result is the same iterate)."""
+    r, p = F.shape
+    V, AF, AFo = work[0], work[1], work[2]
+    bufs = (work[3], work[4], F)  # F is read only by the first step, then free
+    cur = 2
+    prv = 2
+    for i in range(3):
+        scs[i, :] = 1.0
+    np.dot(A, F, AF)  # BLAS: about twice as fast as a compiled loop at r = 10, p = 100 (measured)
+    AFo[:] = AF
+    tb = 1.0 / (math.sqrt(p) - 1.0) if p >= 2 else 0.0  # t = mu * beta
+    alpha = 0.1
+    mom = 0.0
+    first = -1.0
+    steps = 0
+    inv = 1.0 / L
+    mu = mu0
+    for _ in range(max_inner):
+        Uc = bufs[cur]
+        d2 = _grad_step(Uc, scs[cur], bufs[prv], scs[prv], AF, AFo, B, mom, inv, mu * tb, V, sums, warm)
+        if steps >= 1:  # d2: the length of step `steps`
+            step = math.sqrt(d2)
+            if first < 0.0:
+                first = step
+            elif step <= inner_ratio * first:
+                break
+        steps += 1
+        nxt = (cur + 1) % 3
+        if nxt == prv:
+            nxt = (nxt + 1) % 3
+        Un = bufs[nxt]
+        scn = scs[nxt]
+        status = 0
+        if project_rows:
+            status, mu_new = _solve(V, s, mu, 1e-12, 100, Un, scn, sums, warm, 30)
+            if status < 0:
+                return steps, False, mu0
+            if status == 1:
+                mu = mu_new
+        if status != 1:
+            Un[:] = V
+            scn[:] = 1.0
+        alpha_next = 0.5 * (math.sqrt(alpha**4 + 4 * alpha**2) - alpha**2)
+        mom = alpha * (1 - alpha) / (alpha**2 + alpha_next)
+        alpha = alpha_next
+        prv = cur
+        cur = nxt
+        if steps < max_inner:
+            AF, AFo = AFo, AF
+            for i in range(r):  # A F = (A diag(sc)) U
+                for l in range(r):
+                    As[i, l] = A[i, l] * scn[l]
+            np.dot(As, Un, AF)
+    U = bufs[cur]
+    sc = scs[cur]
+    for i in range(r):
+        for j in range(p):
+            F[i, j] = sc[i] * U[i, j]
+    return steps, True, mu
 
 
 @_jit(fastmath=_FM)
@@ -281,90 +372,64 @@ def fgm_rows(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0):
     then redoes this subproblem in Python); ``mu`` is the last projection's root, the next call's warm start.
     """
     r, p = F.shape
-    Y = F.copy()
-    Fo = F.copy()
-    Fn = np.empty_like(F)
-    P = np.empty_like(F)
-    G = np.empty_like(F)
-    sums = np.empty((r, 3))
-    warm = np.empty((r, 3))
-    tb = 1.0 / (math.sqrt(p) - 1.0) if p >= 2 else 0.0  # t = mu * beta
-    alpha = 0.1
-    first = -1.0
-    steps = 0
-    inv = 1.0 / L
-    mu = mu0
-    for _ in range(max_inner):
-        steps += 1
-        np.dot(A, Y, G)  # BLAS: about twice as fast as a compiled loop at r = 10, p = 100 (measured)
-        if project_rows:
-            _grad_step(Y, B, G, inv, mu * tb, Fn, sums, warm)
-            status, mu_new = _solve(Fn, s, mu, 1e-12, 100, P, sums, warm)
-            if status < 0:
-                return Fo, steps, False, mu0
-            if status == 1:
-                mu = mu_new
-                Fn, P = P, Fn
-        else:
-            for i in range(r):
-                for j in range(p):
-                    v = Y[i, j] + inv * (B[i, j] - G[i, j])
-                    Fn[i, j] = v if v > 0.0 else 0.0
-        alpha_next = 0.5 * (math.sqrt(alpha**4 + 4 * alpha**2) - alpha**2)
-        beta = alpha * (1 - alpha) / (alpha**2 + alpha_next)
-        alpha = alpha_next
-        step = 0.0
-        for i in range(r):
-            for j in range(p):
-                d = Fn[i, j] - Fo[i, j]
-                step += d * d
-                Y[i, j] = Fn[i, j] + beta * d
-        Fo, Fn = Fn, Fo
-        step = math.sqrt(step)
-        if first < 0.0:
-            first = step
-        elif step <= inner_ratio * first:
-            break
-    return Fo, steps, True, mu
+    Fn = F.copy()
+    steps, ok, mu = _fgm(Fn, A, B, L, s, project_rows, max_inner, inner_ratio, mu0, np.empty((5, r, p)),
+                         np.empty((3, r)), np.empty((r, 3)), np.empty((r, 3)), np.empty((r, r)))
+    return (Fn if ok else F), steps, ok, mu
 
 
 @_jit(fastmath=_FM)
 def _hals_rows(F, A, B, lam, max_sweeps, delta2):
     """In place: HALS sweeps over the rows of F for min 1/2<A, FF^T> - <B - lam 1^T, F>, F >= 0.
 
-    Returns the number of sweeps. The residual row is built with the row index outermost so the inner loops
-    stream over contiguous rows of F and B.
+    Returns the number of sweeps. Row k needs (AF)_k with the rows before it already updated: each sweep takes
+    AF at its start from BLAS (several times faster than a compiled loop at r = 10) and corrects it by the
+    moves D_l of the rows l < k, so half the row operations of the plain form; the correction streams over
+    contiguous rows, four per pass (a quarter of the loads and stores of the residual row).
     """
     r, p = F.shape
     g = np.empty(p)
+    G = np.empty((r, p))
+    D = np.empty((r, p))
     first = 0.0
     sweeps = 0
     for sweep in range(max_sweeps):
         sweeps += 1
         moved = 0.0
+        np.dot(A, F, G)
         for k in range(r):
             akk = A[k, k]
             if akk <= 0.0:
+                D[k] = 0.0
                 continue
+            inv = 1.0 / akk
+            lk = lam[k]
             for j in range(p):
-                g[j] = B[k, j] - lam[k]
-            for l in range(r):
-                alk = A[k, l]
-                if alk != 0.0:
-                    for j in range(p):
-                        g[j] -= alk * F[l, j]
-            nonzero = False
+                g[j] = B[k, j] - lk - G[k, j]
+            l = 0
+            while l + 4 <= k:
+                a0, a1, a2, a3 = A[k, l], A[k, l + 1], A[k, l + 2], A[k, l + 3]
+                D0, D1, D2, D3 = D[l], D[l + 1], D[l + 2], D[l + 3]
+                for j in range(p):
+                    g[j] -= (a0 * D0[j] + a1 * D1[j]) + (a2 * D2[j] + a3 * D3[j])
+                l += 4
+            while l < k:
+                a0 = A[k, l]
+                D0 = D[l]
+                for j in range(p):
+                    g[j] -= a0 * D0[j]
+                l += 1
+            alive = 0.0
             for j in range(p):
                 old = F[k, j]
-                new = old + g[j] / akk
-                if new < 0.0:
-                    new = 0.0
-                else:
-                    nonzero = nonzero or new > 0.0
+                new = old + g[j] * inv
+                new = new if new > 0.0 else 0.0
+                alive += 1.0 if new > 0.0 else 0.0
                 d = new - old
                 moved += d * d
+                D[k, j] = d
                 F[k, j] = new
-            if not nonzero:
+            if alive == 0.0:
                 # A dead row would stay dead forever (its A_kk from the other side goes to 0); a tiny positive
                 # value lets the next update of the other factor revive the component.
                 top = 0.0
@@ -373,6 +438,7 @@ def _hals_rows(F, A, B, lam, max_sweeps, delta2):
                         top = max(top, F[l, j])
                 tiny = 1e-16 * top if top > 0.0 else 1e-16
                 for j in range(p):
+                    D[k, j] += tiny
                     F[k, j] = tiny
         if sweep == 0:
             first = moved
@@ -432,17 +498,39 @@ def _lipschitz(A, v):
 
 
 @_jit(fastmath=_FM)
-def _update(F, A, B, s, use_fgm, max_inner, inner_ratio, delta2, mu, v):
-    """One factor update; returns (F, ok, mu). ``s < 0``: no target (HALS or unprojected fast gradient);
-    ``v``: the Perron vector of :func:`_lipschitz`."""
+def _update(F, A, B, s, use_fgm, max_inner, inner_ratio, delta2, mu, v, work, scs, sums, warm, As):
+    """One factor update of F in place; returns (ok, mu). ``s < 0``: no target (HALS or unprojected fast
+    gradient); ``v``: the Perron vector of :func:`_lipschitz`; the rest: :func:`_fgm`'s work arrays."""
     if not use_fgm:
         _hals_rows(F, A, B, np.zeros(F.shape[0]), max_inner, delta2)
-        return F, True, mu
+        return True, mu
     L = _lipschitz(A, v)
     if not L > 0.0:
-        return F, True, mu
-    Fn, _, ok, mu = fgm_rows(F, A, B, L, max(s, 0.0), s >= 0.0 and F.shape[1] >= 2, max_inner, inner_ratio, mu)
-    return Fn, ok, mu
+        return True, mu
+    _, ok, mu = _fgm(F, A, B, L, max(s, 0.0), s >= 0.0 and F.shape[1] >= 2, max_inner, inner_ratio, mu, work,
+                     scs, sums, warm, As)
+    return ok, mu
+
+
+@_jit(fastmath=_FM)
+def _balance(Wt, H, HHt):
+    """Scale each rank-one term so ||W_:k|| = ||H_k:|| (WH unchanged), and HH^T with it (no new product)."""
+    r = Wt.shape[0]
+    d = np.ones(r)
+    for k in range(r):
+        nw = 0.0
+        for j in range(Wt.shape[1]):
+            nw += Wt[k, j] * Wt[k, j]
+        nh = HHt[k, k]
+        if nw > 0.0 and nh > 0.0:
+            d[k] = math.sqrt(math.sqrt(nh / nw))
+            for j in range(Wt.shape[1]):
+                Wt[k, j] *= d[k]
+            for j in range(H.shape[1]):
+                H[k, j] /= d[k]
+    for k in range(r):
+        for l in range(r):
+            HHt[k, l] /= d[k] * d[l]
 
 
 @_jit(fastmath=_FM)
@@ -457,36 +545,44 @@ def run_dense(X, Xt, Wt, H, sW, sH, fgm_free, update_W, update_H, balance, max_i
     """
     best_err = history[0]
     best_it = 0
-    vW = np.ones(Wt.shape[0])
-    vH = np.ones(H.shape[0])
+    r = Wt.shape[0]
+    vW = np.ones(r)
+    vH = np.ones(r)
+    workW = np.empty((5, r, Wt.shape[1]))
+    workH = np.empty((5, r, H.shape[1]))
+    scs = np.empty((3, r))
+    As = np.empty((r, r))
+    sums = np.empty((r, 3))
+    warm = np.empty((r, 3))
+    W_start = np.empty_like(Wt)
+    H_start = np.empty_like(H)
+    HHt = np.empty((r, r))
+    HXt = np.empty_like(Wt)
+    WtW = np.empty((r, r))
+    WtX = np.empty_like(H)
+    np.dot(H, H.T, HHt)
     prev = history[0]
     done = 0
     for it in range(1, max_iter + 1):
-        W_start = Wt.copy()
-        H_start = H.copy()
+        W_start[:] = Wt
+        H_start[:] = H
         if balance and update_W and update_H:
-            for k in range(Wt.shape[0]):
-                nw = math.sqrt(np.dot(Wt[k], Wt[k]))
-                nh = math.sqrt(np.dot(H[k], H[k]))
-                if nw > 0.0 and nh > 0.0:
-                    d = math.sqrt(nh / nw)
-                    Wt[k] *= d
-                    H[k] /= d
+            _balance(Wt, H, HHt)
         if update_W:
-            HHt = H @ H.T
-            HXt = H @ Xt
-            Wt, ok, mus[0] = _update(Wt, HHt, HXt, sW, fgm_free or sW >= 0.0, max_inner, inner_ratio, delta2,
-                                     mus[0], vW)
+            np.dot(H, Xt, HXt)
+            ok, mus[0] = _update(Wt, HHt, HXt, sW, fgm_free or sW >= 0.0, max_inner, inner_ratio, delta2, mus[0],
+                                 vW, workW, scs, sums, warm, As)
             if not ok:
                 return done, best_it, False, False, W_start, H_start
-        WtW = Wt @ Wt.T
-        WtX = Wt @ X
+        np.dot(Wt, Wt.T, WtW)
+        np.dot(Wt, X, WtX)
         if update_H:
-            H, ok, mus[1] = _update(H, WtW, WtX, sH, fgm_free or sH >= 0.0, max_inner, inner_ratio, delta2,
-                                    mus[1], vH)
+            ok, mus[1] = _update(H, WtW, WtX, sH, fgm_free or sH >= 0.0, max_inner, inner_ratio, delta2, mus[1],
+                                 vH, workH, scs, sums, warm, As)
             if not ok:
                 return done, best_it, False, False, W_start, H_start
-        e2 = xnorm2 - 2.0 * _vdot(WtX, H) + _vdot(WtW, H @ H.T)
+            np.dot(H, H.T, HHt)  # for the error and the next W update (rescaled there by the balance)
+        e2 = xnorm2 - 2.0 * _vdot(WtX, H) + _vdot(WtW, HHt)
         new = math.sqrt(max(e2, 0.0) / xnorm2)
         history[it] = new
         done = it
