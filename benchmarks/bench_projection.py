@@ -170,6 +170,25 @@ def bench_short(rng, sizes, repeat, baseline=None, s=0.8):
     return rows
 
 
+def bench_resnet_before(rng, repeat, baseline, s=0.8):
+    """ResNet-50 per-layer calls, this checkout against the baseline, interleaved (regression check)."""
+    mats = resnet_layers(rng)
+    fns = {"copy": lambda: [m.copy() for m in mats],
+           "ours": lambda: [gs.project(m, s, axis=1) for m in mats],
+           "before": lambda: [baseline.project(m, s, axis=1) for m in mats]}
+    fns["ours"](), fns["before"]()
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    row = {"copy_s": best["copy"]} | {f"{k}_ratio_to_copy": best[k] / best["copy"] for k in ("ours", "before")}
+    print(f"  resnet50 per layer: ours {row['ours_ratio_to_copy']:.2f}x copy, before {row['before_ratio_to_copy']:.2f}x",
+          flush=True)
+    return row
+
+
 _MEMORY_PROBE = r"""
 import json, sys, numpy as np
 sys.path[:0] = {path!r}
@@ -259,6 +278,8 @@ def main():
     baseline = load_baseline(args.baseline) if args.baseline else None
     if "short" not in args.skip:
         res["short_vectors"] = bench_short(rng, [1e6, 1e7] + ([] if args.quick else [1e8]), repeat, baseline)
+        if baseline:
+            res["resnet50_vs_before"] = bench_resnet_before(rng, repeat, baseline)
     if "memory" not in args.skip:
         res["memory"] = bench_memory(args.baseline)
     dev = "cuda" if any(r.get("device", "").startswith("cuda") for r in res.get("torch", [])) else "cpu"
