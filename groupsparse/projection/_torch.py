@@ -3,12 +3,8 @@
 Vector i is read as a_i = |c_i| / 2^e_i in float64, recomputed piece by piece from the input (exact: a power
 of two; see ``_solver`` for the units), never stored whole: the engine's extra memory is the output plus a few
 chunk-sized temporaries (``_torch_layout``; docs/torch-engine.md). Equal-length runs are 2-D views with row
-reductions, other vectors ``segment_reduce`` over their lengths: no per-entry segment ids.
-
-On the CPU, where a host sync is free, each pass at mu > 0 also gathers the entries still above its thresholds;
-once the solver confirms that mu as a lower bound (``confirm_lower``), later passes read only those (entries with
-a <= t w stay outside the support for every larger threshold). On accelerators nothing is compacted (sizes would
-need syncs): ``_torch_loop`` runs the whole Newton loop there without a host sync.
+reductions, other vectors ``segment_reduce`` over their lengths: no per-entry segment ids. The host syncs once
+per evaluation here (``solve_shared`` reads S); ``_torch_loop`` runs the whole Newton loop without one.
 """
 
 from __future__ import annotations
@@ -21,22 +17,12 @@ import torch
 from ._solver import Evaluation, h_and_slope
 from ._torch_layout import F64, Layout, Piece
 
-# A compacted copy (float64 values, and weights when weighted) may use at most this share of the input's bytes.
-COMPACT_SHARE = 0.25
-
 
 def ldexp(values, shift):
     """values * 2^shift, exact even where 2^shift alone would overflow (two halves)."""
     half = torch.div(shift, 2, rounding_mode="floor")
     two = torch.full((), 2.0, dtype=F64, device=values.device)  # a fill, not a host-to-device copy
     return values * two.pow(half.double()) * two.pow((shift - half).double())
-
-
-class _Source:
-    """What a pass reads: the input itself (scaled on the fly) or a compacted float64 copy of a subset."""
-
-    def __init__(self, data, weights, layout: Layout, scaled: bool, mu: float = 0.0):
-        self.data, self.w, self.layout, self.scaled, self.mu = data, weights, layout, scaled, mu
 
 
 class TorchEngine:
@@ -52,6 +38,7 @@ class TorchEngine:
         self.lay = Layout(offsets, self.device, int(offsets[-1]))
         self.weighted = weights is not None
         self.w = weights.to(F64) if self.weighted else None
+        self._buf = None
         peak = torch.empty(r, dtype=F64, device=self.device)
         for p in self.lay.pieces:  # max |x| without an |x| temporary; NaN propagates, inf stays inf
             xs = self.lay.rows(data, p)
@@ -62,11 +49,6 @@ class TorchEngine:
         self.e = torch.where(peak > 0, e, 0)
         self.inv = ldexp(torch.ones_like(peak), -self.e)
         self.sigma = ldexp(torch.ones_like(peak), self.e)
-        self.full_src = _Source(data, self.w, self.lay, scaled=False)
-        self.src, self.spec = self.full_src, None
-        self.compact = self.cpu  # gather survivors (host syncs: free on the CPU only)
-        budget = COMPACT_SHARE * data.numel() * data.element_size()
-        self.compact_max = int(budget // (16 if self.weighted else 8))
         # one pass for everything per vector: the stats at mu = 0, the largest ratio, the weights' norms
         zero = torch.zeros(r, dtype=F64, device=self.device)
         self.stats0 = torch.empty((r, 3), dtype=F64, device=self.device)
@@ -76,8 +58,8 @@ class TorchEngine:
         else:
             self.ratio_max = peak * self.inv  # the largest a, exactly (a power of two)
         for p in self.lay.pieces:
-            a = self._a(self.full_src, p)
-            self.stats0[p.v0 : p.v1] = self._piece_stats(a, self.full_src, p, zero, None)
+            a = self._a(p)
+            self.stats0[p.v0 : p.v1] = self._piece_stats(a, p)  # u = (a - 0)_+ = a
             if self.weighted:
                 wv = self.lay.rows(self.w, p)
                 self.ratio_max[p.v0 : p.v1] = self.lay.reduce(a / wv, p, "max")
@@ -100,63 +82,56 @@ class TorchEngine:
         if self._argmax_pos is None:
             pos = torch.empty(self.n_vectors, dtype=torch.long, device=self.device)
             for p in self.lay.pieces:
-                a = self._a(self.full_src, p)
+                a = self._a(p)
                 pos[p.v0 : p.v1] = self.lay.argmax(a / self.lay.rows(self.w, p) if self.weighted else a, p)
             self._argmax_pos = pos
         return self._argmax_pos
 
     # ---- per-piece arithmetic (one chunk of float64 temporaries at a time)
 
-    def _a(self, src: _Source, p: Piece):
-        """a = |x| / 2^e of a piece, float64 (a fresh tensor: never a view of the caller's data)."""
-        if src.scaled:
-            return src.layout.rows(src.data, p)
-        return torch.mul(torch.abs(self.lay.rows(src.data, p)), self.lay.col(self.inv, p))  # float64 by promotion
+    def _scratch(self, k: int, p: Piece):
+        """Scratch buffer ``k`` (0 or 1) shaped like the piece: reused by every pass, so no pass allocates (a fresh
+        chunk costs page faults on every op on the CPU, about 5x the op itself)."""
+        if self._buf is None:
+            size = max(q.e1 - q.e0 for q in self.lay.pieces)
+            self._buf = torch.empty((2, size), dtype=F64, device=self.device)
+        return self.lay.rows(self._buf[k], Piece(0, p.e1 - p.e0, p.v0, p.v1, p.n))
 
-    def _u(self, a, src: _Source, p: Piece, t):
-        """u = (a - t w)_+ for the piece (``t`` per vector, finite)."""
-        tc = src.layout.col(t, p)
-        if self.weighted:
-            return torch.sub(a, tc * src.layout.rows(src.w, p)).clamp_min_(0)
-        return torch.sub(a, tc).clamp_min_(0)
+    def _x64(self, p: Piece, k: int = 0):
+        """The piece's entries in float64, in scratch buffer ``k`` (a copy: the caller's data is never written)."""
+        return self._scratch(k, p).copy_(self.lay.rows(self.x, p))
 
-    def _piece_stats(self, a, src: _Source, p: Piece, t, keep):
-        """[sum w^2 on the support, sum w u, sum u^2] of the piece's vectors; ``keep`` (a list) also collects the
-        support (values, weights, per-vector counts) for a speculative compaction."""
-        lay = src.layout
-        u = self._u(a, src, p, t)
-        pos = u > 0
+    def _a(self, p: Piece, x64=None):
+        """a = |x| / 2^e of a piece in float64 (exact), in scratch 0. In-place ops on one float64 dtype: mixed-dtype
+        ops take a slow path on the CPU (about 4x)."""
+        a = self._x64(p).abs_() if x64 is None else torch.abs(x64, out=self._scratch(0, p))
+        return a.mul_(self.lay.col(self.inv, p))
+
+    def _u(self, p: Piece, t, x64=None):
+        """u = (a - t w)_+ for the piece (``t`` per vector, finite), in scratch 0."""
+        tc = self.lay.col(t, p)
+        a = self._a(p, x64)
+        return (a.sub_(tc * self.lay.rows(self.w, p)) if self.weighted else a.sub_(tc)).clamp_min_(0)
+
+    def _piece_stats(self, u, p: Piece):
+        """[sum w^2 on the support, sum w u, sum u^2] of the piece's vectors."""
+        lay = self.lay
+        on = torch.sign(u, out=self._scratch(1, p))  # 1 on the support, else 0 (exact); cheaper than a bool mask
         if self.weighted:
-            wv = lay.rows(src.w, p)
-            m = lay.reduce(torch.where(pos, wv * wv, 0.0), p, "sum")
+            wv = lay.rows(self.w, p)
+            m = lay.reduce(on * wv * wv, p, "sum")
             swu = lay.reduce(wv * u, p, "sum")
         else:
-            m = lay.count(pos, p)
+            m = lay.reduce(on, p, "sum")
             swu = lay.reduce(u, p, "sum")
         suu = torch.linalg.vector_norm(u, dim=1).square() if p.n else lay.reduce(u * u, p, "sum")
-        if keep is not None:
-            cnt = m if not self.weighted else lay.count(pos, p)
-            keep.append((a[pos], lay.rows(src.w, p)[pos] if self.weighted else None, cnt))
         return torch.stack([m, swu, suu], 1)
 
-    def _pass(self, src: _Source, t, spec: bool):
+    def _pass(self, t):
         stats = torch.empty((self.n_vectors, 3), dtype=F64, device=self.device)
-        keep, kept = ([], 0) if spec else (None, 0)
-        for p in src.layout.pieces:
-            stats[p.v0 : p.v1] = self._piece_stats(self._a(src, p), src, p, t, keep)
-            if keep is not None:
-                kept += keep[-1][0].numel()
-                if kept > self.compact_max:  # too many survivors to be worth a copy (memory rule)
-                    keep = None
-        return stats, keep
-
-    def _compacted(self, keep, mu: float) -> _Source:
-        a = torch.cat([k[0] for k in keep])
-        w = torch.cat([k[1] for k in keep]) if self.weighted else None
-        lens = torch.cat([k[2] for k in keep]).round().long()
-        offsets = np.zeros(self.n_vectors + 1, dtype=np.int64)
-        np.cumsum(lens.numpy(), out=offsets[1:])
-        return _Source(a, w, Layout(offsets, self.device, int(offsets[-1]), one_piece=True), scaled=True, mu=mu)
+        for p in self.lay.pieces:
+            stats[p.v0 : p.v1] = self._piece_stats(self._u(p, t), p)
+        return stats
 
     # ---- the engine protocol (``_solver.solve_shared``, ``_batched``)
 
@@ -185,16 +160,7 @@ class TorchEngine:
         return self.x.clone()
 
     def confirm_lower(self, mu: float) -> None:
-        if self.spec is not None and self.spec[0] == mu:
-            self.src = self._compacted(self.spec[1], mu)
-        self.spec = None
-
-    def _stats(self, t, mu):
-        src = self.src if mu is not None and mu >= self.src.mu else self.full_src
-        spec = self.compact and mu is not None and mu > 0
-        stats, keep = self._pass(src, t, spec)
-        self.spec = (mu, keep) if keep is not None else None
-        return stats
+        pass  # no active-set compaction: on torch it costs more than the passes it saves (docs/torch-engine.md)
 
     def _onehot(self, stats, t, sync: bool = True):
         empty = (stats[:, 0] == 0) | self.zero_mask
@@ -209,7 +175,7 @@ class TorchEngine:
         limit = torch.isinf(t) | self.zero_mask
         tf = torch.where(torch.isinf(t), 0.0, t)
         for p in self.lay.pieces:
-            a, wv = self._a(self.full_src, p), self.lay.rows(self.w, p)
+            a, wv = self._a(p), self.lay.rows(self.w, p)
             lightest = wv == self.lay.col(self.wmin, p)
             v = torch.where(self.lay.col(limit, p), torch.where(lightest, a, -1.0), a - self.lay.col(tf, p) * wv)
             pos[p.v0 : p.v1] = self.lay.argmax(v, p)
@@ -221,16 +187,16 @@ class TorchEngine:
         elif mu == 0.0:
             stats = self.stats0  # thresholds 0: the first pass measured it
         else:
-            stats = self._stats(torch.where(torch.isinf(t), 1e300, t), mu)
+            stats = self._pass(torch.where(torch.isinf(t), 1e300, t))
         empty, onehot, hval = self._onehot(stats, t)
         h, dh = h_and_slope(torch, stats, empty, hval)
         return Evaluation(mu if mu is not None else math.nan, h, dh, (t, stats, onehot))
 
     def evaluate_device(self, mu):
         """``evaluate_shared`` at a 0-d device tensor ``mu``, without a host sync: (S, dS, sp, state) as device
-        tensors, from the whole input (no compaction: its sizes would need syncs). ``_torch_loop`` drives it."""
+        tensors. ``_torch_loop`` drives it."""
         t = self.thresholds(mu)
-        stats, _ = self._pass(self.full_src, torch.where(torch.isinf(t), 1e300, t), False)
+        stats = self._pass(torch.where(torch.isinf(t), 1e300, t))
         empty, onehot, hval = self._onehot(stats, t, sync=False)
         h, dh = h_and_slope(torch, stats, empty, hval)
         sp = self.beta * (self.wnorm - h)
@@ -245,16 +211,16 @@ class TorchEngine:
         return ev
 
     def _write(self, t, scale, onehot):
-        self.src, self.spec = self.full_src, None  # the compacted copy goes before the output comes
         out = torch.empty_like(self.x)
         t = torch.where(torch.isinf(t), 1e300, t)
         oh = onehot >= 0
         any_oh = not self.cpu or bool(oh.any())  # (a host sync is free on the CPU; once per solve)
         for p in self.lay.pieces:
-            z = self._u(self._a(self.full_src, p), self.full_src, p, t)
+            x64 = self._x64(p, 1)
+            z = self._u(p, t, x64)
             # (u scale) then the power of two, in place: never one product that overflows where the result does not
             z.mul_(self.lay.col(scale, p)).mul_(self.lay.col(self.sigma, p))
-            z.copysign_(self.lay.rows(self.x, p))
+            z.copysign_(x64)
             if any_oh:
                 z.masked_fill_(self.lay.col(oh, p), 0.0)
             self.lay.rows(out, p).copy_(z)

@@ -63,11 +63,10 @@ def _pieces(lengths: np.ndarray, chunk: int) -> list[Piece]:
 class Layout:
     """Pieces of a group and the per-piece operations the engine needs (views, broadcasts, reductions)."""
 
-    def __init__(self, offsets: np.ndarray, device, n_entries: int, one_piece: bool = False):
+    def __init__(self, offsets: np.ndarray, device, n_entries: int):
         lengths = np.diff(offsets)
         chunk = CPU_CHUNK if device.type == "cpu" else max(DEVICE_CHUNK, n_entries // 8)
-        r = len(lengths)
-        self.pieces = [Piece(0, n_entries, 0, r, 0)] if one_piece else _pieces(lengths, chunk)
+        self.pieces = _pieces(lengths, chunk)
         self.lens = torch.as_tensor(lengths, device=device)
 
     @staticmethod

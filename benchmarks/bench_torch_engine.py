@@ -1,0 +1,165 @@
+"""Torch engine benchmark: the code before and after, each in fresh processes, timed against references measured
+in the same process (not a unit test).
+
+    python benchmarks/bench_torch_engine.py --before /tmp/tb_base [--threads N] [--repeat 3]
+
+``--before``: a checkout of the old code (``git worktree add /tmp/tb_base <rev>``), imported through PYTHONPATH.
+Cases (float32, N(0, 0.02^2) for ResNet-50, N(0, 1) otherwise, s = 0.8, vectors = rows):
+  resnet50     every ResNet-50 conv/fc weight its own group, one ``project(.., engine='torch')`` per layer
+  groups       the same layers in one ``project_groups(.., engine='torch')``
+  1e7          one group of 10,000 vectors of length 1000
+Per case: time of the torch engine, of the numba engine and of a torch copy (clone) of the same tensors, timed
+in the same process (best of ``--repeat``); peak extra memory = growth of the resident set (VmHWM - VmRSS
+before the call, /proc/self/status) in a fresh process, outputs kept alive, over the input's bytes. CUDA (when
+present): the same timings on the GPU with ``torch.cuda.max_memory_allocated``. Writes
+benchmarks/results/torch-engine-cpu.json (and -cuda.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CASES = ("resnet50", "groups", "1e7")
+
+
+def _tensors(case, device="cpu"):
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from shapes import resnet50_weight_shapes
+
+    rng = np.random.default_rng(0)
+    if case == "1e7":
+        mats = [rng.normal(size=(10_000, 1000)).astype(np.float32)]
+    else:
+        mats = [rng.normal(0, 0.02, size=s).astype(np.float32).reshape(s[0], -1) for s in resnet50_weight_shapes()]
+    return [torch.from_numpy(m).to(device) for m in mats]
+
+
+def _run(case, mats, engine):
+    import groupsparse as gs
+
+    if case == "groups":
+        return gs.project_groups(mats, 0.8, axis=1, engine=engine)
+    return [gs.project(m, 0.8, axis=1, engine=engine) for m in mats]  # results kept alive, as a caller would
+
+
+def _rss():
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def worker_time(device, repeat, threads):
+    import torch
+
+    import groupsparse as gs
+
+    if threads:
+        torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def best(fn):
+        times = []
+        for _ in range(repeat):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    rows = {}
+    for case in CASES:
+        mats = _tensors(case, device)
+        engines = ["torch"] + (["numba"] if device == "cpu" else [])
+        for e in engines:
+            _run(case, mats, e)  # warm: numba compiles or loads its cache
+        row = {"entries": int(sum(m.numel() for m in mats)),
+               "copy_s": best(lambda: [m.clone() for m in mats])}
+        for e in engines:
+            row[f"{e}_s"] = best(lambda: _run(case, mats, e))
+        row["torch_over_copy"] = row["torch_s"] / row["copy_s"]
+        if "numba_s" in row:
+            row["torch_over_numba"] = row["torch_s"] / row["numba_s"]
+        rows[case] = row
+    return {"package": gs.__file__, "torch_threads": torch.get_num_threads(), "cases": rows}
+
+
+def worker_mem(device, case):
+    import torch
+
+    mats = _tensors(case, device)
+    nbytes = sum(m.numel() * m.element_size() for m in mats)
+    _run(case, [m[:4] for m in mats], "torch")  # imports and first-call setup outside the measurement
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = _run(case, mats, "torch")
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        before = _rss()["VmRSS"]
+        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS (Linux >= 4.0)
+            f.write("5")
+        out = _run(case, mats, "torch")
+        peak = _rss()["VmHWM"] - before
+    del out
+    return {"input_bytes": nbytes, "peak_extra_bytes": peak, "peak_extra_over_input": peak / nbytes}
+
+
+def _spawn(src, args):
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--before", default="", help="checkout of the old code (PYTHONPATH)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", default=str(HERE / "results" / "torch-engine-{device}.json"))
+    p.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        kind, device, *rest = a.worker
+        res = worker_time(device, a.repeat, a.threads) if kind == "time" else worker_mem(device, rest[0])
+        print(json.dumps(res))
+        return
+    import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    versions = {"before": a.before, "after": ""} if a.before else {"after": ""}
+    for device in devices:
+        res = {"device": device, "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+               "load_before": os.getloadavg(), "s": 0.8, "threads_arg": a.threads, "versions": {}}
+        for name, src in versions.items():
+            t = _spawn(src, ["--worker", "time", device, "--repeat", str(a.repeat), "--threads", str(a.threads)])
+            for case in CASES:
+                t["cases"][case].update(_spawn(src, ["--worker", "mem", device, case]))
+            res["versions"][name] = t
+            for case, row in t["cases"].items():
+                vs = f", {row['torch_over_numba']:.1f}x numba" if "torch_over_numba" in row else ""
+                print(f"{device} {name:6s} {case:8s} torch {1e3 * row['torch_s']:8.1f} ms ({row['torch_over_copy']:.0f}x "
+                      f"copy{vs}); peak extra memory {row['peak_extra_over_input']:.2f}x input", flush=True)
+        res["load_after"] = os.getloadavg()
+        out = Path(a.out.format(device=device))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
