@@ -10,8 +10,9 @@
 4. short: vectors of length 9 (3x3 kernels) against length 1000 at 1e6 .. 1e8 entries (float32 N(0, 1), one
    group, s = 0.8): ns per entry, ratio to a copy, and the 9-vs-1000 per-entry ratio.
 5. memory: peak extra memory of one call over the input size, in a fresh subprocess (peak RSS during the call
-   minus RSS just before; numba's allocations are invisible to tracemalloc): lengths 9, 64, 1000 (1e7 entries),
-   with and without ``out=``, and the ResNet-50 layers (one call per layer, results kept).
+   minus RSS just before; numba's allocations are invisible to tracemalloc): lengths 9, 64, 1000 (1e7 entries;
+   length 9 also at 1e8 without --quick), with and without ``out=``, and the ResNet-50 layers (one call per
+   layer, results kept).
 
 ``--baseline DIR`` also times sections 4-5 with the projection package of another checkout (e.g. a git worktree
 of an older commit), loaded beside this one: interleaved in the same process, so both see the same load.
@@ -214,22 +215,23 @@ print(json.dumps((status('VmHWM') - before) / sum(m.nbytes for m in x)))
 """
 
 
-def bench_memory(baseline_dir=None, N=10**7):
-    """Peak extra memory / input size of one call (per-layer calls for ResNet-50) in a fresh subprocess."""
+def bench_memory(baseline_dir=None, N=10**7, big=False):
+    """Peak extra memory / input size of one call (per-layer calls for ResNet-50) in a fresh subprocess; ``big``
+    adds length 9 at 1e8 entries."""
     here = str(Path(__file__).resolve().parent)
     codes = {"ours": ([str(Path(here).parent), here], "from groupsparse import project")}
     if baseline_dir:
         codes["before"] = ([str(Path(baseline_dir).resolve()), here], "from groupsparse.projection import project")
     rows = []
-    for n in (9, 64, 1000, 0):
+    for n, size in [(9, N), (64, N), (1000, N), (0, 0)] + ([(9, 10**8)] if big else []):
         for use_out in (False, True):
-            row = {"length": n or "resnet50", "out": use_out}
+            row = {"length": n or "resnet50", "entries": size or "25.5M", "out": use_out}
             for k, (path, imp) in codes.items():
-                code = _MEMORY_PROBE.format(path=path, imp=imp, n=n, N=N, out=use_out)
+                code = _MEMORY_PROBE.format(path=path, imp=imp, n=n, N=size, out=use_out)
                 res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
                 row[f"{k}_extra_over_input"] = float(res.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"  memory length {row['length']}, out={use_out}: extra {row['ours_extra_over_input']:.3f}x input"
+            print(f"  memory length {row['length']} ({row['entries']} entries), out={use_out}: extra {row['ours_extra_over_input']:.3f}x input"
                   + (f" (before {row['before_extra_over_input']:.3f}x)" if baseline_dir else ""), flush=True)
     return rows
 
@@ -253,6 +255,8 @@ def main():
         res["numba_threads"] = numba.get_num_threads()
     except ImportError:
         pass
+    res["load_average"] = os.getloadavg()[0]  # the machine is shared: the 1-minute load when this run started
+    res_meta = dict(res)
     if "resnet50" not in args.skip:
         res["resnet50"] = r = bench_resnet(rng, repeat)
         print(f"resnet50 ({r['entries']:,} float32, {r['layers']} groups, s=0.8): ours {1e3 * r['ours_s']:.1f} ms, "
@@ -281,12 +285,15 @@ def main():
         if baseline:
             res["resnet50_vs_before"] = bench_resnet_before(rng, repeat, baseline)
     if "memory" not in args.skip:
-        res["memory"] = bench_memory(args.baseline)
+        res["memory"] = bench_memory(args.baseline, big=not args.quick)
     dev = "cuda" if any(r.get("device", "").startswith("cuda") for r in res.get("torch", [])) else "cpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"projection-{dev}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.merge and out.exists():
-        res = json.loads(out.read_text()) | res
+    if args.merge and out.exists():  # the file's sections and metadata stay; this run's metadata goes with its sections
+        meta = ("machine", "cpus", "python", "numpy", "time", "numba", "numba_threads", "load_average")
+        new = {k: v for k, v in res.items() if k not in meta}
+        res = json.loads(out.read_text()) | new
+        res.setdefault("runs", {})[", ".join(new)] = {k: v for k, v in zip(meta, map(res_meta.get, meta))}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))
     os.replace(tmp, out)
