@@ -1,4 +1,4 @@
-"""Issue 13: the compiled equal-length path (``_small.solve_uniform``) against the other paths.
+"""Issue 13: the compiled equal-length path (``_uniform.solve_uniform``) against the other paths.
 
 Equal-length unweighted groups (an N-D array with ``axis``, or a list of equal-length vectors) take a whole-solve
 compiled path with no per-vector arrays. It must agree with the general solver and the ragged compiled path, be
@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import groupsparse as gs
 import groupsparse.projection._numba as engine_mod
 import groupsparse.projection._small as small
+import groupsparse.projection._uniform as uniform
 from groupsparse.projection._group import as_group
 from reference import kkt_mu
 
@@ -30,7 +31,7 @@ def run(x, s, path, **kw):
     """project along the last axis through one path: 'uniform' (default), 'ragged' (solve_plain_small), 'general'."""
     with pytest.MonkeyPatch.context() as mp:
         if path == "ragged":
-            mp.setattr(small, "UNIFORM", False)
+            mp.setattr(uniform, "UNIFORM", False)
         elif path == "general":
             mp.setattr(small, "SMALL_MAX_ENTRIES", -1)
         return gs.project(x, s, axis=-1, return_info=True, **kw)

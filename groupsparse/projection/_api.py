@@ -49,8 +49,9 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
     groups take ``solve_uniform`` (no per-vector arrays, threaded when the engine would be), ragged ones
     ``solve_plain_small`` where the engine would run serially."""
     from . import _numba
-    from . import _small
-    from ._small import SMALL_MAX_ENTRIES, UNIFORM_MAX_LENGTH, solve_plain_small, solve_uniform
+    from . import _uniform
+    from ._small import SMALL_MAX_ENTRIES, solve_plain_small
+    from ._uniform import UNIFORM_MAX_LENGTH, solve_uniform
 
     data = group.data
     if engine not in ("auto", "numba") or group.weights is not None or SMALL_MAX_ENTRIES < 0:
@@ -58,7 +59,7 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
     size = data.shape[0]
     threaded = size >= _numba.PARALLEL_MIN_ENTRIES and _numba.nb.get_num_threads() >= _numba.PARALLEL_MIN_THREADS
     n = group.uniform_length
-    uniform = _small.UNIFORM and n is not None and (not threaded or n <= UNIFORM_MAX_LENGTH)
+    uniform = _uniform.UNIFORM and n is not None and (not threaded or n <= UNIFORM_MAX_LENGTH)
     if not uniform and threaded and size > SMALL_MAX_ENTRIES:
         return None
     back = None

@@ -14,19 +14,15 @@ import math
 
 import numpy as np
 
-from ._kernels import (_FM_SUM, _FM_WRITE, FIRST_PASS_PLAIN, UNIFORM_FIRST, UNIFORM_PART, UNIFORM_PASS, jit, plain_sums,
-                       plain_write, write_onehot)
+from ._kernels import _FM_SUM, _FM_WRITE, FIRST_PASS_PLAIN, jit, plain_sums, plain_write, write_onehot
 
-# The compiled loop takes every group the engine would run serially (measured on the 2-core VM: the five
+# The compiled loop takes every ragged group the engine would run serially (measured on the 2-core VM: the five
 # 1-2.4M-entry ResNet-50 layers 17 ms against 30-41 ms through the Python-driven kernels, 1e7 entries in vectors
 # of length 9 0.31 s against 1.18 s); where the engine would run threaded it takes groups up to this size.
-# A negative value switches the compiled path off (tests use it to exercise the general solver).
+# Equal-length groups go to ``_uniform``. A negative value switches both compiled paths off (tests use it to
+# exercise the general solver).
 SMALL_MAX_ENTRIES = 1 << 20
 _LO_SQ, _HI_SQ = 2.0**-800, 2.0**800
-# Threaded, equal-length groups take the compiled path up to this length (threads split a pass by vectors; the
-# engine also splits long vectors into chunks).
-UNIFORM_MAX_LENGTH = 1 << 14
-UNIFORM = True  # False sends equal-length groups to solve_plain_small (tests compare the two compiled paths)
 _first_pass = FIRST_PASS_PLAIN[0]  # sums |x| directly: NaN and Inf show in them
 
 
@@ -201,178 +197,4 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, mu0, out, stats):
     stats[1] = it
     stats[2] = evals
     stats[3] = S_hi / r
-    return 1
-
-
-# ---- equal-length groups: the whole solve with no per-vector arrays (docs/projection.md §6)
-
-# Groups of at least 16x this many parts (4M vectors) first solve on this many (every stride-th part): its
-# passes cost <= 1/16 of a full one, and its root, 2-3e-4 off in average sparsity for length-9 N(0,1) data, is
-# close enough that one Newton step from there usually lands in the float32 band (1e8 entries: 3 passes, not 4).
-_SAMPLE_PARTS = 64
-_RANGE64 = 2.0**450  # float64 entries within [2^-450, 2^450]: no square or sum under- or overflows in any pass
-
-
-_pass_ser, _pass_par = UNIFORM_PASS
-_first_ser, _first_par = UNIFORM_FIRST
-
-
-@jit
-def _pass(par, x, n, T, beta, wn, stride, write, out, part):
-    if par:
-        _pass_par(x, n, T, beta, wn, stride, write, out, part)
-    else:
-        _pass_ser(x, n, T, beta, wn, stride, write, out, part)
-
-
-@jit
-def _kahan(col):
-    s = 0.0
-    comp = 0.0
-    for v in col:
-        y = v - comp
-        tot = s + y
-        comp = (tot - s) - y
-        s = tot
-    return s
-
-
-@jit
-def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, m0, max_iter, par, out, halley):
-    """Safeguarded Newton on the parts 0, stride, 2 stride, ... (S, dS: their totals at mu = 0; d2S: a curvature
-    estimate or NaN): the bracket, the aim inside the band, bisection on ordered bit patterns after two slow
-    steps; a warm start m0 (0: none) is evaluated first. The curvature is the secant of the last two slopes (it
-    sees supports change, which a fixed-support second derivative misses). It predicts each step's residual:
-    writing (``out``) is speculative, a step predicted to land well inside the band also writes the projection.
-    With ``halley`` (the sample's solve) it also corrects the step; the full solve keeps plain Newton steps, the
-    general solver's, so both end at nearly the same point of the band. Returns (status 1 converged / -1 jump
-    or exhausted, mu, S there, iterations, evaluations, written, the last curvature estimate)."""
-    aim = need + 0.5 * band
-    lo = 0.0
-    mu = 0.0
-    slow = 0
-    prev_res = math.inf
-    it = 0
-    evals = 0
-    mu_p = math.nan  # the previous evaluation (for the secant of the slopes)
-    dS_p = math.nan
-    span = math.inf  # how far apart the curvature estimate's slopes were taken
-    warm = lo < m0 < hi  # (not counted as an iteration)
-    while it < max_iter:
-        spec = False
-        if warm:
-            cand = m0
-            warm = False
-        else:
-            it += 1
-            cand = math.nan
-            if slow < 2 and dS > 0.0:
-                f = S - aim
-                step = f / dS
-                err = 0.5 * abs(d2S) * step * step  # what Newton leaves
-                den = 2.0 * dS * dS - f * d2S
-                if halley and den > dS * dS:  # Halley's step is then at most twice Newton's
-                    step = 2.0 * f * dS / den
-                    err *= min(1.0, abs((abs(step) + span) * d2S / dS))  # the correction's own error
-                cand = mu - step
-                spec = out.shape[0] > 0 and err < 0.25 * band  # (half the half-width)
-            if not (lo < cand < hi):
-                buf = np.empty(2)
-                cand = _key_mid(lo, hi, buf, buf.view(np.int64))
-                slow = 0
-                spec = False
-                if cand == lo:
-                    break  # adjacent doubles: a jump
-        mu_p, dS_p = mu, dS
-        mu = cand
-        _pass(par, x, n, mu * dT, beta, wn, stride, spec, out, part)
-        S = _kahan(part[:, 0])
-        dS = -beta * dT * part[:, 1].sum()
-        evals += 1
-        if mu != mu_p and math.isfinite(dS_p):
-            d2S = (dS - dS_p) / (mu - mu_p)
-            span = abs(mu - mu_p)
-        res = abs(S - aim)
-        slow = slow + 1 if res > 0.5 * prev_res else 0
-        prev_res = res
-        if S < need:
-            lo = mu
-        elif S <= need + band:
-            return 1, mu, S, it, evals, spec, d2S
-        else:
-            hi = mu
-    return -1, hi, math.nan, it, evals, False, d2S
-
-
-@jit
-def solve_uniform(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
-    """``solve_plain_small`` for r = len(x) / n vectors of n entries each (x[i n : (i + 1) n]), in O(r / 4096)
-    memory: every pass recomputes what it needs per vector. Same statuses and ``stats``; ``par`` runs the
-    threaded kernels. Very large groups first solve on a sample of parts and start the full Newton there; its last
-    pass usually writes the result too (``_newton``). ``evaluations`` counts the sample's (partial) passes too."""
-    r = x.shape[0] // n
-    nparts = (r + UNIFORM_PART - 1) // UNIFORM_PART
-    sq = math.sqrt(n)
-    wn = sq
-    beta = 1.0 / (sq - 1.0)
-    first = np.zeros((nparts, 8))
-    if par:
-        _first_par(x, n, beta, wn, x.itemsize == 8, first)
-    else:
-        _first_ser(x, n, beta, wn, x.itemsize == 8, first)
-    if not math.isfinite(_kahan(first[:, 5])):
-        return -2  # NaN or Inf: the general solver reports it
-    if x.itemsize == 8 and (first[:, 6].max() > _RANGE64 or first[:, 7].min() < 1.0 / _RANGE64):
-        return -2
-    top_sq = first[:, 3].max()
-    low_sq = first[:, 4].min()
-    stats[4] = math.sqrt(top_sq)  # the largest vector norm: no output entry exceeds it
-    stats[5] = math.frexp(math.sqrt(low_sq))[1] if low_sq < math.inf else 10**6
-    S = _kahan(first[:, 0])
-    evals = 1
-    if s == 0.0 or S >= r * s:
-        out[:] = x
-        stats[0] = 0.0
-        stats[1] = 0.0
-        stats[2] = evals
-        stats[3] = S / r
-        return 0
-    need = min(r * (s + margin), 1.0 * r)
-    if need >= r:
-        return -1
-    # mu relative to 2^E, E the exponent of the largest one-hot point (the largest norm / beta): scaling the data
-    # by 2^k changes E only; T = mu dT with dT = beta 2^E, as the per-vector units' t_i = mu beta 2^(E - e_i)
-    top, E = math.frexp(math.sqrt(top_sq) / beta)
-    dT = math.ldexp(beta, E)
-    dS = -beta * dT * first[:, 1].sum()
-    hi = top * (1 + 1e-9)
-    m0 = math.ldexp(mu0, -E) if mu0 > 0.0 else 0.0
-    d2S = math.nan
-    if m0 == 0.0 and nparts >= 16 * _SAMPLE_PARTS:
-        # a warm start from a sample: each of its passes costs 1/stride of a full one
-        stride = nparts // _SAMPLE_PARTS
-        sub = first[::stride]
-        r_sub = sub[:, 2].sum()
-        S_sub = _kahan(sub[:, 0])
-        if S_sub < r_sub * (s + margin):
-            st, m0, _, _, ev, _, d2S = _newton(x, n, beta, wn, dT, stride, np.zeros((sub.shape[0], 3)), S_sub,
-                                               -beta * dT * sub[:, 1].sum(), math.nan, r_sub * (s + margin),
-                                               tol * r_sub, hi, 0.0, max_iter, par, out[:0], True)
-            evals += ev
-            d2S *= r / r_sub
-            if st < 0:
-                m0, d2S = 0.0, math.nan
-    status, hi, S_hi, it, ev, written, _ = _newton(x, n, beta, wn, dT, 1, np.zeros((nparts, 3)), S, dS, d2S, need,
-                                                    tol * r, hi, m0, max_iter, par, out, False)
-    evals += ev
-    if status < 0:
-        return -1
-    if not written:
-        _pass(par, x, n, hi * dT, beta, wn, 1, True, out, np.zeros((nparts, 3)))  # the solve ended at hi
-    stats[0] = math.ldexp(hi, E)
-    stats[1] = it
-    stats[2] = evals
-    stats[3] = S_hi / r
-    if stats.shape[0] > 6:
-        stats[6] = written  # (tests and benchmarks: the speculative write was the last pass)
     return 1

@@ -1,0 +1,321 @@
+"""The whole unweighted projection of an equal-length group in one compiled call, with no per-vector arrays.
+
+Vector i is x[i n : (i + 1) n]: no offsets array, and no per-vector state outside a pass (docs/projection.md
+§8). Every pass recomputes what it needs per vector from the entries it reads anyway, in the caller's units
+(threshold T = mu beta 2^E). That is what the per-vector power-of-two units (``_numba``) give, bit for bit,
+wherever no square under- or overflows: always for float32 entries, and for float64 entries within
+[2^-450, 2^450] (checked by the first pass; other groups, NaN/Inf, jumps and exhausted iterations go to the
+general solver, as from ``_small.solve_plain_small``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from ._kernels import _FM_SUM, _FM_WRITE, abs_sums, jit, plain_sums, twin
+from ._small import _key_mid
+
+# Threaded, equal-length groups take this path up to this length (threads split a pass by vectors; the general
+# engine also splits long vectors into chunks).
+UNIFORM_MAX_LENGTH = 1 << 14
+UNIFORM = True  # False sends equal-length groups to solve_plain_small (tests compare the two compiled paths)
+
+UNIFORM_PART = 4096  # vectors per partial sum: the unit of threads, fixed so the result's bits ignore thread counts
+_NO_LOW = 0x7FF0000000000000  # the bit pattern of +inf
+_Q = 256  # per-vector sums buffered this many vectors at a time, so the sqrt/divide tail vectorizes across them
+
+
+@nb.njit(inline="always", fastmath=_FM_SUM)
+def _tail(k, beta, wn, M, SU, SUU):
+    """(sum of sparsities, sum of dh/dT) over k buffered vectors; a vector with no support counts as one-hot."""
+    s1 = 0.0
+    s2 = 0.0
+    for q in range(k):
+        suu = SUU[q]
+        ok = suu > 0.0
+        nu = math.sqrt(suu if ok else 1.0)
+        h = SU[q] / nu
+        s1 += beta * (wn - h) if ok else 1.0
+        s2 += (-M[q] + h * h) / nu if ok else 0.0  # = -m/||u|| + <1,u>^2/||u||^3 without cubing tiny norms
+    return s1, s2
+
+
+@jit(fastmath=_FM_WRITE)  # not inlined: its instructions keep these flags inside the reassociating pass
+def _write_block(x, out, v0, k, n, T, SU, SUU):
+    """Vectors v0 .. v0 + k - 1 projected at T from their buffered sums; a vector with no support goes one-hot on
+    its first largest |x| (as the general engine writes it). Branch-free: which vectors are one-hot is data."""
+    for q in range(k):
+        o0 = (v0 + q) * n
+        su, suu = SU[q], SUU[q]
+        one = not suu > 0.0
+        sc = 0.0 if one else (suu + T * su) / suu  # alpha / ||u||, alpha = <x, |c|> = (sum u^2 + T sum u) / ||u||
+        xs = x[o0 : o0 + n]
+        os_ = out[o0 : o0 + n]
+        amax = -1.0
+        arg = 0
+        if one or n <= 32:  # short vectors: always (a branch on data mispredicts); long ones: only when needed
+            for j in range(n):
+                a = abs(np.float64(xs[j]))
+                b = a > amax
+                amax = a if b else amax
+                arg = j if b else arg
+        arg = arg if one else -1
+        for j in range(n):
+            xv = np.float64(xs[j])
+            d = abs(xv) - T
+            r = d * sc if d > 0.0 else 0.0
+            v = 0.0 if one else (r if xv >= 0.0 else -r)
+            os_[j] = xv if j == arg else v
+
+
+def _uniform_pass(x, n, T, beta, wn, stride, write, out, part):
+    """One pass at threshold T over the parts 0, stride, 2 stride, ...: part[p] = [sum sp, sum dh/dT, vectors].
+    With ``write`` the projection at T is also written to ``out`` (the solver's speculative last pass)."""
+    r = x.shape[0] // n
+    for p in nb.prange(part.shape[0]):
+        M = np.empty(_Q)
+        SU = np.empty(_Q)
+        SUU = np.empty(_Q)
+        v0 = p * stride * UNIFORM_PART
+        v1 = min(r, v0 + UNIFORM_PART)
+        s1 = 0.0
+        s2 = 0.0
+        for b in range(v0, v1, _Q):
+            k = min(_Q, v1 - b)
+            for q in range(k):
+                o0 = (b + q) * n
+                M[q], SU[q], SUU[q] = plain_sums(x[o0 : o0 + n], 1.0, T)
+            if write:
+                _write_block(x, out, b, k, n, T, SU, SUU)
+            a1, a2 = _tail(k, beta, wn, M, SU, SUU)
+            s1 += a1
+            s2 += a2
+        part[p, 0] = s1
+        part[p, 1] = s2
+        part[p, 2] = max(v1 - v0, 0)
+
+
+def _uniform_first(x, n, beta, wn, check, part):
+    """The pass at T = 0, also: [3] largest and [4] smallest nonzero vector sum of squares, [5] sum |x| (NaN and
+    Inf show in it), and with ``check`` [6] largest and [7] smallest nonzero |x| (the float64 range rule)."""
+    r = x.shape[0] // n
+    for p in nb.prange(part.shape[0]):
+        M = np.empty(_Q)
+        SU = np.empty(_Q)
+        SUU = np.empty(_Q)
+        bits = SUU.view(np.int64)  # nonnegative doubles order like their bit patterns: integer max/min vectorize
+        v0 = p * UNIFORM_PART
+        v1 = min(r, v0 + UNIFORM_PART)
+        s1 = 0.0
+        s2 = 0.0
+        top = 0
+        low = _NO_LOW
+        total = 0.0
+        amax = 0.0
+        amin = math.inf
+        for b in range(v0, v1, _Q):
+            k = min(_Q, v1 - b)
+            for q in range(k):
+                o0 = (b + q) * n
+                M[q], SU[q], SUU[q] = abs_sums(x[o0 : o0 + n])
+            a1, a2 = _tail(k, beta, wn, M, SU, SUU)
+            s1 += a1
+            s2 += a2
+            for q in range(k):
+                total += SU[q]
+                sq = bits[q]
+                top = max(top, sq)
+                low = min(low, sq if sq > 0 else _NO_LOW)
+            if check:
+                for j in range(b * n, (b + k) * n):
+                    a = abs(np.float64(x[j]))
+                    amax = max(amax, a)
+                    amin = min(amin, a if a > 0.0 else math.inf)
+        part[p, 0] = s1
+        part[p, 1] = s2
+        part[p, 2] = v1 - v0
+        bits[0] = top
+        bits[1] = low
+        part[p, 3] = SUU[0]
+        part[p, 4] = SUU[1]
+        part[p, 5] = total
+        part[p, 6] = amax
+        part[p, 7] = amin
+
+
+UNIFORM_PASS = twin(_uniform_pass, _FM_SUM)
+UNIFORM_FIRST = twin(_uniform_first, _FM_SUM)
+
+# Groups of at least 16x this many parts (4M vectors) first solve on this many (every stride-th part): its
+# passes cost <= 1/16 of a full one, and its root, 2-3e-4 off in average sparsity for length-9 N(0,1) data, is
+# close enough that one Newton step from there usually lands in the float32 band (1e8 entries: 3 passes, not 4).
+_SAMPLE_PARTS = 64
+_RANGE64 = 2.0**450  # float64 entries within [2^-450, 2^450]: no square or sum under- or overflows in any pass
+
+
+_pass_ser, _pass_par = UNIFORM_PASS
+_first_ser, _first_par = UNIFORM_FIRST
+
+
+@jit
+def _pass(par, x, n, T, beta, wn, stride, write, out, part):
+    if par:
+        _pass_par(x, n, T, beta, wn, stride, write, out, part)
+    else:
+        _pass_ser(x, n, T, beta, wn, stride, write, out, part)
+
+
+@jit
+def _kahan(col):
+    s = 0.0
+    comp = 0.0
+    for v in col:
+        y = v - comp
+        tot = s + y
+        comp = (tot - s) - y
+        s = tot
+    return s
+
+
+@jit
+def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, m0, max_iter, par, out, halley):
+    """Safeguarded Newton on the parts 0, stride, 2 stride, ... (S, dS: their totals at mu = 0; d2S: a curvature
+    estimate or NaN): the bracket, the aim inside the band, bisection on ordered bit patterns after two slow
+    steps; a warm start m0 (0: none) is evaluated first. The curvature is the secant of the last two slopes (it
+    sees supports change, which a fixed-support second derivative misses). It predicts each step's residual:
+    writing (``out``) is speculative, a step predicted to land well inside the band also writes the projection.
+    With ``halley`` (the sample's solve) it also corrects the step; the full solve keeps plain Newton steps, the
+    general solver's, so both end at nearly the same point of the band. Returns (status 1 converged / -1 jump
+    or exhausted, mu, S there, iterations, evaluations, written, the last curvature estimate)."""
+    aim = need + 0.5 * band
+    lo = 0.0
+    mu = 0.0
+    slow = 0
+    prev_res = math.inf
+    it = 0
+    evals = 0
+    mu_p = math.nan  # the previous evaluation (for the secant of the slopes)
+    dS_p = math.nan
+    span = math.inf  # how far apart the curvature estimate's slopes were taken
+    warm = lo < m0 < hi  # (not counted as an iteration)
+    while it < max_iter:
+        spec = False
+        if warm:
+            cand = m0
+            warm = False
+        else:
+            it += 1
+            cand = math.nan
+            if slow < 2 and dS > 0.0:
+                f = S - aim
+                step = f / dS
+                err = 0.5 * abs(d2S) * step * step  # what Newton leaves
+                den = 2.0 * dS * dS - f * d2S
+                if halley and den > dS * dS:  # Halley's step is then at most twice Newton's
+                    step = 2.0 * f * dS / den
+                    err *= min(1.0, abs((abs(step) + span) * d2S / dS))  # the correction's own error
+                cand = mu - step
+                spec = out.shape[0] > 0 and err < 0.25 * band  # (half the half-width)
+            if not (lo < cand < hi):
+                buf = np.empty(2)
+                cand = _key_mid(lo, hi, buf, buf.view(np.int64))
+                slow = 0
+                spec = False
+                if cand == lo:
+                    break  # adjacent doubles: a jump
+        mu_p, dS_p = mu, dS
+        mu = cand
+        _pass(par, x, n, mu * dT, beta, wn, stride, spec, out, part)
+        S = _kahan(part[:, 0])
+        dS = -beta * dT * part[:, 1].sum()
+        evals += 1
+        if mu != mu_p and math.isfinite(dS_p):
+            d2S = (dS - dS_p) / (mu - mu_p)
+            span = abs(mu - mu_p)
+        res = abs(S - aim)
+        slow = slow + 1 if res > 0.5 * prev_res else 0
+        prev_res = res
+        if S < need:
+            lo = mu
+        elif S <= need + band:
+            return 1, mu, S, it, evals, spec, d2S
+        else:
+            hi = mu
+    return -1, hi, math.nan, it, evals, False, d2S
+
+
+@jit
+def solve_uniform(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
+    """``solve_plain_small`` for r = len(x) / n vectors of n entries each (x[i n : (i + 1) n]), in O(r / 4096)
+    memory: every pass recomputes what it needs per vector. Same statuses and ``stats``; ``par`` runs the
+    threaded kernels. Very large groups first solve on a sample of parts and start the full Newton there; its last
+    pass usually writes the result too (``_newton``). ``evaluations`` counts the sample's (partial) passes too."""
+    r = x.shape[0] // n
+    nparts = (r + UNIFORM_PART - 1) // UNIFORM_PART
+    sq = math.sqrt(n)
+    wn = sq
+    beta = 1.0 / (sq - 1.0)
+    first = np.zeros((nparts, 8))
+    if par:
+        _first_par(x, n, beta, wn, x.itemsize == 8, first)
+    else:
+        _first_ser(x, n, beta, wn, x.itemsize == 8, first)
+    if not math.isfinite(_kahan(first[:, 5])):
+        return -2  # NaN or Inf: the general solver reports it
+    if x.itemsize == 8 and (first[:, 6].max() > _RANGE64 or first[:, 7].min() < 1.0 / _RANGE64):
+        return -2
+    top_sq = first[:, 3].max()
+    low_sq = first[:, 4].min()
+    stats[4] = math.sqrt(top_sq)  # the largest vector norm: no output entry exceeds it
+    stats[5] = math.frexp(math.sqrt(low_sq))[1] if low_sq < math.inf else 10**6
+    S = _kahan(first[:, 0])
+    evals = 1
+    if s == 0.0 or S >= r * s:
+        out[:] = x
+        stats[0] = 0.0
+        stats[1] = 0.0
+        stats[2] = evals
+        stats[3] = S / r
+        return 0
+    need = min(r * (s + margin), 1.0 * r)
+    if need >= r:
+        return -1
+    # mu relative to 2^E, E the exponent of the largest one-hot point (the largest norm / beta): scaling the data
+    # by 2^k changes E only; T = mu dT with dT = beta 2^E, as the per-vector units' t_i = mu beta 2^(E - e_i)
+    top, E = math.frexp(math.sqrt(top_sq) / beta)
+    dT = math.ldexp(beta, E)
+    dS = -beta * dT * first[:, 1].sum()
+    hi = top * (1 + 1e-9)
+    m0 = math.ldexp(mu0, -E) if mu0 > 0.0 else 0.0
+    d2S = math.nan
+    if m0 == 0.0 and nparts >= 16 * _SAMPLE_PARTS:
+        # a warm start from a sample: each of its passes costs 1/stride of a full one
+        stride = nparts // _SAMPLE_PARTS
+        sub = first[::stride]
+        r_sub = sub[:, 2].sum()
+        S_sub = _kahan(sub[:, 0])
+        if S_sub < r_sub * (s + margin):
+            st, m0, _, _, ev, _, d2S = _newton(x, n, beta, wn, dT, stride, np.zeros((sub.shape[0], 3)), S_sub,
+                                               -beta * dT * sub[:, 1].sum(), math.nan, r_sub * (s + margin),
+                                               tol * r_sub, hi, 0.0, max_iter, par, out[:0], True)
+            evals += ev
+            d2S *= r / r_sub
+            if st < 0:
+                m0, d2S = 0.0, math.nan
+    status, hi, S_hi, it, ev, written, _ = _newton(x, n, beta, wn, dT, 1, np.zeros((nparts, 3)), S, dS, d2S, need,
+                                                    tol * r, hi, m0, max_iter, par, out, False)
+    evals += ev
+    if status < 0:
+        return -1
+    if not written:
+        _pass(par, x, n, hi * dT, beta, wn, 1, True, out, np.zeros((nparts, 3)))  # the solve ended at hi
+    stats[0] = math.ldexp(hi, E)
+    stats[1] = it
+    stats[2] = evals
+    stats[3] = S_hi / r
+    if stats.shape[0] > 6:
+        stats[6] = written  # (tests and benchmarks: the speculative write was the last pass)
+    return 1
