@@ -40,18 +40,17 @@ def _jit(**kw):
 
 @_jit(fastmath=_FM)
 def _g_sums(sums, beta):
-    """g and g' from per-row sums (count, sum u, sum u^2) of u = (|x| - t)_+ (REFERENCE.md §2)."""
+    """g and g' from per-row sums (count, sum u, sum u^2) of u = (|x| - t)_+ (REFERENCE.md §2), stored as the
+    rows of ``sums`` (3, r) so the loop over vectors runs on whole vector registers (no branch)."""
     g = 0.0
     dg = 0.0
-    for i in range(sums.shape[0]):
-        m, su, suu = sums[i, 0], sums[i, 1], sums[i, 2]
-        if suu > 0.0:
-            nu = math.sqrt(suu)
-            h = su / nu
-            g += beta * h
-            dg += beta * beta * (-m + h * h) / nu
-        else:
-            g += beta  # one-hot (or zero) row: h = 1
+    for i in range(sums.shape[1]):
+        m, su, suu = sums[0, i], sums[1, i], sums[2, i]
+        ok = suu > 0.0
+        inu = 1.0 / math.sqrt(suu if ok else 1.0)
+        h = su * inu if ok else 1.0  # one-hot (or zero) row: h = 1
+        g += beta * h
+        dg += beta * beta * (-m + h * h) * inu if ok else 0.0
     return g, dg
 
 
@@ -70,9 +69,9 @@ def _g_rows(x, t, sums):
             m += 1.0 if pos else 0.0
             su += u
             suu += u * u
-        sums[i, 0] = m
-        sums[i, 1] = su
-        sums[i, 2] = suu
+        sums[0, i] = m
+        sums[1, i] = su
+        sums[2, i] = suu
     return _g_sums(sums, 1.0 / (math.sqrt(p) - 1.0))
 
 
@@ -87,17 +86,15 @@ def _piece_root(sums, t0, aim, t_lo, t_hi, beta, band, max_steps):
     for it in range(max_steps + 1):
         g = 0.0
         dg = 0.0
-        for i in range(sums.shape[0]):
-            m = sums[i, 0]
-            su = sums[i, 1] - m * dt
-            suu = sums[i, 2] - dt * (2.0 * sums[i, 1] - m * dt)
-            if su > 0.0 and suu > 0.0:
-                nu = math.sqrt(suu)
-                h = su / nu
-                g += beta * h
-                dg += beta * (-m + h * h) / nu
-            else:
-                g += beta
+        for i in range(sums.shape[1]):
+            m = sums[0, i]
+            su = sums[1, i] - m * dt
+            suu = sums[2, i] - dt * (2.0 * sums[1, i] - m * dt)
+            ok = (su > 0.0) & (suu > 0.0)
+            inu = 1.0 / math.sqrt(suu if ok else 1.0)
+            h = su * inu if ok else 1.0
+            g += beta * h
+            dg += beta * (-m + h * h) * inu if ok else 0.0
         if it > 0:
             t = t0 + dt
             if not (t_lo < t < t_hi):
@@ -135,9 +132,9 @@ def _eval_write(x, t, sums, U, sc):
             su += u
             suu += u * u
             U[i, j] = u
-        sums[i, 0] = m
-        sums[i, 1] = su
-        sums[i, 2] = suu
+        sums[0, i] = m
+        sums[1, i] = su
+        sums[2, i] = suu
         if suu > 0.0:
             sc[i] = (suu + t * su) / suu
         else:
@@ -174,10 +171,11 @@ def _solve(x, s, mu0, tol, max_iter, U, sc, sums, warm, piece_steps):
     g, dg = _g_sums(sums, beta)
     top = 0.0
     for i in range(r):
-        saa = sums[i, 2]
-        if not saa < math.inf or (saa < 2.2250738585072014e-308 and sums[i, 1] > 0.0):
+        saa = sums[2, i]
+        if not saa < math.inf or (saa < 2.2250738585072014e-308 and sums[1, i] > 0.0):
             return -1, 0.0
-        top = max(top, math.sqrt(saa) / beta)
+        top = max(top, saa)
+    top = math.sqrt(top) / beta
     if g <= k + slack:
         U[:] = x
         sc[:] = 1.0
@@ -188,6 +186,8 @@ def _solve(x, s, mu0, tol, max_iter, U, sc, sums, warm, piece_steps):
     hi = top
     mu = 0.0
     piece = sums
+    if not 0.0 < mu0 < top and not sums[0, 0] >= 0.0:
+        _g_rows(x, 0.0, sums)  # Newton from mu = 0 needs g'(0), so the counts
     if 0.0 < mu0 < top:  # warm start: the previous root usually lies on the new root's piece or next to it
         mu = mu0
         piece = warm
@@ -230,8 +230,8 @@ def gsp_rows_warm(x, s, mu0, tol, max_iter, out):
     """GSP of the rows of ``x`` (r x p, p >= 2) into ``out``. Returns (status, mu): status 0 = already at least
     s on average (out = x), 1 = solved, -1 = ask ``groupsparse.project`` (ties, no convergence, over/underflow)."""
     r, p = x.shape
-    sums = np.empty((r, 3))
-    warm = np.empty((r, 3))
+    sums = np.empty((3, r))
+    warm = np.empty((3, r))
     sc = np.empty(r)
     _g_rows(x, 0.0, sums)
     if mu0 > 0.0:
@@ -258,13 +258,13 @@ def _grad_step(U, sc, Uo, sco, AF, AFo, B, mom, inv, t, V, sums, warm):
     """One pass of the projected fast gradient with the iterates in factored form F_i = sc_i U_i (no pass to
     rescale a projection): V = max(0, Y - (AY - B) / L) at Y = F + mom (F - Fo), AY = AF + mom (AF - AFo) from
     the products of the last two iterates (one r x r by r x p product per step). In the same pass: the sums of
-    :func:`_g_rows` at mu = 0 (``sums``) and at the warm start t = mu0 beta (``warm``), and ||F - Fo||^2."""
+    :func:`_g_rows` at mu = 0 (``sums``, without the counts, which only a solve from mu = 0 needs) and at the
+    warm start t = mu0 beta (``warm``), and ||F - Fo||^2."""
     r, p = U.shape
     d2 = 0.0
     for i in range(r):
         s1 = sc[i]
         s0 = sco[i]
-        m0 = 0.0
         a0 = 0.0
         aa0 = 0.0
         m = 0.0
@@ -278,7 +278,6 @@ def _grad_step(U, sc, Uo, sco, AF, AFo, B, mom, inv, t, V, sums, warm):
             v = f + mom * df + inv * (B[i, j] - ay)
             v = v if v > 0.0 else 0.0
             V[i, j] = v
-            m0 += 1.0 if v > 0.0 else 0.0
             a0 += v
             aa0 += v * v
             d = v - t
@@ -287,19 +286,19 @@ def _grad_step(U, sc, Uo, sco, AF, AFo, B, mom, inv, t, V, sums, warm):
             m += 1.0 if pos else 0.0
             su += u
             suu += u * u
-        sums[i, 0] = m0
-        sums[i, 1] = a0
-        sums[i, 2] = aa0
-        warm[i, 0] = m
-        warm[i, 1] = su
-        warm[i, 2] = suu
+        sums[0, i] = math.nan  # no counts at mu = 0: _solve recounts if it needs them (no warm start)
+        sums[1, i] = a0
+        sums[2, i] = aa0
+        warm[0, i] = m
+        warm[1, i] = su
+        warm[2, i] = suu
     return d2
 
 
 @_jit(fastmath=_FM)
 def _fgm(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0, work, scs, sums, warm, As):
     """:func:`fgm_rows` in place on caller-provided work arrays (``work``: (5, r, p), ``scs``: (3, r),
-    ``sums``/``warm``: (r, 3), ``As``: (r, r)); F (C-contiguous) is overwritten with the result, or with
+    ``sums``/``warm``: (3, r), ``As``: (r, r)); F (C-contiguous) is overwritten with the result, or with
     garbage when not ``ok``.
 
     A step's length ||F_k - F_{k-1}|| is measured in the next step's pass, so the stopping rule is checked
@@ -374,7 +373,7 @@ def fgm_rows(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0):
     r, p = F.shape
     Fn = F.copy()
     steps, ok, mu = _fgm(Fn, A, B, L, s, project_rows, max_inner, inner_ratio, mu0, np.empty((5, r, p)),
-                         np.empty((3, r)), np.empty((r, 3)), np.empty((r, 3)), np.empty((r, r)))
+                         np.empty((3, r)), np.empty((3, r)), np.empty((3, r)), np.empty((r, r)))
     return (Fn if ok else F), steps, ok, mu
 
 
@@ -382,54 +381,39 @@ def fgm_rows(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0):
 def _hals_rows(F, A, B, lam, max_sweeps, delta2):
     """In place: HALS sweeps over the rows of F for min 1/2<A, FF^T> - <B - lam 1^T, F>, F >= 0.
 
-    Returns the number of sweeps. Row k needs (AF)_k with the rows before it already updated: each sweep takes
-    AF at its start from BLAS (several times faster than a compiled loop at r = 10) and corrects it by the
-    moves D_l of the rows l < k, so half the row operations of the plain form; the correction streams over
-    contiguous rows, four per pass (a quarter of the loads and stores of the residual row).
+    Returns the number of sweeps. The residual row is built with the row index outermost so the inner loops
+    stream over contiguous rows of F and B.
     """
     r, p = F.shape
     g = np.empty(p)
-    G = np.empty((r, p))
-    D = np.empty((r, p))
     first = 0.0
     sweeps = 0
     for sweep in range(max_sweeps):
         sweeps += 1
         moved = 0.0
-        np.dot(A, F, G)
         for k in range(r):
             akk = A[k, k]
             if akk <= 0.0:
-                D[k] = 0.0
                 continue
-            inv = 1.0 / akk
-            lk = lam[k]
             for j in range(p):
-                g[j] = B[k, j] - lk - G[k, j]
-            l = 0
-            while l + 4 <= k:
-                a0, a1, a2, a3 = A[k, l], A[k, l + 1], A[k, l + 2], A[k, l + 3]
-                D0, D1, D2, D3 = D[l], D[l + 1], D[l + 2], D[l + 3]
-                for j in range(p):
-                    g[j] -= (a0 * D0[j] + a1 * D1[j]) + (a2 * D2[j] + a3 * D3[j])
-                l += 4
-            while l < k:
-                a0 = A[k, l]
-                D0 = D[l]
-                for j in range(p):
-                    g[j] -= a0 * D0[j]
-                l += 1
-            alive = 0.0
+                g[j] = B[k, j] - lam[k]
+            for l in range(r):
+                alk = A[k, l]
+                if alk != 0.0:
+                    for j in range(p):
+                        g[j] -= alk * F[l, j]
+            nonzero = False
             for j in range(p):
                 old = F[k, j]
-                new = old + g[j] * inv
-                new = new if new > 0.0 else 0.0
-                alive += 1.0 if new > 0.0 else 0.0
+                new = old + g[j] / akk
+                if new < 0.0:
+                    new = 0.0
+                else:
+                    nonzero = nonzero or new > 0.0
                 d = new - old
                 moved += d * d
-                D[k, j] = d
                 F[k, j] = new
-            if alive == 0.0:
+            if not nonzero:
                 # A dead row would stay dead forever (its A_kk from the other side goes to 0); a tiny positive
                 # value lets the next update of the other factor revive the component.
                 top = 0.0
@@ -438,7 +422,6 @@ def _hals_rows(F, A, B, lam, max_sweeps, delta2):
                         top = max(top, F[l, j])
                 tiny = 1e-16 * top if top > 0.0 else 1e-16
                 for j in range(p):
-                    D[k, j] += tiny
                     F[k, j] = tiny
         if sweep == 0:
             first = moved
@@ -498,11 +481,11 @@ def _lipschitz(A, v):
 
 
 @_jit(fastmath=_FM)
-def _update(F, A, B, s, use_fgm, max_inner, inner_ratio, delta2, mu, v, work, scs, sums, warm, As):
+def _update(F, A, B, s, use_fgm, max_inner, inner_ratio, delta2, mu, v, work, scs, sums, warm, As, lam):
     """One factor update of F in place; returns (ok, mu). ``s < 0``: no target (HALS or unprojected fast
     gradient); ``v``: the Perron vector of :func:`_lipschitz`; the rest: :func:`_fgm`'s work arrays."""
     if not use_fgm:
-        _hals_rows(F, A, B, np.zeros(F.shape[0]), max_inner, delta2)
+        _hals_rows(F, A, B, lam, max_inner, delta2)
         return True, mu
     L = _lipschitz(A, v)
     if not L > 0.0:
@@ -523,11 +506,13 @@ def _balance(Wt, H, HHt):
             nw += Wt[k, j] * Wt[k, j]
         nh = HHt[k, k]
         if nw > 0.0 and nh > 0.0:
-            d[k] = math.sqrt(math.sqrt(nh / nw))
+            dk = math.sqrt(math.sqrt(nh / nw))
+            d[k] = dk
             for j in range(Wt.shape[1]):
-                Wt[k, j] *= d[k]
+                Wt[k, j] *= dk
+            idk = 1.0 / dk  # one division, not one per entry
             for j in range(H.shape[1]):
-                H[k, j] /= d[k]
+                H[k, j] *= idk
     for k in range(r):
         for l in range(r):
             HHt[k, l] /= d[k] * d[l]
@@ -552,8 +537,9 @@ def run_dense(X, Xt, Wt, H, sW, sH, fgm_free, update_W, update_H, balance, max_i
     workH = np.empty((5, r, H.shape[1]))
     scs = np.empty((3, r))
     As = np.empty((r, r))
-    sums = np.empty((r, 3))
-    warm = np.empty((r, 3))
+    lam = np.zeros(r)
+    sums = np.empty((3, r))
+    warm = np.empty((3, r))
     W_start = np.empty_like(Wt)
     H_start = np.empty_like(H)
     HHt = np.empty((r, r))
@@ -571,14 +557,14 @@ def run_dense(X, Xt, Wt, H, sW, sH, fgm_free, update_W, update_H, balance, max_i
         if update_W:
             np.dot(H, Xt, HXt)
             ok, mus[0] = _update(Wt, HHt, HXt, sW, fgm_free or sW >= 0.0, max_inner, inner_ratio, delta2, mus[0],
-                                 vW, workW, scs, sums, warm, As)
+                                 vW, workW, scs, sums, warm, As, lam)
             if not ok:
                 return done, best_it, False, False, W_start, H_start
         np.dot(Wt, Wt.T, WtW)
         np.dot(Wt, X, WtX)
         if update_H:
             ok, mus[1] = _update(H, WtW, WtX, sH, fgm_free or sH >= 0.0, max_inner, inner_ratio, delta2, mus[1],
-                                 vH, workH, scs, sums, warm, As)
+                                 vH, workH, scs, sums, warm, As, lam)
             if not ok:
                 return done, best_it, False, False, W_start, H_start
             np.dot(H, H.T, HHt)  # for the error and the next W update (rescaled there by the balance)
