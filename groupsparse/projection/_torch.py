@@ -38,7 +38,7 @@ class TorchEngine:
         self.lay = Layout(offsets, self.device, int(offsets[-1]))
         self.weighted = weights is not None
         self.w = weights.to(F64) if self.weighted else None
-        self._buf = None
+        self._buf, self._cache = None, {}
         peak = torch.empty(r, dtype=F64, device=self.device)
         for p in self.lay.pieces:  # max |x| without an |x| temporary; NaN propagates, inf stays inf
             xs = self.lay.rows(data, p)
@@ -89,23 +89,31 @@ class TorchEngine:
 
     # ---- per-piece arithmetic (one chunk of float64 temporaries at a time)
 
-    def _scratch(self, k: int, p: Piece):
-        """Scratch buffer ``k`` (0 or 1) shaped like the piece: reused by every pass, so no pass allocates (a fresh
-        chunk costs page faults on every op on the CPU, about 5x the op itself)."""
-        if self._buf is None:
-            size = max(q.e1 - q.e0 for q in self.lay.pieces)
-            self._buf = torch.empty((2, size), dtype=F64, device=self.device)
-        return self.lay.rows(self._buf[k], Piece(0, p.e1 - p.e0, p.v0, p.v1, p.n))
+    def _views(self, p: Piece):
+        """(input rows, scratch 0, scratch 1, 1/2^e column) of a piece, made once per call: slicing and viewing cost
+        more than a 32K-entry op. The scratch buffers are reused by every pass, so no pass allocates (a fresh chunk
+        costs page faults on every op on the CPU, about 5x the op itself)."""
+        v = self._cache.get(p)
+        if v is None:
+            if self._buf is None:
+                self._buf = torch.empty((2, max(q.e1 - q.e0 for q in self.lay.pieces)), dtype=F64, device=self.device)
+            q = Piece(0, p.e1 - p.e0, p.v0, p.v1, p.n)
+            inv = self.lay.col(self.inv, p) if p.n else None  # ragged columns are piece-sized: not kept
+            v = self._cache[p] = (self.lay.rows(self.x, p), self.lay.rows(self._buf[0], q),
+                                  self.lay.rows(self._buf[1], q), inv)
+        return v
 
     def _x64(self, p: Piece, k: int = 0):
         """The piece's entries in float64, in scratch buffer ``k`` (a copy: the caller's data is never written)."""
-        return self._scratch(k, p).copy_(self.lay.rows(self.x, p))
+        v = self._views(p)
+        return v[1 + k].copy_(v[0])
 
     def _a(self, p: Piece, x64=None):
         """a = |x| / 2^e of a piece in float64 (exact), in scratch 0. In-place ops on one float64 dtype: mixed-dtype
         ops take a slow path on the CPU (about 4x)."""
-        a = self._x64(p).abs_() if x64 is None else torch.abs(x64, out=self._scratch(0, p))
-        return a.mul_(self.lay.col(self.inv, p))
+        v = self._views(p)
+        a = v[1].copy_(v[0]).abs_() if x64 is None else torch.abs(x64, out=v[1])
+        return a.mul_(v[3] if v[3] is not None else self.lay.col(self.inv, p))
 
     def _u(self, p: Piece, t, x64=None):
         """u = (a - t w)_+ for the piece (``t`` per vector, finite), in scratch 0."""
@@ -116,7 +124,7 @@ class TorchEngine:
     def _piece_stats(self, u, p: Piece):
         """[sum w^2 on the support, sum w u, sum u^2] of the piece's vectors."""
         lay = self.lay
-        on = torch.sign(u, out=self._scratch(1, p))  # 1 on the support, else 0 (exact); cheaper than a bool mask
+        on = torch.sign(u, out=self._views(p)[2])  # 1 on the support, else 0 (exact); cheaper than a bool mask
         if self.weighted:
             wv = lay.rows(self.w, p)
             m = lay.reduce(on * wv * wv, p, "sum")
