@@ -211,3 +211,20 @@ def test_no_offsets_and_no_numpy_side_buffers():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 0.02 * x.nbytes, peak
+
+
+def test_sampled_warm_start_on_very_large_groups():
+    """4M+ vectors start from a solve on a sample of parts: same band as a start elsewhere (mu0 skips the
+    sample), outputs close, and the same bits on threads."""
+    from groupsparse.projection._uniform import UNIFORM_PART, _SAMPLE_PARTS
+
+    r = 16 * _SAMPLE_PARTS * UNIFORM_PART
+    x = np.random.default_rng(6).normal(size=(r, 2)).astype(np.float32)
+    z, info = run(x, 0.6, "uniform")
+    a = np.abs(z.astype(np.float64))
+    l2 = np.hypot(a[:, 0], a[:, 1])
+    sp = float(np.mean(np.where(l2 > 0, (np.sqrt(2) - a.sum(1) / np.where(l2 > 0, l2, 1)) / (np.sqrt(2) - 1), 1.0)))
+    assert 0.6 <= info.sparsity <= 0.6 + TOL[np.float32] + 2 * MARGIN32 and abs(sp - info.sparsity) < 1e-5
+    z2, info2 = run(x, 0.6, "uniform", mu0=info.mu * 1.01)
+    assert 0.6 <= info2.sparsity <= 0.6 + TOL[np.float32] + 2 * MARGIN32
+    assert np.max(np.abs(z - z2)) < 1e-4 * np.abs(x).max()
