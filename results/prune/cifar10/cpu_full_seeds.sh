@@ -4,7 +4,8 @@
 # side, one torch thread each, nice 10). Dense: 8 epochs (cosine, lr 0.1) -- the longest schedule that left room for
 # six methods x two seeds on this CPU in one session. Then every method gets 2 more epochs (equal budget: 10 in all):
 #   after : magnitude, gsp-single-shot (2 masked finetune); gsp and gmp (1 shaping + 1 masked finetune)
-#   during: gsp and gmp shape dense epochs 7-8 at the training learning rate, then 2 masked finetune
+#   during: gsp and gmp shape the last dense epoch (--start-epoch 7 counts completed epochs: epoch 8 of 8) at the
+#           training learning rate (the tail of the cosine, ~0.004), then 2 masked finetune
 # Runs in order of importance so an interrupted session still has the headline comparisons. Resumable: rerun the same
 # command (each phase checkpoints every epoch; a run folder refuses other settings). CODE=DIR runs a frozen copy of the
 # package in DIR (python -P: the working tree, which may be edited meanwhile, is not imported).
