@@ -9,9 +9,12 @@ cache directory is not writable Numba would raise at decoration time; we then co
 
 The GSP solve is REFERENCE.md §2 (unweighted, every row one vector, one shared mu): safeguarded Newton on g(mu) = k
 inside a bracket. NMF projects nearly the same matrix again and again, so the solve starts from the previous
-call's mu (``mu0``): one or two evaluations instead of four to six from mu = 0. When a solve cannot finish (the
+call's mu (``mu0``), evaluated in the fast gradient's own pass, and takes its Newton steps on the smooth piece of g
+through the last evaluation in O(r) (the supports held fixed): 1.07 passes over the matrix per solve on the
+paper's synthetic problem, where a plain Newton from mu = 0 makes four to six. When a solve cannot finish (the
 average jumps at tied largest entries, or no convergence) the status is negative and the caller redoes the step
-with ``groupsparse.project``, which resolves ties.
+with ``groupsparse.project``, which resolves ties. The one-file rule above is why this file is longer than the
+others.
 """
 
 from __future__ import annotations
