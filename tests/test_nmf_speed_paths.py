@@ -53,7 +53,7 @@ def test_piecewise_newton_gsp_lands_in_the_band():
         for mu0 in (0.0, 1e-6, 0.05, 0.5, 5.0):
             status, mu, out = _solve_fgm_style(V, s, mu0)
             if status == 0:
-                assert row_sparsity(V).mean() >= s
+                assert row_sparsity(V).mean() >= s - 1e-12
                 continue
             assert status == 1, (trial, mu0)
             sp = row_sparsity(out).mean()
