@@ -172,11 +172,10 @@ def solve_groups(eng, gid, starts, sparsity, *, margin, tol, max_iter: int):
     final = xp.where(converged, mu, hi)
     ev, S, _ = evaluate(final)
     evals += 1
-    out = eng.copy_input()
     written = eng.write_state(*ev.state)
     keep = eng.to_host(early)
-    if keep.any():  # groups already sparse enough come back bit-for-bit (-0.0 included)
-        out = eng.merge_vectors(written, out, eng.from_host(keep[gid_h]))
+    if keep.any():  # groups already sparse enough come back bit-for-bit (-0.0 included); copied only then (1x the input)
+        out = eng.merge_vectors(written, eng.copy_input(), eng.from_host(keep[gid_h]))
     else:
         out = written
     return out, np.ldexp(eng.to_host(final), E), eng.to_host(S), it, evals, jumped
