@@ -51,7 +51,7 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
     from . import _numba
     from . import _uniform
     from ._small import SMALL_MAX_ENTRIES, solve_plain_small
-    from ._uniform import UNIFORM_MAX_LENGTH, solve_uniform
+    from ._uniform import solve_uniform
 
     data = group.data
     if engine not in ("auto", "numba") or group.weights is not None or SMALL_MAX_ENTRIES < 0:
@@ -59,7 +59,9 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
     size = data.shape[0]
     threaded = size >= _numba.PARALLEL_MIN_ENTRIES and _numba.nb.get_num_threads() >= _numba.PARALLEL_MIN_THREADS
     n = group.uniform_length
-    uniform = _uniform.UNIFORM and n is not None and (not threaded or n <= UNIFORM_MAX_LENGTH)
+    # equal-length groups: always this path, so the thresholds never change the result's bits (they only decide
+    # whether its parts run on threads)
+    uniform = _uniform.UNIFORM and n is not None
     if not uniform and threaded and size > SMALL_MAX_ENTRIES:
         return None
     back = None

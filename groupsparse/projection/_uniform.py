@@ -18,12 +18,18 @@ import numpy as np
 from ._kernels import _FM_SUM, _FM_WRITE, abs_sums, jit, plain_sums, twin
 from ._small import _key_mid
 
-# Threaded, equal-length groups take this path up to this length (threads split a pass by vectors; the general
-# engine also splits long vectors into chunks).
-UNIFORM_MAX_LENGTH = 1 << 14
 UNIFORM = True  # False sends equal-length groups to solve_plain_small (tests compare the two compiled paths)
 
-UNIFORM_PART = 4096  # vectors per partial sum: the unit of threads, fixed so the result's bits ignore thread counts
+# Vectors per partial sum, the unit of threads: 4096 up to length 16, then about 2^16 entries (at least one vector),
+# so long vectors still give threads work. A function of the length alone: the result's bits ignore thread counts
+# and the threading thresholds (every equal-length group takes this path, threaded or not).
+UNIFORM_PART = 4096
+_PART_ENTRIES = 1 << 16
+
+
+@nb.njit(inline="always")
+def part_size(n):
+    return UNIFORM_PART if n * UNIFORM_PART <= _PART_ENTRIES else max(1, _PART_ENTRIES // n)
 _NO_LOW = 0x7FF0000000000000  # the bit pattern of +inf
 _Q = 256  # per-vector sums buffered this many vectors at a time, so the sqrt/divide tail vectorizes across them
 
@@ -71,16 +77,17 @@ def _write_block(x, out, v0, k, n, T, SU, SUU):
             os_[j] = xv if j == arg else v
 
 
-def _uniform_pass(x, n, T, beta, wn, stride, write, out, part):
-    """One pass at threshold T over the parts 0, stride, 2 stride, ...: part[p] = [sum sp, sum dh/dT, vectors].
+def _uniform_pass(x, n, P, T, beta, wn, stride, write, out, part):
+    """One pass at threshold T over the parts (P vectors each) 0, stride, 2 stride, ...: part[p] = [sum sp,
+    sum dh/dT, vectors].
     With ``write`` the projection at T is also written to ``out`` (the solver's speculative last pass)."""
     r = x.shape[0] // n
     for p in nb.prange(part.shape[0]):
         M = np.empty(_Q)
         SU = np.empty(_Q)
         SUU = np.empty(_Q)
-        v0 = p * stride * UNIFORM_PART
-        v1 = min(r, v0 + UNIFORM_PART)
+        v0 = p * stride * P
+        v1 = min(r, v0 + P)
         s1 = 0.0
         s2 = 0.0
         for b in range(v0, v1, _Q):
@@ -98,7 +105,7 @@ def _uniform_pass(x, n, T, beta, wn, stride, write, out, part):
         part[p, 2] = max(v1 - v0, 0)
 
 
-def _uniform_first(x, n, beta, wn, check, part):
+def _uniform_first(x, n, P, beta, wn, check, part):
     """The pass at T = 0, also: [3] largest and [4] smallest nonzero vector sum of squares, [5] sum |x| (NaN and
     Inf show in it), and with ``check`` [6] largest and [7] smallest nonzero |x| (the float64 range rule)."""
     r = x.shape[0] // n
@@ -107,8 +114,8 @@ def _uniform_first(x, n, beta, wn, check, part):
         SU = np.empty(_Q)
         SUU = np.empty(_Q)
         bits = SUU.view(np.int64)  # nonnegative doubles order like their bit patterns: integer max/min vectorize
-        v0 = p * UNIFORM_PART
-        v1 = min(r, v0 + UNIFORM_PART)
+        v0 = p * P
+        v1 = min(r, v0 + P)
         s1 = 0.0
         s2 = 0.0
         top = 0
@@ -149,9 +156,10 @@ def _uniform_first(x, n, beta, wn, check, part):
 UNIFORM_PASS = twin(_uniform_pass, _FM_SUM)
 UNIFORM_FIRST = twin(_uniform_first, _FM_SUM)
 
-# Groups of at least 16x this many parts (4M vectors) first solve on this many (every stride-th part): its
-# passes cost <= 1/16 of a full one, and its root, 2-3e-4 off in average sparsity for length-9 N(0,1) data, is
-# close enough that one Newton step from there usually lands in the float32 band (1e8 entries: 3 passes, not 4).
+# Groups of at least 16x this many parts (4M vectors up to length 16, 64M entries beyond) first solve on this many
+# (every stride-th part): its passes cost <= 1/16 of a full one, and its root, 2-3e-4 off in average sparsity for
+# length-9 N(0,1) data, is close enough that one Newton step from there usually lands in the float32 band (1e8
+# entries: 3 passes, not 4).
 _SAMPLE_PARTS = 64
 _RANGE64 = 2.0**450  # float64 entries within [2^-450, 2^450]: no square or sum under- or overflows in any pass
 
@@ -162,10 +170,11 @@ _first_ser, _first_par = UNIFORM_FIRST
 
 @jit
 def _pass(par, x, n, T, beta, wn, stride, write, out, part):
+    P = part_size(n)
     if par:
-        _pass_par(x, n, T, beta, wn, stride, write, out, part)
+        _pass_par(x, n, P, T, beta, wn, stride, write, out, part)
     else:
-        _pass_ser(x, n, T, beta, wn, stride, write, out, part)
+        _pass_ser(x, n, P, T, beta, wn, stride, write, out, part)
 
 
 @jit
@@ -254,15 +263,16 @@ def solve_uniform(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
     threaded kernels. Very large groups first solve on a sample of parts and start the full Newton there; its last
     pass usually writes the result too (``_newton``). ``evaluations`` counts the sample's (partial) passes too."""
     r = x.shape[0] // n
-    nparts = (r + UNIFORM_PART - 1) // UNIFORM_PART
+    P = part_size(n)
+    nparts = (r + P - 1) // P
     sq = math.sqrt(n)
     wn = sq
     beta = 1.0 / (sq - 1.0)
     first = np.zeros((nparts, 8))
     if par:
-        _first_par(x, n, beta, wn, x.itemsize == 8, first)
+        _first_par(x, n, P, beta, wn, x.itemsize == 8, first)
     else:
-        _first_ser(x, n, beta, wn, x.itemsize == 8, first)
+        _first_ser(x, n, P, beta, wn, x.itemsize == 8, first)
     if not math.isfinite(_kahan(first[:, 5])):
         return -2  # NaN or Inf: the general solver reports it
     if x.itemsize == 8 and (first[:, 6].max() > _RANGE64 or first[:, 7].min() < 1.0 / _RANGE64):
