@@ -15,6 +15,16 @@ paper's synthetic problem, where a plain Newton from mu = 0 makes four to six. W
 average jumps at tied largest entries, or no convergence) the status is negative and the caller redoes the step
 with ``groupsparse.project``, which resolves ties. The one-file rule above is why this file is longer than the
 others.
+
+Every helper is ``inline="always"`` (inlined by Numba before LLVM sees it), so each entry point called from Python
+(:func:`run_dense`, :func:`gsp_rows_warm`, :func:`fgm_rows`, :func:`_hals_rows`, :func:`dot_at`) compiles to one
+function with no calls into other compiled functions. Why: a compiled callee is a symbol of its own library *and*
+a ``linkonce_odr`` copy inside its caller's, optimized a second time there; under ``reassoc`` the two copies sum in
+different orders. Which copy runs depended on the cache state: a process that compiles the caller has compiled the
+callee first, and the loader binds the caller's calls to that earlier definition; a process that loads the caller
+from Numba's cache has only the caller's own copy. The same fit then differed at rounding level (final error
+5.2566e-7, last digits apart) between a fresh and a warm cache. With no calls left, the cached object is exactly
+the code that ran when it was compiled.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ def _jit(**kw):
     return deco
 
 
-@_jit(fastmath=_FM)
+@_jit(fastmath=_FM, inline="always")
 def _g_sums(sums, beta):
     """g and g' from per-row sums (count, sum u, sum u^2) of u = (|x| - t)_+ (REFERENCE.md §2), stored as the
     rows of ``sums`` (3, r) so the loop over vectors runs on whole vector registers (no branch)."""
@@ -57,7 +67,7 @@ def _g_sums(sums, beta):
     return g, dg
 
 
-@_jit(fastmath=_FM)
+@_jit(fastmath=_FM, inline="always")
 def _g_rows(x, t, sums):
     """g(mu) and g'(mu) with t = mu * beta (equal row lengths, so one beta); per-row sums kept in ``sums``."""
     r, p = x.shape
@@ -78,7 +88,7 @@ def _g_rows(x, t, sums):
     return _g_sums(sums, 1.0 / (math.sqrt(p) - 1.0))
 
 
-@_jit(fastmath=_FM)
+@_jit(fastmath=_FM, inline="always")
 def _piece_root(sums, t0, aim, t_lo, t_hi, beta, band, max_steps):
     """Newton in O(r) on the smooth piece of g through t0: with the supports held fixed, the per-row sums at t
     follow from those at t0 (sum u - m dt, sum u^2 - 2 dt sum u + m dt^2). Returns a candidate t in
@@ -117,7 +127,7 @@ def _piece_root(sums, t0, aim, t_lo, t_hi, beta, band, max_steps):
     return best
 
 
-@_jit(fastmath=_FM)
+@_jit(fastmath=_FM, inline="always")
 def _eval_write(x, t, sums, U, sc):
     """g(t), g'(t) evaluated directly, writing the projection in factored form: row i is sc_i U_i with
     U = (|x| - t)_+ and sc_i the least-squares scale alpha_i / ||U_i|| folded in (REFERENCE.md §2); a row with
@@ -153,7 +163,7 @@ def _eval_write(x, t, sums, U, sc):
     return _g_sums(sums, 1.0 / (math.sqrt(p) - 1.0))
 
 
-@_jit(fastmath=_FM)
+@_jit(fastmath=_FM, inline="always")
 def _solve(x, s, mu0, tol, max_iter, U, sc, sums, warm, piece_steps):
     """GSP of the rows of ``x`` given ``sums`` at mu = 0 and ``warm`` at mu0 (both as from :func:`_g_rows`;
     ``warm`` is overwritten). Returns (status, mu) as :func:`gsp_rows_warm`; the projection is left as
@@ -256,7 +266,7 @@ def gsp_rows(C: np.ndarray, s: float, tol: float = 1e-12, max_iter: int = 100, m
     return None if status < 0 else out
 
 
-@_jit(fastmath=_FM)
+@_jit(fastmath=_FM, inline="always")
 def _grad_step(U, sc, Uo, sco, AF, AFo, B, mom, inv, t, V, sums, warm):
     """One pass of the projected fast gradient with the iterates in factored form F_i = sc_i U_i (no pass to
     rescale a projection): V = max(0, Y - (AY - B) / L) at Y = F + mom (F - Fo), AY = AF + mom (AF - AFo) from
@@ -298,7 +308,7 @@ def _grad_step(U, sc, Uo, sco, AF, AFo, B, mom, inv, t, V, sums, warm):
     return d2
 
 
-@_jit(fastmath=_FM)
+@_jit(fastmath=_FM, inline="always")
 def _fgm(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0, work, scs, sums, warm, As):
     """:func:`fgm_rows` in place on caller-provided work arrays (``work``: (5, r, p), ``scs``: (3, r),
     ``sums``/``warm``: (3, r), ``As``: (r, r)); F (C-contiguous) is overwritten with the result, or with
@@ -380,8 +390,8 @@ def fgm_rows(F, A, B, L, s, project_rows, max_inner, inner_ratio, mu0):
     return (Fn if ok else F), steps, ok, mu
 
 
-@_jit(fastmath=_FM)
-def _hals_rows(F, A, B, lam, max_sweeps, delta2):
+@_jit(fastmath=_FM, inline="always")
+def _hals_rows_impl(F, A, B, lam, max_sweeps, delta2):
     """In place: HALS sweeps over the rows of F for min 1/2<A, FF^T> - <B - lam 1^T, F>, F >= 0.
 
     Returns the number of sweeps. The residual row is built with the row index outermost so the inner loops
@@ -434,6 +444,12 @@ def _hals_rows(F, A, B, lam, max_sweeps, delta2):
 
 
 @_jit(fastmath=_FM)
+def _hals_rows(F, A, B, lam, max_sweeps, delta2):
+    """:func:`_hals_rows_impl` as an entry point (Python calls it directly)."""
+    return _hals_rows_impl(F, A, B, lam, max_sweeps, delta2)
+
+
+@_jit(fastmath=_FM, inline="always")
 def _vdot(a, b):
     s = 0.0
     for i in range(a.shape[0]):
@@ -442,7 +458,7 @@ def _vdot(a, b):
     return s
 
 
-@_jit(fastmath=_FM)
+@_jit(fastmath=_FM, inline="always")
 def _lipschitz(A, v):
     """An upper bound on the largest eigenvalue of a symmetric, entrywise non-negative A, tight to 1e-10.
 
@@ -483,12 +499,12 @@ def _lipschitz(A, v):
     return np.linalg.eigvalsh(A)[-1]
 
 
-@_jit(fastmath=_FM)
+@_jit(fastmath=_FM, inline="always")
 def _update(F, A, B, s, use_fgm, max_inner, inner_ratio, delta2, mu, v, work, scs, sums, warm, As, lam):
     """One factor update of F in place; returns (ok, mu). ``s < 0``: no target (HALS or unprojected fast
     gradient); ``v``: the Perron vector of :func:`_lipschitz`; the rest: :func:`_fgm`'s work arrays."""
     if not use_fgm:
-        _hals_rows(F, A, B, lam, max_inner, delta2)
+        _hals_rows_impl(F, A, B, lam, max_inner, delta2)
         return True, mu
     L = _lipschitz(A, v)
     if not L > 0.0:
@@ -498,7 +514,7 @@ def _update(F, A, B, s, use_fgm, max_inner, inner_ratio, delta2, mu, v, work, sc
     return ok, mu
 
 
-@_jit(fastmath=_FM)
+@_jit(fastmath=_FM, inline="always")
 def _balance(Wt, H, HHt):
     """Scale each rank-one term so ||W_:k|| = ||H_k:|| (WH unchanged), and HH^T with it (no new product)."""
     r = Wt.shape[0]

@@ -1,0 +1,56 @@
+"""Results must not depend on Numba's on-disk cache state (NMF's compiled kernels, groupsparse/nmf/_fastproj.py).
+
+Before the fix, a compiled callee existed twice: as its own library and as a copy inside its caller's library,
+optimized again there; under fastmath ``reassoc`` the two summed in different orders. A process that compiled the
+caller ran the callee's own library (compiled first, so the loader bound the calls to it), a process that loaded the
+caller from the cache ran the caller's copy: ``gsp_rows_warm`` (and the whole NMF loop) gave different bits with a
+fresh and with a warm cache. Here the first process compiles into an empty cache folder, the second loads from it;
+the hashes of the results must match.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_CODE = r"""
+import hashlib, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from groupsparse.nmf._fastproj import gsp_rows_warm
+
+h = hashlib.sha256()
+rng = np.random.default_rng(0)
+for _ in range(200):
+    X = rng.random((10, int(rng.integers(20, 200)))) ** 3
+    out = np.empty_like(X)
+    st, mu = gsp_rows_warm(X, 0.6, 0.0, 1e-12, 100, out)
+    out2 = np.empty_like(X)
+    st2, mu2 = gsp_rows_warm(X * 1.01, 0.6, mu, 1e-12, 100, out2)  # the warm-started solve
+    h.update(out.tobytes() + out2.tobytes() + np.array([mu, mu2, st, st2]).tobytes())
+stats = gsp_rows_warm.stats
+print(h.hexdigest(), sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+"""
+
+
+@pytest.mark.slow
+def test_fresh_compile_and_cache_load_agree(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
+    env.pop("NUMBA_DISABLE_JIT", None)
+    code = _CODE.format(root=str(ROOT))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        digest, hits, misses = out.stdout.split()
+        runs.append((digest, int(hits), int(misses)))
+    (fresh, hits0, misses0), (cached, hits1, misses1) = runs
+    assert (hits0, misses0) == (0, 1), "the first process should compile"
+    assert (hits1, misses1) == (1, 0), "the second process should load from the cache"
+    assert fresh == cached
