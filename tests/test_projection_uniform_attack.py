@@ -277,3 +277,48 @@ def test_sample_start_with_unlike_sampled_parts():
         check_band(y, s, z, info)
         if how == "huge":
             np.testing.assert_array_equal(bits(z), bits(run(y, s, "threads")[0]))
+
+
+_CACHE_CODE = r"""
+import hashlib, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+import groupsparse as gs
+from groupsparse.projection._uniform import solve_uniform
+
+h = hashlib.sha256()
+for dt in (np.float64, np.float32):
+    for n in (16385, 9, 1000, 2):
+        x = np.random.default_rng(n).normal(size=(3 if n > 9000 else 20000, n)).astype(dt)
+        for s in (0.5, 0.9):
+            z, info = gs.project(x, s, axis=1, return_info=True)
+            h.update(z.tobytes() + np.float64(info.mu).tobytes())
+st = solve_uniform.stats
+print(h.hexdigest(), sum(st.cache_hits.values()), sum(st.cache_misses.values()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="known, not fixed: a process that compiles solve_uniform runs the reassoc "
+                   "kernels' own libraries, one that loads it from the cache runs the caller's re-optimized copies "
+                   "(the cause fixed for nmf/_fastproj.py in 7b4ae2c); the bits differ by a few ulps")
+def test_fresh_compile_and_cache_load_agree(tmp_path):
+    """The equal-length path's bits must not depend on numba's cache state (first process compiles into an empty
+    cache folder, the second loads from it). Observed 2/2 on this machine: different hashes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
+    env.pop("NUMBA_DISABLE_JIT", None)
+    code = _CACHE_CODE.format(root=str(Path(__file__).resolve().parents[1]))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=400)
+        assert out.returncode == 0, out.stderr
+        digest, hits, misses = out.stdout.split()
+        runs.append((digest, int(hits), int(misses)))
+    (fresh, _, misses0), (cached, hits1, _) = runs
+    assert misses0 >= 1 and hits1 >= 1
+    assert fresh == cached
