@@ -179,7 +179,12 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
         if solved is not None:
             return solved
         eng, how = _engine_for(group, engine)
-        flat, info = solve_shared(eng, s, margin=margin, tol=tol, max_iter=max_iter, mu0=mu0)
+        # on a device, the Newton loop runs as tensor ops (one host check every few steps); on the CPU a host sync
+        # is free and both loops give the same bits
+        solver = solve_shared
+        if eng.name == "torch" and eng.device.type != "cpu":
+            from ._torch_loop import solve_device as solver
+        flat, info = solver(eng, s, margin=margin, tol=tol, max_iter=max_iter, mu0=mu0)
         return flat, info, how
 
     if out is not None:
@@ -319,7 +324,7 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
             wblocks += wl
     first = blocks[0] if blocks else None
     on_cuda = is_tensor(first) and first.device.type != "cpu"
-    if engine == "numba" or (engine == "auto" and not on_cuda):
+    if not on_cuda:
         # On the CPU one group at a time is faster: a layer's repeated passes stay in cache, and small groups take
         # the compiled path. Batching pays where each pass costs kernel launches and host syncs (GPU).
         out = [project(grp, float(s), axis=axis, weights=None if weights is None else weights[gi], tol=tol,
