@@ -112,6 +112,28 @@ def key_mid(lo, hi):
     return from_key(a + (b - a) // 2)
 
 
+def one_hot_top(eng):
+    """``(p + m, min p)`` over the engine's nonzero vectors, for the largest one-hot point 2^p m (m in [0.5, 1));
+    ``(-inf, 10**6)`` when every vector is zero."""
+    nz = ~np.asarray(eng.to_host(eng.zero_mask))
+    if not nz.any():
+        return -math.inf, 10**6
+    m, p = np.frexp(eng.ratio_host[nz] / eng.beta_host[nz])
+    p = p + eng.e_host[nz]
+    j = np.lexsort((m, p))[-1]
+    # m rounded up to 40 bits: p + m is then exact (|p| < 2^12), whatever p (equivariance); an m that
+    # rounds up to 1 is 0.5 of the next binade (p + 1.0 would decode below as a zero top, mu_top = 0)
+    pj, mj = float(p[j]), math.ceil(float(m[j]) * 2.0**40) * 2.0**-40
+    if mj == 1.0:
+        pj, mj = pj + 1.0, 0.5
+    return pj + mj, int(p.min())
+
+
+def mu_above_top(top_key: float, p_top: int, E: int) -> float:
+    """A dual value strictly inside the all-one-hot region, in units of 2^E."""
+    return math.ldexp(top_key - p_top, p_top - E) * (1 + 1e-9) if math.isfinite(top_key) else 1.0
+
+
 def reference_exponent(p_max: int, p_min: int) -> int:
     """E such that the group's top (2^p_max) and its smallest vector's range (from 2^(p_min - 60)) are normal
     doubles once divided by 2^E. Taken from the group's own exponents (never a fixed 0), so scaling the data by
@@ -200,20 +222,7 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
     """
     comm = comm or LocalComm()
     r_loc = eng.n_vectors
-    top_key = -math.inf  # p + m for the vector whose one-hot point 2^p m (m in [0.5, 1)) is the largest
-    p_min = 10**6
-    if r_loc:
-        nz = ~np.asarray(eng.to_host(eng.zero_mask))
-        if nz.any():
-            m, p = np.frexp(eng.ratio_host[nz] / eng.beta_host[nz])
-            p = p + eng.e_host[nz]
-            j = np.lexsort((m, p))[-1]
-            # m rounded up to 40 bits: p + m is then exact (|p| < 2^12), whatever p (equivariance); an m that
-            # rounds up to 1 is 0.5 of the next binade (p + 1.0 would decode below as a zero top, mu_top = 0)
-            pj, mj = float(p[j]), math.ceil(float(m[j]) * 2.0**40) * 2.0**-40
-            if mj == 1.0:
-                pj, mj = pj + 1.0, 0.5
-            top_key, p_min = pj + mj, int(p.min())
+    top_key, p_min = one_hot_top(eng) if r_loc else (-math.inf, 10**6)
     # two collectives for all the constants: sums, and maxima (p + m orders the tops like their values)
     r_tot, msum = comm.sum(np.array([float(r_loc), margin * r_loc if margin_sum is None else margin_sum]))
     nzv = eng.cnorm_host > 0 if r_loc else np.zeros(0, dtype=bool)
@@ -228,7 +237,7 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
     if r_loc:
         eng.set_shift(E - eng.e_host)
     # strictly inside the all-one-hot region
-    mu_top = math.ldexp(mx[0] - p_top, p_top - E) * (1 + 1e-9) if math.isfinite(mx[0]) else 1.0
+    mu_top = mu_above_top(mx[0], p_top, E)
     target = r_tot * sparsity
     need = min(r_tot * (sparsity + margin), float(r_tot))
     band = tol * r_tot

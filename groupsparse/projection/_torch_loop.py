@@ -21,8 +21,8 @@ import warnings
 import numpy as np
 import torch
 
-from ._solver import (Evaluation, ProjectionInfo, ProjectionWarning, _resolve_jump, _write, reference_exponent,
-                      solve_shared)
+from ._solver import (Evaluation, ProjectionInfo, ProjectionWarning, _resolve_jump, _write, mu_above_top,
+                      one_hot_top, reference_exponent, solve_shared)
 
 CHECK_EVERY = 8
 _SIGN = -0x8000000000000000
@@ -46,22 +46,13 @@ def key_mid(lo, hi):
 def _setup(eng, sparsity, margin, tol):
     """The constants ``solve_shared`` derives before its loop (one process), from the engine's host arrays."""
     r = eng.n_vectors
-    nz = ~np.asarray(eng.to_host(eng.zero_mask))
-    top_key, p_min = -math.inf, 10**6
-    if nz.any():
-        m, p = np.frexp(eng.ratio_host[nz] / eng.beta_host[nz])
-        p = p + eng.e_host[nz]
-        j = np.lexsort((m, p))[-1]
-        pj, mj = float(p[j]), math.ceil(float(m[j]) * 2.0**40) * 2.0**-40
-        if mj == 1.0:
-            pj, mj = pj + 1.0, 0.5
-        top_key, p_min = pj + mj, int(p.min())
+    top_key, p_min = one_hot_top(eng)
     nzv = eng.cnorm_host > 0
     low = int(eng.e_host[nzv].min()) if nzv.any() else 10**6
     p_top = math.floor(top_key) if math.isfinite(top_key) else 0
     E = reference_exponent(p_top, p_min)
     eng.set_shift(E - eng.e_host)
-    mu_top = math.ldexp(top_key - p_top, p_top - E) * (1 + 1e-9) if math.isfinite(top_key) else 1.0
+    mu_top = mu_above_top(top_key, p_top, E)
     need = min(r * (sparsity + margin), float(r))
     band = tol * r
     with np.errstate(over="ignore"):
