@@ -54,3 +54,55 @@ def test_fresh_compile_and_cache_load_agree(tmp_path):
     assert (hits0, misses0) == (0, 1), "the first process should compile"
     assert (hits1, misses1) == (1, 0), "the second process should load from the cache"
     assert fresh == cached
+
+
+_PROJECTION_CODE = r"""
+import hashlib, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+import groupsparse as gs
+from groupsparse.projection import _small, _uniform
+
+h = hashlib.sha256()
+rng = np.random.default_rng(1)
+for dt in (np.float64, np.float32):
+    cases = [
+        dict(vectors=rng.standard_normal((300, 64)).astype(dt), axis=1),  # equal length: _uniform
+        dict(vectors=rng.standard_normal((2000, 9)).astype(dt), axis=1),  # short equal length
+        dict(vectors=[rng.standard_normal(int(m)).astype(dt) for m in rng.integers(2, 200, 300)]),  # ragged: _small
+        dict(vectors=[rng.standard_normal(int(m)).astype(dt) for m in rng.integers(2, 9, 5)]),  # a small group
+    ]
+    w = [rng.random(int(m)) + 0.1 for m in rng.integers(2, 100, 200)]
+    cases.append(dict(vectors=[rng.standard_normal(len(v)).astype(dt) for v in w], weights=w))  # weighted: engine
+    for kw in cases:
+        for s in (0.5, 0.8):
+            z, info = gs.project(kw["vectors"], s, return_info=True,
+                                 **{{k: v for k, v in kw.items() if k != "vectors"}})
+            parts = z if isinstance(z, list) else [z]
+            h.update(b"".join(np.ascontiguousarray(p).tobytes() for p in parts) + np.float64(info.mu).tobytes())
+hits = sum(sum(f.stats.cache_hits.values()) for f in (_uniform._solve_ser, _small.solve_plain_small))
+misses = sum(sum(f.stats.cache_misses.values()) for f in (_uniform._solve_ser, _small.solve_plain_small))
+print(h.hexdigest(), hits, misses)
+"""
+
+
+@pytest.mark.slow
+def test_projection_fresh_compile_and_cache_load_agree(tmp_path):
+    """``groupsparse.project`` (equal-length, ragged, small and weighted groups, float64 and float32): the same
+    bits from a process that compiles the kernels and one that loads them from the cache. Before the fix the
+    float64 equal-length path differed (``_uniform``'s compiled solve called the separately compiled reassociating
+    pass; now every such kernel is inlined, see ``groupsparse/projection/_kernels.py``)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
+    for k in ("NUMBA_DISABLE_JIT", "GROUPSPARSE_PARALLEL_MIN_ENTRIES", "GROUPSPARSE_PARALLEL_MIN_THREADS"):
+        env.pop(k, None)
+    code = _PROJECTION_CODE.format(root=str(ROOT))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr
+        digest, hits, misses = out.stdout.split()
+        runs.append((digest, int(hits), int(misses)))
+    (fresh, hits0, misses0), (cached, hits1, misses1) = runs
+    assert hits0 == 0 and misses0 >= 2, "the first process should compile"
+    assert hits1 >= 2 and misses1 == 0, "the second process should load from the cache"
+    assert fresh == cached

@@ -5,11 +5,22 @@ enters as a = |x_j| * inv_i with inv_i an exact power of two chosen per vector (
 squares stay near 1 whatever the vector's scale (1e-300 and 1e+300 in one group, subnormals). Weights are
 float64, already normalized per vector by a power of two (``_group``).
 
-Floating-point flags: the reductions use ``reassoc`` (so LLVM vectorizes the sums), ``nsz`` and ``contract``; reassociation
-there only reorders sums of O(1) values. The write kernels get no reassociation at all: there ``(|x| inv - t) S``
-must not be regrouped into products that overflow. Without ``nnan``/``ninf`` the input checks keep IEEE semantics.
+Floating-point flags: the reductions use ``reassoc`` (so LLVM vectorizes the sums), ``nsz`` and ``contract``;
+reassociation there only reorders sums of O(1) values. The write kernels get no reassociation at all: there
+``(|x| inv - t) S`` must not be regrouped into products that overflow. Without ``nnan``/``ninf`` the input
+checks keep IEEE semantics.
 
 Each kernel exists serial and threaded (``parallel=True``): threads pay off only on large groups and many cores.
+
+Compiled code never calls a separately compiled function that reassociates. Numba links a compiled callee into its
+caller's library as a ``linkonce_odr`` copy, optimized a second time there; a process that compiles the caller binds
+its calls to the callee's own library (compiled first), a process that loads the caller from Numba's disk cache runs
+the caller's copy. Under ``reassoc`` the two copies sum in different orders, so results depended on the cache state
+(groupsparse/nmf/_fastproj.py, 7b4ae2c). Hence the reductions add with :func:`radd` / :func:`rmul`, which carry
+the summation flags on those instructions alone: the bodies compile without ``fastmath`` and can be inlined
+(``inline="always"``, :func:`inline_copy`) into exact callers (the compiled solvers in ``_small`` and ``_uniform``)
+with their flags intact, while every other instruction there keeps IEEE semantics. Separately compiled callees of
+compiled code are then exact (no flags), and any copy of them gives the same bits.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ import types
 
 import numba as nb
 import numpy as np
+from numba.core import types as nbt
+from numba.extending import intrinsic
 
 _FM_SUM = {"reassoc", "nsz", "contract"}
 _FM_WRITE = {"nsz"}
@@ -35,14 +48,47 @@ def jit(fn=None, **kw):
         return nb.njit(cache=False, **kw)(fn)
 
 
+_SUM_FLAGS = ("reassoc", "nsz", "contract")
+
+
+@intrinsic
+def radd(typingctx, a, b):
+    """a + b (float64) with the summation flags on this instruction alone (a reduction LLVM may vectorize)."""
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1], flags=_SUM_FLAGS)
+    return nbt.float64(nbt.float64, nbt.float64), codegen
+
+
+@intrinsic
+def rmul(typingctx, a, b):
+    """a * b (float64) with the summation flags (so ``radd(s, rmul(u, u))`` may fuse into one fma)."""
+    def codegen(context, builder, signature, args):
+        return builder.fmul(args[0], args[1], flags=_SUM_FLAGS)
+    return nbt.float64(nbt.float64, nbt.float64), codegen
+
+
+def inline_copy(fn):
+    """A copy of a kernel for compiled callers: no fastmath of its own (its reductions carry theirs, ``radd``),
+    inlined into the caller by Numba, so no compiled code calls a separately compiled reassociating function."""
+    cp = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_inline")
+    cp.__qualname__ = fn.__qualname__ + "_inline"
+    return nb.njit(inline="always")(cp)
+
+
 def twin(fn, fastmath):
-    """(serial, threaded) dispatchers of one kernel; the threaded one gets its own name so caches don't mix."""
+    """(serial, threaded) dispatchers of one kernel; the threaded one gets its own name.
+
+    The threaded one is compiled in each process, never loaded from Numba's disk cache: Numba compiles a
+    ``prange`` loop's body as a function of its own and links a copy into the kernel, optimized again there; a
+    process that compiles the kernel runs the body's own library, one that loads the kernel from the cache runs
+    the copy, and under ``reassoc`` the two sum in different orders (measured: different bits for the same call).
+    Compiled per process, every process runs the same code (and the same bits as the serial kernel)."""
     par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_threaded")
     par.__qualname__ = fn.__qualname__ + "_threaded"
-    return (jit(fn, fastmath=fastmath), jit(par, parallel=True, fastmath=fastmath))
+    return (jit(fn, fastmath=fastmath), nb.njit(cache=False, parallel=True, fastmath=fastmath)(par))
 
 
-@nb.njit(inline="always", fastmath=_FM_SUM)
+@nb.njit(inline="always")
 def plain_sums(xs, inv, t):
     """(support size, sum u, sum u^2) of u = (|xs| inv - t)_+, branch-free so LLVM vectorizes it."""
     m = 0.0
@@ -52,13 +98,13 @@ def plain_sums(xs, inv, t):
         d = abs(np.float64(xs[j])) * inv - t
         pos = d > 0.0
         u = d if pos else 0.0
-        m += 1.0 if pos else 0.0
-        su += u
-        suu += u * u
+        m = radd(m, 1.0 if pos else 0.0)
+        su = radd(su, u)
+        suu = radd(suu, rmul(u, u))
     return m, su, suu
 
 
-@nb.njit(inline="always", fastmath=_FM_SUM)
+@nb.njit(inline="always")
 def abs_sums(xs):
     """(nonzeros, sum a, sum a^2) of a = |xs|: plain_sums at t = 0, except that NaN shows in the sums."""
     m = 0.0
@@ -66,9 +112,9 @@ def abs_sums(xs):
     saa = 0.0
     for j in range(xs.shape[0]):
         a = abs(np.float64(xs[j]))
-        m += 1.0 if a > 0.0 else 0.0
-        sa += a
-        saa += a * a
+        m = radd(m, 1.0 if a > 0.0 else 0.0)
+        sa = radd(sa, a)
+        saa = radd(saa, rmul(a, a))
     return m, sa, saa
 
 
@@ -187,9 +233,9 @@ def _first_pass_plain(x, cstart, clen, cinv, out):
         saa = 0.0
         for j in range(xs.shape[0]):
             a = abs(np.float64(xs[j])) * inv
-            m += 1.0 if a > 0.0 else 0.0
-            sa += a
-            saa += a * a
+            m = radd(m, 1.0 if a > 0.0 else 0.0)
+            sa = radd(sa, a)
+            saa = radd(saa, rmul(a, a))
         out[c, 0] = m
         out[c, 1] = sa
         out[c, 2] = saa
@@ -252,6 +298,7 @@ FIRST_PASS = twin(_first_pass, _FM_SUM)
 EVALUATE = twin(_evaluate, _FM_SUM)
 WRITE = twin(_write, _FM_WRITE)
 FIRST_PASS_PLAIN = twin(_first_pass_plain, _FM_SUM)
+FIRST_PASS_PLAIN_INLINE = inline_copy(_first_pass_plain)  # for compiled callers (``_small``)
 EVALUATE_PLAIN = twin(_evaluate_plain, _FM_SUM)
 EVALUATE_PLAIN_COMPACT = twin(_evaluate_plain_compact, _FM_SUM)
 WRITE_PLAIN = twin(_write_plain, _FM_WRITE)

@@ -6,6 +6,10 @@ over the arithmetic. This runs the same safeguarded Newton (same units, bracket,
 slow-progress switch to bisection on ordered bit patterns) entirely in Numba. A jump (tied largest entries), an
 exhausted ``max_iter``, or a vector whose squares leave [2^-800, 2^800] returns a status that sends the caller to
 the general solver, which handles all of them; tests check that both paths agree.
+
+Every kernel here is inlined into :func:`solve_plain_small` (``inline="always"``; the reductions carry their own
+``reassoc`` flags, ``_kernels.radd``): the only separately compiled callees are exact (no fastmath), so the result
+does not depend on whether this process compiled the solver or loaded it from Numba's cache (``_kernels``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import math
 
 import numpy as np
 
-from ._kernels import _FM_SUM, _FM_WRITE, FIRST_PASS_PLAIN, jit, plain_sums, plain_write, write_onehot
+import numba as nb
+
+from ._kernels import FIRST_PASS_PLAIN_INLINE, jit, plain_sums, plain_write, write_onehot
 
 # The compiled loop takes every ragged group the engine would run serially (measured on the 2-core VM: the five
 # 1-2.4M-entry ResNet-50 layers 17 ms against 30-41 ms through the Python-driven kernels, 1e7 entries in vectors
@@ -23,10 +29,10 @@ from ._kernels import _FM_SUM, _FM_WRITE, FIRST_PASS_PLAIN, jit, plain_sums, pla
 # exercise the general solver).
 SMALL_MAX_ENTRIES = 1 << 20
 _LO_SQ, _HI_SQ = 2.0**-800, 2.0**800
-_first_pass = FIRST_PASS_PLAIN[0]  # sums |x| directly: NaN and Inf show in them
+_first_pass = FIRST_PASS_PLAIN_INLINE  # sums |x| directly: NaN and Inf show in them
 
 
-@jit(fastmath=_FM_SUM)
+@nb.njit(inline="always")
 def _sums_all(x, offsets, inv, t, sums):
     for i in range(offsets.shape[0] - 1):
         sums[i, 0], sums[i, 1], sums[i, 2] = plain_sums(x[offsets[i] : offsets[i + 1]], inv[i], t[i])
@@ -55,7 +61,7 @@ def _total(beta, wn, dt, sums):
     return S, dS
 
 
-@jit(fastmath=_FM_WRITE)
+@nb.njit(inline="always")  # exact arithmetic (no nsz either: the sign of every zero is IEEE's)
 def _write(x, offsets, inv, e, t, sums, out):
     for i in range(offsets.shape[0] - 1):
         o0 = offsets[i]

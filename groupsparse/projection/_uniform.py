@@ -6,16 +6,24 @@ Vector i is x[i n : (i + 1) n]: no offsets array, and no per-vector state outsid
 wherever no square under- or overflows: always for float32 entries, and for float64 entries within
 [2^-450, 2^450] (checked by the first pass; other groups, NaN/Inf, jumps and exhausted iterations go to the
 general solver, as from ``_small.solve_plain_small``).
+
+The serial solve is one compiled function: the passes, the Newton loop and the writes are inlined into
+:func:`solve_uniform` (``inline="always"``), the reductions carrying their own ``reassoc`` flags (``_kernels.radd``)
+and everything else IEEE. Its only separately compiled callees are exact (no fastmath), so its bits do not depend
+on whether this process compiled it or loaded it from Numba's cache (``_kernels``). The threaded solve calls the
+``parallel=True`` twins of the passes, whose loop bodies Numba compiles as functions of their own: it is compiled
+in each process (no disk cache), as they are (``_kernels.twin``).
 """
 
 from __future__ import annotations
 
 import math
+import types
 
 import numba as nb
 import numpy as np
 
-from ._kernels import _FM_SUM, _FM_WRITE, abs_sums, jit, plain_sums, twin
+from ._kernels import abs_sums, inline_copy, jit, plain_sums, radd, twin
 from ._small import _key_mid
 
 UNIFORM = True  # False sends equal-length groups to solve_plain_small (tests compare the two compiled paths)
@@ -34,7 +42,7 @@ _NO_LOW = 0x7FF0000000000000  # the bit pattern of +inf
 _Q = 256  # per-vector sums buffered this many vectors at a time, so the sqrt/divide tail vectorizes across them
 
 
-@nb.njit(inline="always", fastmath=_FM_SUM)
+@nb.njit(inline="always")
 def _tail(k, beta, wn, M, SU, SUU):
     """(sum of sparsities, sum of dh/dT) over k buffered vectors; a vector with no support counts as one-hot."""
     s1 = 0.0
@@ -44,12 +52,12 @@ def _tail(k, beta, wn, M, SU, SUU):
         ok = suu > 0.0
         nu = math.sqrt(suu if ok else 1.0)
         h = SU[q] / nu
-        s1 += beta * (wn - h) if ok else 1.0
-        s2 += (-M[q] + h * h) / nu if ok else 0.0  # = -m/||u|| + <1,u>^2/||u||^3 without cubing tiny norms
+        s1 = radd(s1, beta * (wn - h) if ok else 1.0)
+        s2 = radd(s2, (-M[q] + h * h) / nu if ok else 0.0)  # = -m/||u|| + <1,u>^2/||u||^3 without cubing tiny norms
     return s1, s2
 
 
-@jit(fastmath=_FM_WRITE)  # not inlined: its instructions keep these flags inside the reassociating pass
+@nb.njit(inline="always")  # exact arithmetic: no fastmath (the pass's reductions carry their own flags)
 def _write_block(x, out, v0, k, n, T, SU, SUU):
     """Vectors v0 .. v0 + k - 1 projected at T from their buffered sums; a vector with no support goes one-hot on
     its first largest |x| (as the general engine writes it). Branch-free: which vectors are one-hot is data."""
@@ -132,7 +140,7 @@ def _uniform_first(x, n, P, beta, wn, check, part):
             s1 += a1
             s2 += a2
             for q in range(k):
-                total += SU[q]
+                total = radd(total, SU[q])
                 sq = bits[q]
                 top = max(top, sq)
                 low = min(low, sq if sq > 0 else _NO_LOW)
@@ -153,8 +161,9 @@ def _uniform_first(x, n, P, beta, wn, check, part):
         part[p, 7] = amin
 
 
-UNIFORM_PASS = twin(_uniform_pass, _FM_SUM)
-UNIFORM_FIRST = twin(_uniform_first, _FM_SUM)
+# (serial: inlined into the solve; threaded: parallel=True)
+UNIFORM_PASS = (inline_copy(_uniform_pass), twin(_uniform_pass, False)[1])
+UNIFORM_FIRST = (inline_copy(_uniform_first), twin(_uniform_first, False)[1])
 
 # Groups of at least 16x this many parts (4M vectors up to length 16, 64M entries beyond) first solve on this many
 # (every stride-th part): its passes cost <= 1/16 of a full one, and its root, 2-3e-4 off in average sparsity for
@@ -168,7 +177,7 @@ _pass_ser, _pass_par = UNIFORM_PASS
 _first_ser, _first_par = UNIFORM_FIRST
 
 
-@jit
+@nb.njit(inline="always")
 def _pass(par, x, n, T, beta, wn, stride, write, out, part):
     P = part_size(n)
     if par:
@@ -189,7 +198,7 @@ def _kahan(col):
     return s
 
 
-@jit
+@nb.njit(inline="always")
 def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, m0, max_iter, par, out, halley):
     """Safeguarded Newton on the parts 0, stride, 2 stride, ... (S, dS: their totals at mu = 0; d2S: a curvature
     estimate or NaN): the bracket, the aim inside the band, bisection on ordered bit patterns after two slow
@@ -256,8 +265,7 @@ def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, m0, ma
     return -1, hi, math.nan, it, evals, False, d2S
 
 
-@jit
-def solve_uniform(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
+def _solve(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
     """``solve_plain_small`` for r = len(x) / n vectors of n entries each (x[i n : (i + 1) n]), in O(r / 4096)
     memory: every pass recomputes what it needs per vector. Same statuses and ``stats``; ``par`` runs the
     threaded kernels. Very large groups first solve on a sample of parts and start the full Newton there; its last
@@ -329,3 +337,28 @@ def solve_uniform(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
     if stats.shape[0] > 6:
         stats[6] = written  # (tests and benchmarks: the speculative write was the last pass)
     return 1
+
+
+_solve_ser = jit(_solve)
+
+
+def _threaded(fn, g):
+    f = types.FunctionType(fn.__code__, g, fn.__name__ + "_threaded")
+    f.__qualname__ = f.__name__
+    return nb.njit(cache=False)(f)
+
+
+# The threaded solve: the same functions with the threaded passes, compiled per process (no disk cache: it calls
+# the threaded kernels, see above); not inlined, since nothing here reassociates outside those kernels.
+_g = dict(globals(), _pass_ser=_pass_par, _first_ser=_first_par)
+_g["_pass"] = _threaded(_pass.py_func, _g)
+_g["_newton"] = _threaded(_newton.py_func, _g)
+_solve_thr = _threaded(_solve, _g)
+
+
+def solve_uniform(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
+    return (_solve_thr if par else _solve_ser)(x, n, s, margin, tol, max_iter, mu0, out, stats, par)
+
+
+solve_uniform.__doc__ = _solve.__doc__
+solve_uniform.stats = _solve_ser.stats  # (the cached serial solve's compile/cache statistics)
