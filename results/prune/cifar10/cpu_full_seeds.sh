@@ -28,4 +28,5 @@ run gsp after
 run gmp after
 run gsp-single-shot after
 # then, with both seeds done:
-# python -m groupsparse.experiments report runs/cifar10-cpu-full2 --baseline gmp --out results/prune/cifar10/cpu_full2_table
+# groupsparse report runs/cifar10-cpu-full2 --baseline gmp:during --out results/prune/cifar10/cpu_full2_table-vs-gmp-during
+# groupsparse report runs/cifar10-cpu-full2 --baseline magnitude --out results/prune/cifar10/cpu_full2_table-vs-magnitude
