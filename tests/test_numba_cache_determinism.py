@@ -39,18 +39,25 @@ print(h.hexdigest(), sum(stats.cache_hits.values()), sum(stats.cache_misses.valu
 """
 
 
-@pytest.mark.slow
-def test_fresh_compile_and_cache_load_agree(tmp_path):
+def _compile_then_load(template: str, tmp_path):
+    """Run ``template`` in two fresh processes sharing one empty numba cache folder: the first compiles, the
+    second loads. Returns each run's (digest, cache hits, cache misses)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
-    env.pop("NUMBA_DISABLE_JIT", None)
-    code = _CODE.format(root=str(ROOT))
+    for k in ("NUMBA_DISABLE_JIT", "GROUPSPARSE_PARALLEL_MIN_ENTRIES", "GROUPSPARSE_PARALLEL_MIN_THREADS"):
+        env.pop(k, None)
+    code = template.format(root=str(ROOT))
     runs = []
     for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
         assert out.returncode == 0, out.stderr
         digest, hits, misses = out.stdout.split()
         runs.append((digest, int(hits), int(misses)))
-    (fresh, hits0, misses0), (cached, hits1, misses1) = runs
+    return runs
+
+
+@pytest.mark.slow
+def test_fresh_compile_and_cache_load_agree(tmp_path):
+    (fresh, hits0, misses0), (cached, hits1, misses1) = _compile_then_load(_CODE, tmp_path)
     assert (hits0, misses0) == (0, 1), "the first process should compile"
     assert (hits1, misses1) == (1, 0), "the second process should load from the cache"
     assert fresh == cached
@@ -92,17 +99,7 @@ def test_projection_fresh_compile_and_cache_load_agree(tmp_path):
     bits from a process that compiles the kernels and one that loads them from the cache. Before the fix the
     float64 equal-length path differed (``_uniform``'s compiled solve called the separately compiled reassociating
     pass; now every such kernel is inlined, see ``groupsparse/projection/_kernels.py``)."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
-    for k in ("NUMBA_DISABLE_JIT", "GROUPSPARSE_PARALLEL_MIN_ENTRIES", "GROUPSPARSE_PARALLEL_MIN_THREADS"):
-        env.pop(k, None)
-    code = _PROJECTION_CODE.format(root=str(ROOT))
-    runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr
-        digest, hits, misses = out.stdout.split()
-        runs.append((digest, int(hits), int(misses)))
-    (fresh, hits0, misses0), (cached, hits1, misses1) = runs
+    (fresh, hits0, misses0), (cached, hits1, misses1) = _compile_then_load(_PROJECTION_CODE, tmp_path)
     assert hits0 == 0 and misses0 >= 2, "the first process should compile"
     assert hits1 >= 2 and misses1 == 0, "the second process should load from the cache"
     assert fresh == cached
