@@ -214,11 +214,11 @@ def test_no_offsets_and_no_numpy_side_buffers():
 
 
 def test_sampled_warm_start_on_very_large_groups():
-    """4M+ vectors start from a solve on a sample of parts: same band as a start elsewhere (mu0 skips the
+    """1M+ vectors start from a solve on a sample of parts: same band as a start elsewhere (mu0 skips the
     sample), outputs close, and the same bits on threads."""
-    from groupsparse.projection._uniform import UNIFORM_PART, _SAMPLE_PARTS
+    from groupsparse.projection._uniform import UNIFORM_PART, _SAMPLE_MIN_PARTS
 
-    r = 16 * _SAMPLE_PARTS * UNIFORM_PART
+    r = _SAMPLE_MIN_PARTS * UNIFORM_PART
     x = np.random.default_rng(6).normal(size=(r, 2)).astype(np.float32)
     z, info = run(x, 0.6, "uniform")
     a = np.abs(z.astype(np.float64))

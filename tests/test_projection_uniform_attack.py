@@ -261,10 +261,10 @@ def test_nan_inf_raise_whatever_the_path(bad, dtype):
 
 
 def test_sample_start_with_unlike_sampled_parts():
-    """4M+ vectors: the sampled parts (every stride-th block of 4096) are tied, zero or 2^60 larger than the
+    """1M+ vectors: the sampled parts (every stride-th block of 4096) are tied, zero or 2^60 larger than the
     rest. The sample is only a start: every result lands in the band, measured; threads give the same bits."""
     P = uniform.UNIFORM_PART
-    r = 16 * uniform._SAMPLE_PARTS * P + 5
+    r = uniform._SAMPLE_MIN_PARTS * P + 5
     stride = (r + P - 1) // P // uniform._SAMPLE_PARTS
     x = np.random.default_rng(7).normal(size=(r, 2)).astype(np.float32)
     sampled = np.zeros(r, bool)
