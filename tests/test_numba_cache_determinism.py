@@ -39,12 +39,15 @@ print(h.hexdigest(), sum(stats.cache_hits.values()), sum(stats.cache_misses.valu
 """
 
 
-def _compile_then_load(template: str, tmp_path):
-    """Run ``template`` in two fresh processes sharing one empty numba cache folder: the first compiles, the
-    second loads. Returns each run's (digest, cache hits, cache misses)."""
+def _compile_then_load(template: str, tmp_path, threaded: bool = False):
+    """Run ``template`` in two fresh processes sharing one numba cache folder (empty at first): the first compiles,
+    the second loads. ``threaded`` lowers the threading thresholds so every group takes the threaded passes.
+    Returns each run's (digest, cache hits, cache misses)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
     for k in ("NUMBA_DISABLE_JIT", "GROUPSPARSE_PARALLEL_MIN_ENTRIES", "GROUPSPARSE_PARALLEL_MIN_THREADS"):
         env.pop(k, None)
+    if threaded:
+        env.update(GROUPSPARSE_PARALLEL_MIN_ENTRIES="1", GROUPSPARSE_PARALLEL_MIN_THREADS="1", NUMBA_NUM_THREADS="2")
     code = template.format(root=str(ROOT))
     runs = []
     for _ in range(2):
@@ -87,8 +90,9 @@ for dt in (np.float64, np.float32):
                                  **{{k: v for k, v in kw.items() if k != "vectors"}})
             parts = z if isinstance(z, list) else [z]
             h.update(b"".join(np.ascontiguousarray(p).tobytes() for p in parts) + np.float64(info.mu).tobytes())
-hits = sum(sum(f.stats.cache_hits.values()) for f in (_uniform._solve_ser, _small.solve_plain_small))
-misses = sum(sum(f.stats.cache_misses.values()) for f in (_uniform._solve_ser, _small.solve_plain_small))
+fns = (_uniform._solve_ser, _small.solve_plain_small, _uniform._pass_range, _uniform._first_range)
+hits = sum(sum(f.stats.cache_hits.values()) for f in fns)
+misses = sum(sum(f.stats.cache_misses.values()) for f in fns)
 print(h.hexdigest(), hits, misses)
 """
 
@@ -103,3 +107,14 @@ def test_projection_fresh_compile_and_cache_load_agree(tmp_path):
     assert hits0 == 0 and misses0 >= 2, "the first process should compile"
     assert hits1 >= 2 and misses1 == 0, "the second process should load from the cache"
     assert fresh == cached
+
+
+@pytest.mark.slow
+def test_threaded_projection_is_cached_and_gives_the_serial_bits(tmp_path):
+    """Threaded equal-length passes are cached kernels run by Python threads (``_threads``), not ``parallel=True``
+    kernels compiled in every process: a second process loads them, and every result has the serial bits."""
+    (serial, _, _), _ = _compile_then_load(_PROJECTION_CODE, tmp_path / "serial")
+    (fresh, hits0, misses0), (cached, hits1, misses1) = _compile_then_load(_PROJECTION_CODE, tmp_path / "t", True)
+    assert misses0 >= 4 and hits1 >= 4 and misses1 == 0, (hits0, misses0, hits1, misses1)
+    assert fresh == cached == serial
+

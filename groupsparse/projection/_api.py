@@ -57,7 +57,7 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
     if engine not in ("auto", "numba") or group.weights is not None or SMALL_MAX_ENTRIES < 0:
         return None
     size = data.shape[0]
-    threaded = size >= _numba.PARALLEL_MIN_ENTRIES and _numba.nb.get_num_threads() >= _numba.PARALLEL_MIN_THREADS
+    threaded = _numba.threaded(size)
     n = group.uniform_length
     # equal-length groups: always this path, so the thresholds never change the result's bits (they only decide
     # whether its parts run on threads)
@@ -71,10 +71,8 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
         data, back = data.numpy(), "to_torch"
     out = group.out_flat if group.out_flat is not None else np.empty_like(data)
     stats = np.zeros(6)
-    if uniform and threaded:
-        status = _numba._run_threaded(solve_uniform, data, n, s, margin, tol, max_iter, mu0, out, stats, True)
-    elif uniform:
-        status = solve_uniform(data, n, s, margin, tol, max_iter, mu0, out, stats, False)
+    if uniform:
+        status = solve_uniform(data, n, s, margin, tol, max_iter, mu0, out, stats, threaded)
     else:
         status = solve_plain_small(data, group.offsets, s, margin, tol, max_iter, mu0, out, stats)
     if status < 0:

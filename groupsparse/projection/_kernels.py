@@ -10,7 +10,7 @@ reassociation there only reorders sums of O(1) values. The write kernels get no 
 ``(|x| inv - t) S`` must not be regrouped into products that overflow. Without ``nnan``/``ninf`` the input
 checks keep IEEE semantics.
 
-Each kernel exists serial and threaded (``parallel=True``): threads pay off only on large groups and many cores.
+Each chunk kernel runs serially or on threads (``twin``): threads pay off only on large groups and many cores.
 
 Compiled code never calls a separately compiled function that reassociates. Numba links a compiled callee into its
 caller's library as a ``linkonce_odr`` copy, optimized a second time there; a process that compiles the caller binds
@@ -32,6 +32,8 @@ import numba as nb
 import numpy as np
 from numba.core import types as nbt
 from numba.extending import intrinsic
+
+from ._threads import run_chunks
 
 _FM_SUM = {"reassoc", "nsz", "contract"}
 _FM_WRITE = {"nsz"}
@@ -75,17 +77,13 @@ def inline_copy(fn):
     return nb.njit(inline="always")(cp)
 
 
-def twin(fn, fastmath):
-    """(serial, threaded) dispatchers of one kernel; the threaded one gets its own name.
-
-    The threaded one is compiled in each process, never loaded from Numba's disk cache: Numba compiles a
-    ``prange`` loop's body as a function of its own and links a copy into the kernel, optimized again there; a
-    process that compiles the kernel runs the body's own library, one that loads the kernel from the cache runs
-    the copy, and under ``reassoc`` the two sum in different orders (measured: different bits for the same call).
-    Compiled per process, every process runs the same code (and the same bits as the serial kernel)."""
-    par = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_threaded")
-    par.__qualname__ = fn.__qualname__ + "_threaded"
-    return (jit(fn, fastmath=fastmath), nb.njit(cache=False, parallel=True, fastmath=fastmath)(par))
+def twin(fn, fastmath, per_chunk):
+    """(serial, threaded) runners of one chunk kernel: the threaded one runs the same compiled (cached, GIL-free)
+    kernel on ranges of chunks from Python threads (``_threads``), slicing the arguments at ``per_chunk``. One
+    compiled kernel for both, so threads change no bit, and nothing is compiled per process (Numba's
+    ``parallel=True`` could not be cached safely: ``_threads``)."""
+    serial = jit(fn, fastmath=fastmath, nogil=True)
+    return serial, lambda *args: run_chunks(serial, args, per_chunk)
 
 
 @nb.njit(inline="always")
@@ -139,7 +137,7 @@ def write_onehot(x, out, s0, n, oh):
 
 def _first_pass(x, w, cstart, clen, cinv, out):
     """Per chunk: [sum w^2 on the support, sum w a, sum a^2, max a/w, sum w^2, min w]."""
-    for c in nb.prange(cstart.shape[0]):
+    for c in range(cstart.shape[0]):
         s0 = cstart[c]
         inv = cinv[c]
         m = 0.0
@@ -172,7 +170,7 @@ def _evaluate(src, srcw, sstart, slen, cvec, inv, t, compact, tdrop, dst, dstw, 
     With ``compact``, entries with a > tdrop[vector] w are also copied (as |x|, with their weight) to ``dst`` at
     the same chunk start (``dst`` may be ``src``: the write index never passes the read index).
     """
-    for c in nb.prange(sstart.shape[0]):
+    for c in range(sstart.shape[0]):
         i = cvec[c]
         ti = t[i]
         td = tdrop[i]
@@ -204,7 +202,7 @@ def _evaluate(src, srcw, sstart, slen, cvec, inv, t, compact, tdrop, dst, dstw, 
 
 def _write(x, w, cstart, clen, cvec, inv, t, scale, onehot, out):
     """out = sign(x) (a - t w)_+ scale per vector; vectors with onehot[i] >= 0 keep only that entry."""
-    for c in nb.prange(cstart.shape[0]):
+    for c in range(cstart.shape[0]):
         i = cvec[c]
         s0 = cstart[c]
         oh = onehot[i]
@@ -225,7 +223,7 @@ def _write(x, w, cstart, clen, cvec, inv, t, scale, onehot, out):
 
 def _first_pass_plain(x, cstart, clen, cinv, out):
     """[nonzeros, sum a, sum a^2] per chunk (no max: it would block vectorization; sqrt(sum a^2) bounds it)."""
-    for c in nb.prange(cstart.shape[0]):
+    for c in range(cstart.shape[0]):
         xs = x[cstart[c] : cstart[c] + clen[c]]  # slice + range(len): no negative-index checks, so it vectorizes
         inv = cinv[c]
         m = 0.0
@@ -243,7 +241,7 @@ def _first_pass_plain(x, cstart, clen, cinv, out):
 
 def _evaluate_plain(src, sstart, slen, cvec, inv, t, out):
     """[support size, sum u, sum u^2] per chunk with u = (a - t)_+."""
-    for c in nb.prange(sstart.shape[0]):
+    for c in range(sstart.shape[0]):
         i = cvec[c]
         m, su, suu = plain_sums(src[sstart[c] : sstart[c] + slen[c]], inv[i], t[i])
         out[c, 0] = m
@@ -254,7 +252,7 @@ def _evaluate_plain(src, sstart, slen, cvec, inv, t, out):
 def _evaluate_plain_compact(src, sstart, slen, cvec, inv, t, tdrop, dst, dlen, out):
     """As ``_evaluate_plain``, also compacting entries above tdrop into ``dst`` (a branch-free store of |x|;
     ``dst`` may be ``src``: the write index never passes the read index)."""
-    for c in nb.prange(sstart.shape[0]):
+    for c in range(sstart.shape[0]):
         i = cvec[c]
         ti = t[i]
         td = tdrop[i]
@@ -284,7 +282,7 @@ def _evaluate_plain_compact(src, sstart, slen, cvec, inv, t, tdrop, dst, dlen, o
 
 def _write_plain(x, cstart, clen, cvec, inv, t, scale, onehot, out):
     """out = sign(x) (a - t)_+ scale; one-hot vectors keep only their largest entry."""
-    for c in nb.prange(cstart.shape[0]):
+    for c in range(cstart.shape[0]):
         i = cvec[c]
         oh = onehot[i]
         s0 = cstart[c]
@@ -294,14 +292,14 @@ def _write_plain(x, cstart, clen, cvec, inv, t, scale, onehot, out):
         plain_write(x[s0 : s0 + clen[c]], out[s0 : s0 + clen[c]], inv[i], t[i], scale[i])
 
 
-FIRST_PASS = twin(_first_pass, _FM_SUM)
-EVALUATE = twin(_evaluate, _FM_SUM)
-WRITE = twin(_write, _FM_WRITE)
-FIRST_PASS_PLAIN = twin(_first_pass_plain, _FM_SUM)
+FIRST_PASS = twin(_first_pass, _FM_SUM, (2, 3, 4, 5))
+EVALUATE = twin(_evaluate, _FM_SUM, (2, 3, 4, 11, 12))
+WRITE = twin(_write, _FM_WRITE, (2, 3, 4))
+FIRST_PASS_PLAIN = twin(_first_pass_plain, _FM_SUM, (1, 2, 3, 4))
 FIRST_PASS_PLAIN_INLINE = inline_copy(_first_pass_plain)  # for compiled callers (``_small``)
-EVALUATE_PLAIN = twin(_evaluate_plain, _FM_SUM)
-EVALUATE_PLAIN_COMPACT = twin(_evaluate_plain_compact, _FM_SUM)
-WRITE_PLAIN = twin(_write_plain, _FM_WRITE)
+EVALUATE_PLAIN = twin(_evaluate_plain, _FM_SUM, (1, 2, 3, 6))
+EVALUATE_PLAIN_COMPACT = twin(_evaluate_plain_compact, _FM_SUM, (1, 2, 3, 8, 9))
+WRITE_PLAIN = twin(_write_plain, _FM_WRITE, (1, 2, 3))
 
 
 # ---- per-vector helpers for the few vectors that need them (serial: they run on a handful of vectors)

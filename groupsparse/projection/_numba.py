@@ -15,67 +15,29 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import threading
 
-import numba as nb
 import numpy as np
 
 from . import _kernels as K
 from ._solver import Evaluation, h_and_slope
+from ._threads import threads
 
 CHUNK = 1 << 14
 # Threads pay off only on large groups and with enough cores. Measured: on a 2-core VM threads never beat the
 # serial vectorized loop (1e7 entries: 18-97 ms threaded vs 32 ms serial), while 16 cores ran 1e7 entries at
-# 0.9 ns/entry and the ResNet-50 benchmark at 3.1-3.7x copy with threads from 0.25-1M entries.
+# 0.9 ns/entry and the ResNet-50 benchmark at 3.1-3.7x copy with threads from 0.25-1M entries. Threads are Python
+# threads running the cached serial kernels on ranges of chunks (``_threads``): no Numba thread pool is started.
 PARALLEL_MIN_ENTRIES = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_ENTRIES", 1 << 20))
 PARALLEL_MIN_THREADS = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_THREADS", 4))
 # A vectorized pass costs about half a copy, compacting ~1 cycle per entry: typical solves need 3-4 evaluations,
 # so compaction starts only on solves that keep going (ties, bisection, weighted brackets).
 COMPACT_AFTER = 4
-# numba's workqueue threading layer aborts the process when two threads enter parallel kernels at once: threaded
-# kernels are entered one caller at a time (uncontended, the lock costs ~100 ns).
-_PAR_LOCK = threading.Lock()
 _SAFE_SQ = (2.0**-800, 2.0**800)  # sums of squares in this range leave every relevant entry's square normal
-# Threads beside torch. numba's default layer order (tbb, omp, workqueue) picks OpenMP when tbb is missing, and
-# with torch imported first numba's omppool binds to torch's libgomp: every parallel launch then calls
-# omp_set_num_threads on torch's runtime (torch.set_num_threads(1) came back as 2) and numba's OpenMP threads spin
-# after each pass. Before numba starts its pool (once per process) the order becomes tbb, workqueue, omp (a pool
-# of its own), unless the user chose (NUMBA_THREADING_LAYER / NUMBA_THREADING_LAYER_PRIORITY, or
-# numba.config.THREADING_LAYER set in code); whatever layer runs, torch's thread count is restored after each call.
-# The pool is started when this module is imported (numba.get_num_threads(), which the threading thresholds call,
-# would start it anyway).
 
 
-class _KeepTorchThreads:
-    """Restores torch's thread count (when torch is already imported; never imported here) on exit."""
-
-    def __enter__(self):
-        self.torch = torch = sys.modules.get("torch")
-        self.n = torch.get_num_threads() if torch is not None and hasattr(torch, "get_num_threads") else None
-
-    def __exit__(self, *exc):
-        if self.n is not None and self.torch.get_num_threads() != self.n:
-            self.torch.set_num_threads(self.n)
-
-
-def _start_pool():
-    from numba.np.ufunc import parallel
-
-    user = ("NUMBA_THREADING_LAYER" in os.environ or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ
-            or nb.config.THREADING_LAYER != "default")
-    if not parallel._is_initialized and not user:
-        nb.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
-    with _KeepTorchThreads():  # numba's OpenMP pool sets the OpenMP thread count when it starts
-        nb.get_num_threads()
-
-
-_start_pool()
-
-
-def _run_threaded(fn, *args):
-    with _PAR_LOCK, _KeepTorchThreads():
-        return fn(*args)
+def threaded(n_entries: int) -> bool:
+    """Whether a group of this size runs its passes on threads (a speed choice only: never changes a bit)."""
+    return n_entries >= PARALLEL_MIN_ENTRIES and threads() >= PARALLEL_MIN_THREADS
 
 
 def _reduce_rows(per_chunk, first):
@@ -97,7 +59,7 @@ class NumbaEngine:
         self.weighted = weights is not None
         self.w = weights if self.weighted else np.ones(1)  # unweighted kernels never read it
         self.offsets = offsets
-        self.par = int(data.shape[0] >= PARALLEL_MIN_ENTRIES and nb.get_num_threads() >= PARALLEL_MIN_THREADS)
+        self.par = int(threaded(data.shape[0]))
         r = len(offsets) - 1
         self.n_vectors = r
         lengths = np.diff(offsets)
@@ -175,9 +137,7 @@ class NumbaEngine:
         self.n_evals = 0
 
     def _run(self, kernels, *args):
-        if self.par:
-            return _run_threaded(kernels[1], *args)
-        return kernels[0](*args)
+        return kernels[self.par](*args)
 
     def _first_pass(self, cinv, chunks):
         cs, cl = (self.cstart, self.clen) if chunks is None else (self.cstart[chunks], self.clen[chunks])

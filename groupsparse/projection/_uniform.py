@@ -10,20 +10,20 @@ general solver, as from ``_small.solve_plain_small``).
 The serial solve is one compiled function: the passes, the Newton loop and the writes are inlined into
 :func:`solve_uniform` (``inline="always"``), the reductions carrying their own ``reassoc`` flags (``_kernels.radd``)
 and everything else IEEE. Its only separately compiled callees are exact (no fastmath), so its bits do not depend
-on whether this process compiled it or loaded it from Numba's cache (``_kernels``). The threaded solve calls the
-``parallel=True`` twins of the passes, whose loop bodies Numba compiles as functions of their own: it is compiled
-in each process (no disk cache), as they are (``_kernels.twin``).
+on whether this process compiled it or loaded it from Numba's cache (``_kernels``). Threaded, the same solve
+hands each pass to Python threads running the pass compiled on its own over ranges of parts (``_threads``):
+cached too, and the same bits whatever the thread count.
 """
 
 from __future__ import annotations
 
 import math
-import types
 
 import numba as nb
 import numpy as np
 
-from ._kernels import abs_sums, inline_copy, jit, plain_sums, radd, twin
+from ._kernels import abs_sums, inline_copy, jit, plain_sums, radd
+from ._threads import run_parts
 from ._small import _key_mid
 
 UNIFORM = True  # False sends equal-length groups to solve_plain_small (tests compare the two compiled paths)
@@ -93,17 +93,17 @@ def _write_block(x, out, v0, k, n, T, SU, SUU, ones):
             os_[j] = xs[j] if j == arg else 0.0
 
 
-def _uniform_pass(x, n, P, T, beta, wn, stride, write, out, part):
-    """One pass at threshold T over the parts (P vectors each) 0, stride, 2 stride, ...: part[p] = [sum sp,
-    sum dh/dT, vectors].
+def _uniform_pass(x, n, P, T, beta, wn, stride, write, out, part, p0):
+    """One pass at threshold T over the parts (P vectors each) p0, p0 + stride, p0 + 2 stride, ...: part[p] =
+    [sum sp, sum dh/dT, vectors] of part p0 + p.
     With ``write`` the projection at T is also written to ``out`` (the solver's speculative last pass)."""
     r = x.shape[0] // n
-    for p in nb.prange(part.shape[0]):
+    for p in range(part.shape[0]):
         M = np.empty(_Q)
         SU = np.empty(_Q)
         SUU = np.empty(_Q)
         ones = np.empty(_Q, np.int64)
-        v0 = p * stride * P
+        v0 = (p0 + p) * stride * P
         v1 = min(r, v0 + P)
         s1 = 0.0
         s2 = 0.0
@@ -122,16 +122,16 @@ def _uniform_pass(x, n, P, T, beta, wn, stride, write, out, part):
         part[p, 2] = max(v1 - v0, 0)
 
 
-def _uniform_first(x, n, P, beta, wn, check, part):
+def _uniform_first(x, n, P, beta, wn, check, part, p0):
     """The pass at T = 0, also: [3] largest and [4] smallest nonzero vector sum of squares, [5] sum |x| (NaN and
     Inf show in it), and with ``check`` [6] largest and [7] smallest nonzero |x| (the float64 range rule)."""
     r = x.shape[0] // n
-    for p in nb.prange(part.shape[0]):
+    for p in range(part.shape[0]):
         M = np.empty(_Q)
         SU = np.empty(_Q)
         SUU = np.empty(_Q)
         bits = SUU.view(np.int64)  # nonnegative doubles order like their bit patterns: integer max/min vectorize
-        v0 = p * P
+        v0 = (p0 + p) * P
         v1 = min(r, v0 + P)
         s1 = 0.0
         s2 = 0.0
@@ -170,9 +170,23 @@ def _uniform_first(x, n, P, beta, wn, check, part):
         part[p, 7] = amin
 
 
-# (serial: inlined into the solve; threaded: parallel=True)
-UNIFORM_PASS = (inline_copy(_uniform_pass), twin(_uniform_pass, False)[1])
-UNIFORM_FIRST = (inline_copy(_uniform_first), twin(_uniform_first, False)[1])
+# Serial: inlined into the solve. Threaded: the same function compiled on its own (cached, GIL-free), run on
+# ranges of parts by Python threads (``_threads``), reached from the compiled solve through an object-mode hop.
+_pass_ser, _pass_range = inline_copy(_uniform_pass), jit(_uniform_pass, nogil=True)
+_first_ser, _first_range = inline_copy(_uniform_first), jit(_uniform_first, nogil=True)
+
+
+@jit
+def _pass_threaded(x, n, P, T, beta, wn, stride, write, out, part):
+    with nb.objmode():
+        run_parts(_pass_range, (x, n, P, T, beta, wn, stride, write, out), part)
+
+
+@jit
+def _first_threaded(x, n, P, beta, wn, check, part):
+    with nb.objmode():
+        run_parts(_first_range, (x, n, P, beta, wn, check), part)
+
 
 # Groups of at least 4x this many parts (1M vectors up to length 16, 16M entries beyond) first solve on about this
 # many (every stride-th part): its passes cost <= 1/4 of a full one, and its root, 2-3e-4 off in average sparsity
@@ -183,17 +197,13 @@ _SAMPLE_MIN_PARTS = 4 * _SAMPLE_PARTS
 _RANGE64 = 2.0**450  # float64 entries within [2^-450, 2^450]: no square or sum under- or overflows in any pass
 
 
-_pass_ser, _pass_par = UNIFORM_PASS
-_first_ser, _first_par = UNIFORM_FIRST
-
-
 @nb.njit(inline="always")
 def _pass(par, x, n, T, beta, wn, stride, write, out, part):
     P = part_size(n)
     if par:
-        _pass_par(x, n, P, T, beta, wn, stride, write, out, part)
+        _pass_threaded(x, n, P, T, beta, wn, stride, write, out, part)
     else:
-        _pass_ser(x, n, P, T, beta, wn, stride, write, out, part)
+        _pass_ser(x, n, P, T, beta, wn, stride, write, out, part, 0)
 
 
 @jit
@@ -288,9 +298,9 @@ def _solve(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
     beta = 1.0 / (sq - 1.0)
     first = np.zeros((nparts, 8))
     if par:
-        _first_par(x, n, P, beta, wn, x.itemsize == 8, first)
+        _first_threaded(x, n, P, beta, wn, x.itemsize == 8, first)
     else:
-        _first_ser(x, n, P, beta, wn, x.itemsize == 8, first)
+        _first_ser(x, n, P, beta, wn, x.itemsize == 8, first, 0)
     if not math.isfinite(_kahan(first[:, 5])):
         return -2  # NaN or Inf: the general solver reports it
     if x.itemsize == 8 and (first[:, 6].max() > _RANGE64 or first[:, 7].min() < 1.0 / _RANGE64):
@@ -352,23 +362,9 @@ def _solve(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
 _solve_ser = jit(_solve)
 
 
-def _threaded(fn, g):
-    f = types.FunctionType(fn.__code__, g, fn.__name__ + "_threaded")
-    f.__qualname__ = f.__name__
-    return nb.njit(cache=False)(f)
-
-
-# The threaded solve: the same functions with the threaded passes, compiled per process (no disk cache: it calls
-# the threaded kernels, see above); not inlined, since nothing here reassociates outside those kernels.
-_g = dict(globals(), _pass_ser=_pass_par, _first_ser=_first_par)
-_g["_pass"] = _threaded(_pass.py_func, _g)
-_g["_newton"] = _threaded(_newton.py_func, _g)
-_solve_thr = _threaded(_solve, _g)
-
-
 def solve_uniform(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
-    return (_solve_thr if par else _solve_ser)(x, n, s, margin, tol, max_iter, mu0, out, stats, par)
+    return _solve_ser(x, n, s, margin, tol, max_iter, mu0, out, stats, par)
 
 
 solve_uniform.__doc__ = _solve.__doc__
-solve_uniform.stats = _solve_ser.stats  # (the cached serial solve's compile/cache statistics)
+solve_uniform.stats = _solve_ser.stats  # (the cached solve's compile/cache statistics)
