@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from ._solver import Evaluation, h_and_slope
-from ._torch_layout import F64, Layout, Piece
+from ._torch_layout import F64, Compacted, Layout, Piece
+
+COMPACT_MIN = 1 << 15  # entries: below, building the compacted copy costs more than the passes it shortens
 
 
 def ldexp(values, shift):
@@ -39,8 +41,22 @@ class TorchEngine:
         self.weighted = weights is not None
         self.w = weights.to(F64) if self.weighted else None
         self._buf, self._cache = None, {}
+        # float32 rows of one length, unweighted: the caller's units (see ``_fast``)
+        self.fast = data.dtype == torch.float32 and not self.weighted and bool(self.lay.kind)
+        self._cs = torch.empty((3, r), dtype=F64, device=self.device)  # a pass's raw sums, written per piece
+        # active-set compaction (``confirm_lower``): the host solver on the CPU, one row length. Its sums add in
+        # another order than a full pass: set False for the device loop's bits (``_torch_loop`` does)
+        self.compact = (self.cpu and self.fast and self.lay.all_uniform and len(self.lay.kind) == 1
+                        and data.numel() >= COMPACT_MIN)
+        self._spec = self._comp = None
         peak = torch.empty(r, dtype=F64, device=self.device)
         for p in self.lay.pieces:  # max |x| without an |x| temporary; NaN propagates, inf stays inf
+            if self._fast(p):  # one pass: the peak and the caller-unit sums at mu = 0 (u = |x|)
+                v = self._views(p)
+                a = v[1].copy_(v[0]).abs_()
+                torch.amax(a, 1, out=peak[p.v0 : p.v1])
+                self._fast_sums(a, v)
+                continue
             xs = self.lay.rows(data, p)
             peak[p.v0 : p.v1] = torch.maximum(self.lay.reduce(xs, p, "max"), -self.lay.reduce(xs, p, "min"))
         if not bool(torch.isfinite(peak).all()):
@@ -51,20 +67,22 @@ class TorchEngine:
         self.sigma = ldexp(torch.ones_like(peak), self.e)
         # one pass for everything per vector: the stats at mu = 0, the largest ratio, the weights' norms
         zero = torch.zeros(r, dtype=F64, device=self.device)
-        self.stats0 = torch.empty((r, 3), dtype=F64, device=self.device)
         self._argmax_pos = None  # found when first needed (one-hot vectors): one pass fewer in most solves
         if self.weighted:
             self.ratio_max, self.wnorm, self.wmin = torch.empty_like(zero), torch.empty_like(zero), torch.empty_like(zero)
         else:
             self.ratio_max = peak * self.inv  # the largest a, exactly (a power of two)
         for p in self.lay.pieces:
+            if self._fast(p):
+                continue
             a = self._a(p)
-            self.stats0[p.v0 : p.v1] = self._piece_stats(a, p)  # u = (a - 0)_+ = a
+            self._piece_stats(a, p)  # u = (a - 0)_+ = a
             if self.weighted:
                 wv = self.lay.rows(self.w, p)
                 self.ratio_max[p.v0 : p.v1] = self.lay.reduce(a / wv, p, "max")
                 self.wnorm[p.v0 : p.v1] = self.lay.reduce(wv * wv, p, "sum").sqrt()
                 self.wmin[p.v0 : p.v1] = self.lay.reduce(wv, p, "min")
+        self.stats0 = self._finish()
         if not self.weighted:
             self.wnorm = torch.as_tensor(np.sqrt(np.diff(offsets).astype(np.float64)), device=self.device)
             self.wmin = torch.ones_like(self.wnorm)
@@ -72,6 +90,7 @@ class TorchEngine:
         self.zero_mask = self.ratio_max == 0
         self.cnorm = self.stats0[:, 2].sqrt()
         self.shift = -self.e
+        self._scales()
         host = torch.stack([self.beta, self.wnorm, self.wmin, self.ratio_max, self.inv, self.cnorm]).cpu().numpy()
         self.beta_host, self.wnorm_host, self.wmin_host, self.ratio_host, self.inv_host, self.cnorm_host = host
         self.e_host = self.e.cpu().numpy()
@@ -90,18 +109,48 @@ class TorchEngine:
     # ---- per-piece arithmetic (one chunk of float64 temporaries at a time)
 
     def _views(self, p: Piece):
-        """(input rows, scratch 0, scratch 1, 1/2^e column) of a piece, made once per call: slicing and viewing cost
-        more than a 32K-entry op. The scratch buffers are reused by every pass, so no pass allocates (a fresh chunk
-        costs page faults on every op on the CPU, about 5x the op itself)."""
+        """(input rows, scratch 0, scratch 1, 1/2^e column, and the piece's slices of the three raw sums), made once
+        per call: slicing and viewing cost more than a 32K-entry op. The scratch buffers are reused by every pass,
+        so no pass allocates (a fresh chunk costs page faults on every op on the CPU, about 5x the op itself)."""
         v = self._cache.get(p)
         if v is None:
             if self._buf is None:
                 self._buf = torch.empty((2, max(q.e1 - q.e0 for q in self.lay.pieces)), dtype=F64, device=self.device)
             q = Piece(0, p.e1 - p.e0, p.v0, p.v1, p.n)
-            inv = self.lay.col(self.inv, p) if p.n else None  # ragged columns are piece-sized: not kept
+            inv = self.lay.col(self.inv, p) if p.n and not self._fast(p) else None  # (ragged: piece-sized)
             v = self._cache[p] = (self.lay.rows(self.x, p), self.lay.rows(self._buf[0], q),
-                                  self.lay.rows(self._buf[1], q), inv)
+                                  self.lay.rows(self._buf[1], q), inv, *self._cs[:, p.v0 : p.v1].unbind())
         return v
+
+    def _fast(self, p: Piece) -> bool:
+        """Float32 rows of one length, unweighted: u' = (|x| - T)_+ in the caller's units, T = t 2^e the same for
+        every row of that length. u' = u 2^e exactly (no float32 entry, square or sum of them leaves float64's
+        normal range; a subnormal t is below half an ulp of every nonzero |x| in both units), so the sums are the
+        a-unit sums times powers of two, bit for bit, in four elementwise ops instead of six with two broadcasts."""
+        return self.fast and p.n > 0
+
+    @staticmethod
+    def _fast_sums(u, v):
+        """The raw sums of u' >= 0 into the piece's slices: support size, sum u', ||u'|| (scaled in ``_finish``)."""
+        torch.sign(u, out=v[2])  # 1 on the support, else 0 (exact); cheaper than a bool mask (and gt: a bool temporary)
+        torch.sum(v[2], 1, out=v[4])
+        torch.sum(u, 1, out=v[5])
+        torch.linalg.vector_norm(u, dim=1, out=v[6])
+
+    def _finish(self):
+        """[sum w^2 on the support, sum w u, sum u^2] per vector in a-units from the raw sums of a pass."""
+        m, su, q = self._cs
+        if not self.fast:
+            return torch.stack([m, su, q], 1)
+        su_a, suu_a = su * self.inv, (q * self.inv).square()  # powers of two: exact
+        if not self.lay.all_uniform:
+            su_a, suu_a = torch.where(self.lay.uniform_rows, su_a, su), torch.where(self.lay.uniform_rows, suu_a, q)
+        return torch.stack([m, su_a, suu_a], 1)
+
+    def _fast_thresholds(self, t, host: bool):
+        """T = t 2^e per row length (``_fast``): Python floats where a host sync is free, else 0-d tensors."""
+        tk = t[self.lay.first] * self.sigma[self.lay.first]
+        return tk.tolist() if host else [tk[k] for k in range(len(tk))]
 
     def _x64(self, p: Piece, k: int = 0):
         """The piece's entries in float64, in scratch buffer ``k`` (a copy: the caller's data is never written)."""
@@ -122,24 +171,77 @@ class TorchEngine:
         return (a.sub_(tc * self.lay.rows(self.w, p)) if self.weighted else a.sub_(tc)).clamp_min_(0)
 
     def _piece_stats(self, u, p: Piece):
-        """[sum w^2 on the support, sum w u, sum u^2] of the piece's vectors."""
+        """[sum w^2 on the support, sum w u, sum u^2] of the piece's vectors, into the raw sums."""
         lay = self.lay
-        on = torch.sign(u, out=self._views(p)[2])  # 1 on the support, else 0 (exact); cheaper than a bool mask
+        v = self._views(p)
+        on = torch.sign(u, out=v[2])  # 1 on the support, else 0 (exact); cheaper than a bool mask
         if self.weighted:
             wv = lay.rows(self.w, p)
-            m = lay.reduce(on * wv * wv, p, "sum")
-            swu = lay.reduce(wv * u, p, "sum")
+            v[4].copy_(lay.reduce(on * wv * wv, p, "sum"))
+            v[5].copy_(lay.reduce(wv * u, p, "sum"))
         else:
-            m = lay.reduce(on, p, "sum")
-            swu = lay.reduce(u, p, "sum")
-        suu = torch.linalg.vector_norm(u, dim=1).square() if p.n else lay.reduce(u * u, p, "sum")
-        return torch.stack([m, swu, suu], 1)
+            v[4].copy_(lay.reduce(on, p, "sum"))
+            v[5].copy_(lay.reduce(u, p, "sum"))
+        v[6].copy_(torch.linalg.vector_norm(u, dim=1).square() if p.n else lay.reduce(u * u, p, "sum"))
 
-    def _pass(self, t):
-        stats = torch.empty((self.n_vectors, 3), dtype=F64, device=self.device)
+    def _pass(self, t, host: bool, spec=None):
+        """The raw sums at thresholds ``t`` and their a-unit stats. With ``spec`` (the host solver's mu, when
+        compaction is on) the survivors' positions are kept too, for ``confirm_lower`` to compact to if mu turns
+        out to be the bracket's lower end (the first Newton step almost always is)."""
+        tk = self._fast_thresholds(t, host) if self.fast else None
+        if self._comp is not None and host and tk[0] >= self._comp.T:
+            return self._pass_compact(tk[0])
+        keep = [] if spec is not None and self.compact and self._comp is None else None
+        xn = self.x.detach().numpy() if keep is not None else None
+        limit, n_kept = self._budget() // 9, 0  # (8 bytes a value and 1 of mask; padding is checked later)
+        kind = self.lay.kind
         for p in self.lay.pieces:
-            stats[p.v0 : p.v1] = self._piece_stats(self._u(p, t), p)
-        return stats
+            if self._fast(p):
+                v = self._views(p)
+                u = v[1].copy_(v[0]).abs_().sub_(tk[kind[p.n]]).clamp_min_(0)
+                self._fast_sums(u, v)
+                if keep is not None:  # the survivors' |x| while the piece is in cache (float32: exact)
+                    idx = np.flatnonzero(np.greater(u.numpy().reshape(-1), 0.0))  # a bool mask: the fast nonzero
+                    n_kept += len(idx)
+                    if n_kept > limit:
+                        keep = None  # too many survivors: no compaction at this mu
+                    else:
+                        keep.append(np.abs(xn[p.e0 : p.e1].take(idx)))
+            else:
+                self._piece_stats(self._u(p, t), p)
+        self._spec = (spec, tk[0], keep, self._cs[0].numpy().astype(np.int64)) if keep is not None else None
+        return self._finish()
+
+    def _budget(self) -> int:
+        """Bytes the compacted copy may take: with the output and a few chunks, the call stays under 2x the input."""
+        return int(0.6 * self.x.numel() * self.x.element_size())
+
+    def _pass_compact(self, T: float):
+        c = self._comp
+        for (a, b), (rows, u, on, m, su, q) in zip(c.chunks, c.views):
+            self._fast_sums(torch.sub(rows, T, out=u).clamp_min_(0), (None, None, on, None, m, su, q))
+        return self._finish()
+
+    def confirm_lower(self, mu: float) -> None:
+        """The solver will not evaluate below mu: compact to the entries above its threshold, when the last pass
+        kept them (``_pass``) and they fit the memory budget."""
+        spec, self._spec = self._spec, None
+        if spec is None or spec[0] != mu or not self.compact or self._comp is not None:
+            return
+        _, T, keep, counts = spec
+        W = max(int(counts.max()), 1)
+        if 9 * W * len(counts) > self._budget():  # padded to the longest row: too much
+            return
+        vals = np.concatenate(keep)
+        del keep, spec
+        c = Compacted(T, vals, counts, self._buf.shape[1])
+        buf = self._buf
+        c.views = []
+        for a, b in c.chunks:
+            k = (b - a) * c.W
+            c.views.append((c.pad[a:b], buf[0, :k].view(b - a, c.W), buf[1, :k].view(b - a, c.W),
+                            *self._cs[:, a:b].unbind()))
+        self._comp = c
 
     # ---- the engine protocol (``_solver.solve_shared``, ``_batched``)
 
@@ -160,15 +262,21 @@ class TorchEngine:
 
     def set_shift(self, shift):
         self.shift = torch.as_tensor(np.asarray(shift, dtype=np.int64), device=self.device)
+        self._scales()
+
+    def _scales(self):
+        """The two powers of two ``ldexp`` multiplies by, for the current shift, once per solve (the same products
+        in the same order: the same bits), and ldexp(beta, shift)."""
+        half = torch.div(self.shift, 2, rounding_mode="floor")
+        two = torch.full((), 2.0, dtype=F64, device=self.device)
+        self._p1, self._p2 = two.pow(half.double()), two.pow((self.shift - half).double())
+        self._dT = self.beta * self._p1 * self._p2
 
     def thresholds(self, mu):
-        return ldexp(mu * self.beta, self.shift)
+        return mu * self.beta * self._p1 * self._p2
 
     def copy_input(self):
         return self.x.clone()
-
-    def confirm_lower(self, mu: float) -> None:
-        pass  # no active-set compaction: on torch it costs more than the passes it saves (docs/torch-engine.md)
 
     def _onehot(self, stats, t, sync: bool = True):
         empty = (stats[:, 0] == 0) | self.zero_mask
@@ -195,7 +303,7 @@ class TorchEngine:
         elif mu == 0.0:
             stats = self.stats0  # thresholds 0: the first pass measured it
         else:
-            stats = self._pass(torch.where(torch.isinf(t), 1e300, t))
+            stats = self._pass(torch.where(torch.isinf(t), 1e300, t), self.cpu, mu)
         empty, onehot, hval = self._onehot(stats, t)
         h, dh = h_and_slope(torch, stats, empty, hval)
         return Evaluation(mu if mu is not None else math.nan, h, dh, (t, stats, onehot))
@@ -204,17 +312,17 @@ class TorchEngine:
         """``evaluate_shared`` at a 0-d device tensor ``mu``, without a host sync: (S, dS, sp, state) as device
         tensors. ``_torch_loop`` drives it."""
         t = self.thresholds(mu)
-        stats = self._pass(torch.where(torch.isinf(t), 1e300, t))
+        stats = self._pass(torch.where(torch.isinf(t), 1e300, t), False)
         empty, onehot, hval = self._onehot(stats, t, sync=False)
         h, dh = h_and_slope(torch, stats, empty, hval)
         sp = self.beta * (self.wnorm - h)
-        ds = torch.where(dh != 0, -self.beta * dh * ldexp(self.beta, self.shift), 0.0)
+        ds = torch.where(dh != 0, -self.beta * dh * self._dT, 0.0)
         return sp.sum(), ds.sum(), sp, (t, stats, onehot)
 
     def evaluate_shared(self, mu: float) -> Evaluation:
         ev = self.evaluate_vec(self.thresholds(mu), mu)
         ev.sp = self.beta * (self.wnorm - ev.h)
-        ds = torch.where(ev.dh != 0, -self.beta * ev.dh * ldexp(self.beta, self.shift), 0.0)
+        ds = torch.where(ev.dh != 0, -self.beta * ev.dh * self._dT, 0.0)
         ev.S, ev.dS = torch.stack([ev.sp.sum(), ds.sum()]).tolist()
         return ev
 
@@ -223,12 +331,26 @@ class TorchEngine:
         t = torch.where(torch.isinf(t), 1e300, t)
         oh = onehot >= 0
         any_oh = not self.cpu or bool(oh.any())  # (a host sync is free on the CPU; once per solve)
+        tk = self._fast_thresholds(t, self.cpu) if self.fast else None
+        if self.fast:  # one threshold per row length (not so where a jump mixes the bracket's ends): one sync
+            tv = t * self.sigma
+            same = tv == tv[self.lay.first][self.lay.kind_rows]
+            fast = bool((same | ~self.lay.uniform_rows).all())
+            neg = -scale
         for p in self.lay.pieces:
-            x64 = self._x64(p, 1)
-            z = self._u(p, t, x64)
-            # (u scale) then the power of two, in place: never one product that overflows where the result does not
-            z.mul_(self.lay.col(scale, p)).mul_(self.lay.col(self.sigma, p))
-            z.copysign_(x64)
+            if self.fast and fast and p.n:
+                # z = (clamp(x, -T, T) - x)(-scale) = copysign(u' scale, x) for |x| > T and -0 elsewhere; adding
+                # 0 x then gives every zero the sign of x (copysign itself costs three of these ops)
+                x, z, x64 = self._views(p)[:3]
+                x64.copy_(x)
+                T = tk[self.lay.kind[p.n]]
+                z = torch.clamp(x64, -T, T, out=z).sub_(x64).mul_(self.lay.col(neg, p)).add_(x64, alpha=0)
+            else:
+                x64 = self._x64(p, 1)
+                z = self._u(p, t, x64)
+                # (u scale) then the power of two, in place: never one product that overflows where the result does not
+                z.mul_(self.lay.col(scale, p)).mul_(self.lay.col(self.sigma, p))
+                z.copysign_(x64)
             if any_oh:
                 z.masked_fill_(self.lay.col(oh, p), 0.0)
             self.lay.rows(out, p).copy_(z)

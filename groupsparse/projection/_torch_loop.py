@@ -86,6 +86,7 @@ def solve_device(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
     ``guard()`` is entered around each block of steps (tests pass one that fails on any host sync)."""
     if eng.weighted or eng.n_vectors == 0:
         return solve_shared(eng, sparsity, margin=margin, tol=tol, max_iter=max_iter, mu0=mu0)
+    eng.compact = False  # (the host solver's CPU compaction adds its sums in another order; a device never compacts)
     E, mu_top, target, need, band, aim, low, bound = _setup(eng, sparsity, margin, tol)
     r = eng.n_vectors
     evals = 1
