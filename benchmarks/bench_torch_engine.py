@@ -11,8 +11,9 @@ Cases (float32, N(0, 0.02^2) for ResNet-50, N(0, 1) otherwise, s = 0.8, vectors 
 Per case: time of the torch engine, of the numba engine and of a torch copy (clone) of the same tensors, timed
 in the same process (best of ``--repeat``); peak extra memory = growth of the resident set (VmHWM - VmRSS
 before the call, /proc/self/status) in a fresh process, outputs kept alive, over the input's bytes. CUDA (when
-present): the same timings on the GPU with ``torch.cuda.max_memory_allocated``. Writes
-benchmarks/results/torch-engine-cpu.json (and -cuda.json).
+present): the same timings on the GPU with ``torch.cuda.max_memory_allocated``. CPU rows also record each
+engine's best process CPU time (``cpu_s``, all threads summed: steadier than wall time on a shared machine, and
+with one thread the same work). Writes benchmarks/results/torch-engine-cpu.json (and -cuda.json; ``--out``).
 """
 
 from __future__ import annotations
@@ -67,14 +68,19 @@ def worker_time(device, repeat, threads):
         torch.set_num_threads(threads)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def best(fn):
-        times = []
+    cpu = {}
+
+    def best(fn, key=None):
+        times, ptimes = [], []
         for _ in range(repeat):
             sync()
-            t0 = time.perf_counter()
+            t0, p0 = time.perf_counter(), time.process_time()
             fn()
             sync()
             times.append(time.perf_counter() - t0)
+            ptimes.append(time.process_time() - p0)
+        if key:  # CPU seconds of this process (all its threads): steadier than wall time on a shared machine
+            cpu[key] = min(ptimes)
         return min(times)
 
     rows = {}
@@ -83,13 +89,16 @@ def worker_time(device, repeat, threads):
         engines = ["torch"] + (["numba"] if device == "cpu" else [])
         for e in engines:
             _run(case, mats, e)  # warm: numba compiles or loads its cache
+        cpu.clear()
         row = {"entries": int(sum(m.numel() for m in mats)),
-               "copy_s": best(lambda: [m.clone() for m in mats])}
+               "copy_s": best(lambda: [m.clone() for m in mats], "copy")}
         for e in engines:
-            row[f"{e}_s"] = best(lambda: _run(case, mats, e))
+            row[f"{e}_s"] = best(lambda: _run(case, mats, e), e)
         row["torch_over_copy"] = row["torch_s"] / row["copy_s"]
         if "numba_s" in row:
             row["torch_over_numba"] = row["torch_s"] / row["numba_s"]
+            row["cpu_s"] = dict(cpu)
+            row["cpu_torch_over_numba"] = cpu["torch"] / cpu["numba"]
         rows[case] = row
     return {"package": gs.__file__, "torch_threads": torch.get_num_threads(), "cases": rows}
 
@@ -151,7 +160,8 @@ def main():
                 t["cases"][case].update(_spawn(src, ["--worker", "mem", device, case]))
             res["versions"][name] = t
             for case, row in t["cases"].items():
-                vs = f", {row['torch_over_numba']:.1f}x numba" if "torch_over_numba" in row else ""
+                vs = (f", {row['torch_over_numba']:.1f}x numba (CPU time {row['cpu_torch_over_numba']:.1f}x)"
+                      if "torch_over_numba" in row else "")
                 print(f"{device} {name:6s} {case:8s} torch {1e3 * row['torch_s']:8.1f} ms ({row['torch_over_copy']:.0f}x "
                       f"copy{vs}); peak extra memory {row['peak_extra_over_input']:.2f}x input", flush=True)
         res["load_after"] = os.getloadavg()

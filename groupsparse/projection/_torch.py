@@ -48,7 +48,7 @@ class TorchEngine:
         # another order than a full pass: set False for the device loop's bits (``_torch_loop`` does)
         self.compact = (self.cpu and self.fast and self.lay.all_uniform and len(self.lay.kind) == 1
                         and data.numel() >= COMPACT_MIN)
-        self._spec = self._comp = None
+        self._spec = self._comp = self._none = None
         peak = torch.empty(r, dtype=F64, device=self.device)
         for p in self.lay.pieces:  # max |x| without an |x| temporary; NaN propagates, inf stays inf
             if self._fast(p):  # one pass: the peak and the caller-unit sums at mu = 0 (u = |x|)
@@ -188,7 +188,13 @@ class TorchEngine:
         """The raw sums at thresholds ``t`` and their a-unit stats. With ``spec`` (the host solver's mu, when
         compaction is on) the survivors' positions are kept too, for ``confirm_lower`` to compact to if mu turns
         out to be the bracket's lower end (the first Newton step almost always is)."""
-        tk = self._fast_thresholds(t, host) if self.fast else None
+        tk = None
+        if self.fast and host and spec is not None:  # T from mu on the host: the same products, no tensor op
+            tk = [spec * b * p1 * p2 for b, p1, p2, _ in self._tk_host]
+            tk = [(v if math.isfinite(v) else 1e300) * h[3] for v, h in zip(tk, self._tk_host)]
+        if tk is None or not self.lay.all_uniform:
+            t = torch.where(torch.isinf(t), 1e300, t)
+            tk = tk or (self._fast_thresholds(t, host) if self.fast else None)
         if self._comp is not None and host and tk[0] >= self._comp.T:
             return self._pass_compact(tk[0])
         keep = [] if spec is not None and self.compact and self._comp is None else None
@@ -271,6 +277,9 @@ class TorchEngine:
         two = torch.full((), 2.0, dtype=F64, device=self.device)
         self._p1, self._p2 = two.pow(half.double()), two.pow((self.shift - half).double())
         self._dT = self.beta * self._p1 * self._p2
+        if self.cpu and self.fast:  # per row length: beta, the two powers, 2^e of its first row (``_pass``)
+            f = self.lay.first
+            self._tk_host = torch.stack([self.beta[f], self._p1[f], self._p2[f], self.sigma[f]], 1).tolist()
 
     def thresholds(self, mu):
         return mu * self.beta * self._p1 * self._p2
@@ -280,11 +289,13 @@ class TorchEngine:
 
     def _onehot(self, stats, t, sync: bool = True):
         empty = (stats[:, 0] == 0) | self.zero_mask
-        none = torch.full_like(self.e, -1)
+        if self._none is None:  # (constants: never written into)
+            self._none, self._ones = torch.full_like(self.e, -1), torch.ones_like(self.beta)
+        none = self._none
         if sync and self.cpu and not bool(empty.any()):  # the common case; a host sync is free here
-            return empty, none, torch.ones_like(t)
+            return empty, none, self._ones
         if not self.weighted:
-            return empty, torch.where(empty, self.argmax_pos, none), torch.ones_like(t)
+            return empty, torch.where(empty, self.argmax_pos, none), self._ones
         # t -> inf (and zero vectors): the smallest weight, ties to the largest |c|, decided exactly; read from the
         # whole input (a compacted copy lacks the entries an empty vector's argmax may be at)
         pos = torch.empty_like(none)
@@ -303,7 +314,7 @@ class TorchEngine:
         elif mu == 0.0:
             stats = self.stats0  # thresholds 0: the first pass measured it
         else:
-            stats = self._pass(torch.where(torch.isinf(t), 1e300, t), self.cpu, mu)
+            stats = self._pass(t, self.cpu, mu)
         empty, onehot, hval = self._onehot(stats, t)
         h, dh = h_and_slope(torch, stats, empty, hval)
         return Evaluation(mu if mu is not None else math.nan, h, dh, (t, stats, onehot))
@@ -312,7 +323,7 @@ class TorchEngine:
         """``evaluate_shared`` at a 0-d device tensor ``mu``, without a host sync: (S, dS, sp, state) as device
         tensors. ``_torch_loop`` drives it."""
         t = self.thresholds(mu)
-        stats = self._pass(torch.where(torch.isinf(t), 1e300, t), False)
+        stats = self._pass(t, False)
         empty, onehot, hval = self._onehot(stats, t, sync=False)
         h, dh = h_and_slope(torch, stats, empty, hval)
         sp = self.beta * (self.wnorm - h)
