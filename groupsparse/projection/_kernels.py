@@ -31,6 +31,7 @@ import types
 import numba as nb
 import numpy as np
 from numba.core import types as nbt
+from llvmlite import ir
 from numba.extending import intrinsic
 
 from ._threads import run_chunks
@@ -67,6 +68,40 @@ def rmul(typingctx, a, b):
     def codegen(context, builder, signature, args):
         return builder.fmul(args[0], args[1], flags=_SUM_FLAGS)
     return nbt.float64(nbt.float64, nbt.float64), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, u):
+    """The float32 whose bit pattern is the uint32 ``u``, widened to float64 (exact)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.FloatType()), ir.DoubleType())
+    return nbt.float64(nbt.uint32), codegen
+
+
+@intrinsic
+def _f64_bits(typingctx, u):
+    """The float64 whose bit pattern is the uint64 ``u``."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return nbt.float64(nbt.uint64), codegen
+
+
+@nb.njit(inline="always")
+def abs_max(x, o0, o1):
+    """max |x[o0:o1]| in float64 (0 for an empty range), exact and without flags: an integer max of the
+    sign-cleared bit patterns (nonnegative floats order like them) vectorizes where a float max does not (its NaN
+    semantics: 1.4 ns/entry against 0.2). NaN comes out as NaN (its pattern tops inf's)."""
+    if x.itemsize == 4:
+        xb = x.view(np.uint32)
+        m = np.uint32(0)
+        for j in range(o0, o1):
+            m = max(m, xb[j] & np.uint32(0x7FFFFFFF))
+        return _f32_bits(m)
+    yb = x.view(np.uint64)
+    m64 = np.uint64(0)
+    for j in range(o0, o1):
+        m64 = max(m64, yb[j] & np.uint64(0x7FFFFFFFFFFFFFFF))
+    return _f64_bits(m64)
 
 
 def inline_copy(fn):
