@@ -57,7 +57,7 @@ def test_compacted_solve_matches_the_full_solve(s, compacts):
     out, info = solve_shared(eng, s, tol=1e-12, max_iter=100)
     full, info_f = solve_shared(_engine(x, compact=False), s, tol=1e-12, max_iter=100)
     # compacted at the first lower end, unless too many entries survive there (s = 0.3: most of them)
-    assert (eng._comp is not None) == compacts
+    assert (eng._comp.pad is not None) == compacts
     assert info.evaluations == info_f.evaluations
     assert abs(info.sparsity - info_f.sparsity) <= 1e-12 and info.sparsity >= s
     assert abs(info.mu - info_f.mu) <= 1e-12 * info_f.mu
@@ -80,6 +80,6 @@ def test_no_compaction_past_the_memory_budget_or_below_the_size_floor():
     dense = torch.from_numpy(np.random.default_rng(3).random((200, 400)).astype(np.float32) + 1.0)  # flat rows
     eng = _engine(dense)
     solve_shared(eng, 0.05, tol=1e-12, max_iter=100)  # nearly everything survives the first lower end
-    assert eng._comp is None
+    assert eng._comp.pad is None
     small = _engine(_data("normal", r=20, n=50))
     assert not small.compact

@@ -20,6 +20,22 @@ from ._torch_layout import F64, Compacted, Layout, Piece
 COMPACT_MIN = 1 << 15  # entries: below, building the compacted copy costs more than the passes it shortens
 
 
+class _HostXP:
+    """torch for the host solver's per-vector arithmetic (``h_and_slope``), but sqrt from NumPy: torch's CPU sqrt
+    splits work at 2048 entries, so a sqrt over the vectors woke the thread pool on every evaluation (5 ms each on
+    the shared 2-core machine with two torch threads); both are the correctly rounded IEEE sqrt."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def sqrt(x):
+        return torch.from_numpy(np.asarray(np.sqrt(x.detach().numpy())))
+
+
+HOST_XP = _HostXP()
+
+
 def ldexp(values, shift):
     """values * 2^shift, exact even where 2^shift alone would overflow (two halves)."""
     half = torch.div(shift, 2, rounding_mode="floor")
@@ -48,7 +64,9 @@ class TorchEngine:
         # another order than a full pass: set False for the device loop's bits (``_torch_loop`` does)
         self.compact = (self.cpu and self.fast and self.lay.all_uniform and len(self.lay.kind) == 1
                         and data.numel() >= COMPACT_MIN)
-        self._spec = self._comp = self._none = None
+        # (the copy's budget: with the output and a few chunks the call stays under 2x the input)
+        self._comp = Compacted(data, self._cs, int(0.6 * data.numel() * data.element_size())) if self.compact else None
+        self._none = None
         peak = torch.empty(r, dtype=F64, device=self.device)
         for p in self.lay.pieces:  # max |x| without an |x| temporary; NaN propagates, inf stays inf
             if self._fast(p):  # one pass: the peak and the caller-unit sums at mu = 0 (u = |x|)
@@ -88,7 +106,7 @@ class TorchEngine:
             self.wmin = torch.ones_like(self.wnorm)
         self.beta = 1.0 / (self.wnorm - self.wmin)
         self.zero_mask = self.ratio_max == 0
-        self.cnorm = self.stats0[:, 2].sqrt()
+        self.cnorm = (HOST_XP if self.cpu else torch).sqrt(self.stats0[:, 2])
         self.shift = -self.e
         self._scales()
         host = torch.stack([self.beta, self.wnorm, self.wmin, self.ratio_max, self.inv, self.cnorm]).cpu().numpy()
@@ -110,16 +128,25 @@ class TorchEngine:
 
     def _views(self, p: Piece):
         """(input rows, scratch 0, scratch 1, 1/2^e column, and the piece's slices of the three raw sums), made once
-        per call: slicing and viewing cost more than a 32K-entry op. The scratch buffers are reused by every pass,
-        so no pass allocates (a fresh chunk costs page faults on every op on the CPU, about 5x the op itself)."""
+        per call for every piece: slicing and viewing cost more than a 32K-entry op (``split`` makes a run of them
+        in one call). The scratch buffers are reused by every pass, so no pass allocates (a fresh chunk costs page
+        faults on every op on the CPU, about 5x the op itself)."""
         v = self._cache.get(p)
         if v is None:
-            if self._buf is None:
-                self._buf = torch.empty((2, max(q.e1 - q.e0 for q in self.lay.pieces)), dtype=F64, device=self.device)
-            q = Piece(0, p.e1 - p.e0, p.v0, p.v1, p.n)
-            inv = self.lay.col(self.inv, p) if p.n and not self._fast(p) else None  # (ragged: piece-sized)
-            v = self._cache[p] = (self.lay.rows(self.x, p), self.lay.rows(self._buf[0], q),
-                                  self.lay.rows(self._buf[1], q), inv, *self._cs[:, p.v0 : p.v1].unbind())
+            pieces = self.lay.pieces
+            self._buf = torch.empty((2, max(q.e1 - q.e0 for q in pieces)), dtype=F64, device=self.device)
+            xs = self.x.split([q.e1 - q.e0 for q in pieces])
+            cs = [row.split([q.v1 - q.v0 for q in pieces]) for row in self._cs]
+            shape = {}  # pieces of one shape share their scratch views
+            for i, q in enumerate(pieces):
+                key = (q.v1 - q.v0, q.n, q.e1 - q.e0)
+                if key not in shape:
+                    z = Piece(0, q.e1 - q.e0, q.v0, q.v1, q.n)
+                    shape[key] = (self.lay.rows(self._buf[0], z), self.lay.rows(self._buf[1], z))
+                inv = self.lay.col(self.inv, q) if q.n and not self._fast(q) else None  # (ragged: piece-sized)
+                x = xs[i].view(q.v1 - q.v0, q.n) if q.n else xs[i]
+                self._cache[q] = (x, *shape[key], inv, cs[0][i], cs[1][i], cs[2][i])
+            v = self._cache[p]
         return v
 
     def _fast(self, p: Piece) -> bool:
@@ -139,7 +166,7 @@ class TorchEngine:
 
     def _finish(self):
         """[sum w^2 on the support, sum w u, sum u^2] per vector in a-units from the raw sums of a pass."""
-        m, su, q = self._cs
+        m, su, q = self._cs[0], self._cs[1], self._cs[2]
         if not self.fast:
             return torch.stack([m, su, q], 1)
         su_a, suu_a = su * self.inv, (q * self.inv).square()  # powers of two: exact
@@ -185,9 +212,9 @@ class TorchEngine:
         v[6].copy_(torch.linalg.vector_norm(u, dim=1).square() if p.n else lay.reduce(u * u, p, "sum"))
 
     def _pass(self, t, host: bool, spec=None):
-        """The raw sums at thresholds ``t`` and their a-unit stats. With ``spec`` (the host solver's mu, when
-        compaction is on) the survivors' positions are kept too, for ``confirm_lower`` to compact to if mu turns
-        out to be the bracket's lower end (the first Newton step almost always is)."""
+        """The raw sums at thresholds ``t`` and their a-unit stats. With ``spec`` (the host solver's mu) and
+        compaction on, the survivors are kept too, for ``confirm_lower`` to compact to if mu turns out to be the
+        bracket's lower end (the first Newton step almost always is)."""
         tk = None
         if self.fast and host and spec is not None:  # T from mu on the host: the same products, no tensor op
             tk = [spec * b * p1 * p2 for b, p1, p2, _ in self._tk_host]
@@ -195,59 +222,29 @@ class TorchEngine:
         if tk is None or not self.lay.all_uniform:
             t = torch.where(torch.isinf(t), 1e300, t)
             tk = tk or (self._fast_thresholds(t, host) if self.fast else None)
-        if self._comp is not None and host and tk[0] >= self._comp.T:
-            return self._pass_compact(tk[0])
-        keep = [] if spec is not None and self.compact and self._comp is None else None
-        xn = self.x.detach().numpy() if keep is not None else None
-        limit, n_kept = self._budget() // 9, 0  # (8 bytes a value and 1 of mask; padding is checked later)
+        comp = self._comp if self.compact and host else None
+        if comp is not None and comp.pad is not None and tk[0] >= comp.T:
+            comp.sums(tk[0], self._fast_sums)
+            return self._finish()
+        if comp is not None and spec is not None:
+            comp.start(spec, tk[0])
         kind = self.lay.kind
         for p in self.lay.pieces:
             if self._fast(p):
                 v = self._views(p)
                 u = v[1].copy_(v[0]).abs_().sub_(tk[kind[p.n]]).clamp_min_(0)
                 self._fast_sums(u, v)
-                if keep is not None:  # the survivors' |x| while the piece is in cache (float32: exact)
-                    idx = np.flatnonzero(np.greater(u.numpy().reshape(-1), 0.0))  # a bool mask: the fast nonzero
-                    n_kept += len(idx)
-                    if n_kept > limit:
-                        keep = None  # too many survivors: no compaction at this mu
-                    else:
-                        keep.append(np.abs(xn[p.e0 : p.e1].take(idx)))
+                if comp is not None:
+                    comp.piece(u, p)  # (keeps the survivors' |x| while the piece is in cache)
             else:
                 self._piece_stats(self._u(p, t), p)
-        self._spec = (spec, tk[0], keep, self._cs[0].numpy().astype(np.int64)) if keep is not None else None
-        return self._finish()
-
-    def _budget(self) -> int:
-        """Bytes the compacted copy may take: with the output and a few chunks, the call stays under 2x the input."""
-        return int(0.6 * self.x.numel() * self.x.element_size())
-
-    def _pass_compact(self, T: float):
-        c = self._comp
-        for (a, b), (rows, u, on, m, su, q) in zip(c.chunks, c.views):
-            self._fast_sums(torch.sub(rows, T, out=u).clamp_min_(0), (None, None, on, None, m, su, q))
+        if comp is not None:
+            comp.end()
         return self._finish()
 
     def confirm_lower(self, mu: float) -> None:
-        """The solver will not evaluate below mu: compact to the entries above its threshold, when the last pass
-        kept them (``_pass``) and they fit the memory budget."""
-        spec, self._spec = self._spec, None
-        if spec is None or spec[0] != mu or not self.compact or self._comp is not None:
-            return
-        _, T, keep, counts = spec
-        W = max(int(counts.max()), 1)
-        if 9 * W * len(counts) > self._budget():  # padded to the longest row: too much
-            return
-        vals = np.concatenate(keep)
-        del keep, spec
-        c = Compacted(T, vals, counts, self._buf.shape[1])
-        buf = self._buf
-        c.views = []
-        for a, b in c.chunks:
-            k = (b - a) * c.W
-            c.views.append((c.pad[a:b], buf[0, :k].view(b - a, c.W), buf[1, :k].view(b - a, c.W),
-                            *self._cs[:, a:b].unbind()))
-        self._comp = c
+        if self.compact:  # no later pass goes below mu: compact to its survivors (``Compacted``)
+            self._comp.confirm(mu, self._buf)
 
     # ---- the engine protocol (``_solver.solve_shared``, ``_batched``)
 
@@ -316,7 +313,7 @@ class TorchEngine:
         else:
             stats = self._pass(t, self.cpu, mu)
         empty, onehot, hval = self._onehot(stats, t)
-        h, dh = h_and_slope(torch, stats, empty, hval)
+        h, dh = h_and_slope(HOST_XP if self.cpu else torch, stats, empty, hval)
         return Evaluation(mu if mu is not None else math.nan, h, dh, (t, stats, onehot))
 
     def evaluate_device(self, mu):

@@ -120,18 +120,56 @@ class Layout:
 
 
 class Compacted:
-    """The entries of a one-length group above a confirmed lower threshold T (caller's units): per row their |x| in
-    float64, left-aligned in an (r, W) matrix padded with zeros ((0 - T')_+ = 0 adds nothing to any sum), W the
-    largest count. Gathered with NumPy on the CPU: torch has no fast stream compaction there (masked_select and
-    nonzero cost ~5 ns an entry, NumPy's flatnonzero of a bool mask ~1)."""
+    """Active-set compaction of a one-length group on the CPU (caller's units). A pass at the host solver's mu keeps
+    the survivors' |x| (``keep``: while each piece is in cache); when mu is confirmed as the bracket's lower end no
+    later pass goes below its threshold T, so the kept entries, left-aligned per row in an (r, W) float64 matrix
+    padded with zeros ((0 - T')_+ = 0 adds nothing to any sum), replace the input for the sums. Gathered with NumPy:
+    torch has no fast stream compaction on the CPU (masked_select, nonzero: ~5 ns an entry; NumPy's flatnonzero of
+    a bool mask ~1). The sums add in another order than a full pass (the device loop never compacts)."""
 
-    def __init__(self, T: float, vals: np.ndarray, counts: np.ndarray, room: int):
-        r = len(counts)
-        self.T = T
-        self.W = W = max(int(counts.max()), 1)
+    def __init__(self, x: torch.Tensor, cs: torch.Tensor, budget: int):
+        self.x = x.detach().numpy().reshape(-1)
+        self.cs, self.budget = cs, budget  # the engine's raw sums (3, r); bytes the compacted copy may take
+        self.kept = self.pad = None
+
+    def start(self, mu: float, T: float):
+        """A pass at mu (threshold T) begins: keep its survivors, unless compacted already."""
+        self.mu, self.T, self.n = mu, T, 0
+        self.keep = [] if self.pad is None else None
+
+    def piece(self, u: torch.Tensor, p: Piece):
+        if self.keep is not None:
+            idx = np.flatnonzero(np.greater(u.numpy().reshape(-1), 0.0))  # a bool mask: the fast nonzero
+            self.n += len(idx)
+            if self.n > self.budget // 9:  # (8 bytes a value and 1 of mask; the padding is checked later)
+                self.keep = None  # too many survivors at this mu
+            else:
+                self.keep.append(np.abs(self.x[p.e0 : p.e1].take(idx)))  # (float32: exact)
+
+    def end(self):
+        self.kept = (self.mu, self.T, self.keep, self.cs[0].numpy().astype(np.int64)) if self.keep is not None else None
+        self.keep = None
+
+    def confirm(self, mu: float, buf: torch.Tensor) -> None:
+        """mu is the bracket's lower end: compact to what its pass kept, if that was the last pass and fits."""
+        kept, self.kept = self.kept, None
+        if kept is None or kept[0] != mu or self.pad is not None:
+            return
+        _, T, keep, counts = kept
+        r, W = len(counts), max(int(counts.max()), 1)
+        if 9 * W * r > self.budget:  # padded to the longest row: too much
+            return
+        vals = np.concatenate(keep)
+        del keep, kept
         mask = np.arange(W) < counts[:, None]
         pad = np.zeros((r, W))
         pad[mask] = vals  # (float32 |x| to float64: exact)
-        self.pad = torch.from_numpy(pad)
-        step = max(1, room // W)  # rows a chunk (``room``: the engine's scratch, at least one row)
-        self.chunks = [(a, min(a + step, r)) for a in range(0, r, step)]
+        self.pad, self.T, self.W = torch.from_numpy(pad), T, W
+        step = max(1, buf.shape[1] // W)  # rows a chunk, in the engine's scratch (at least one row)
+        self.views = [(self.pad[a:b], buf[0, : (b - a) * W].view(b - a, W), buf[1, : (b - a) * W].view(b - a, W),
+                       *self.cs[:, a:b].unbind()) for a in range(0, r, step) for b in [min(a + step, r)]]
+
+    def sums(self, T: float, fast_sums):
+        """A pass on the compacted entries (T >= the compaction's): the raw sums, as ``fast_sums`` writes them."""
+        for rows, u, on, m, su, q in self.views:
+            fast_sums(torch.sub(rows, T, out=u).clamp_min_(0), (None, None, on, None, m, su, q))
