@@ -48,8 +48,15 @@ def best_of(fn, repeat: int) -> float:
     return min(times)
 
 
-def resnet_layers(rng, xp="numpy", device="cpu"):
-    mats = [rng.normal(0, 0.02, size=s).astype(np.float32).reshape(s[0], -1) for s in resnet50_weight_shapes()]
+def resnet_layers(rng, xp="numpy", device="cpu", init="normal"):
+    """ResNet-50's weights as (out, fan_in) float32 matrices: N(0, 0.02^2), or ``kaiming-uniform`` (PyTorch's
+    default Conv2d/Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): uniformly distributed entries)."""
+    def draw(s):
+        if init == "kaiming-uniform":
+            b = 1.0 / math.sqrt(math.prod(s[1:]))
+            return rng.uniform(-b, b, size=s)
+        return rng.normal(0, 0.02, size=s)
+    mats = [draw(s).astype(np.float32).reshape(s[0], -1) for s in resnet50_weight_shapes()]
     if xp == "torch":
         import torch
 
@@ -171,9 +178,9 @@ def bench_short(rng, sizes, repeat, baseline=None, s=0.8):
     return rows
 
 
-def bench_resnet_before(rng, repeat, baseline, s=0.8):
+def bench_resnet_before(rng, repeat, baseline, s=0.8, init="normal"):
     """ResNet-50 per-layer calls, this checkout against the baseline, interleaved (regression check)."""
-    mats = resnet_layers(rng)
+    mats = resnet_layers(rng, init=init)
     fns = {"copy": lambda: [m.copy() for m in mats],
            "ours": lambda: [gs.project(m, s, axis=1) for m in mats],
            "before": lambda: [baseline.project(m, s, axis=1) for m in mats]}
@@ -184,9 +191,13 @@ def bench_resnet_before(rng, repeat, baseline, s=0.8):
             t0 = time.perf_counter()
             f()
             best[k] = min(best[k], time.perf_counter() - t0)
-    row = {"copy_s": best["copy"]} | {f"{k}_ratio_to_copy": best[k] / best["copy"] for k in ("ours", "before")}
-    print(f"  resnet50 per layer: ours {row['ours_ratio_to_copy']:.2f}x copy, before {row['before_ratio_to_copy']:.2f}x",
-          flush=True)
+    row = {"init": init, "copy_s": best["copy"]} | {f"{k}_ratio_to_copy": best[k] / best["copy"] for k in ("ours", "before")}
+    for k, mod in (("ours", gs), ("before", baseline)):  # evaluations per layer, weighted by the layer's entries
+        ev = [mod.project(m, s, axis=1, return_info=True)[1].evaluations for m in mats]
+        row[f"{k}_evaluations_per_entry"] = float(np.average(ev, weights=[m.size for m in mats]))
+    print(f"  resnet50 ({init}) per layer: ours {row['ours_ratio_to_copy']:.2f}x copy "
+          f"({row['ours_evaluations_per_entry']:.2f} evaluations), before {row['before_ratio_to_copy']:.2f}x "
+          f"({row['before_evaluations_per_entry']:.2f})", flush=True)
     return row
 
 
@@ -252,7 +263,9 @@ def main():
         import numba
 
         res["numba"] = numba.__version__
-        res["numba_threads"] = numba.get_num_threads()
+        from groupsparse.projection._threads import threads
+
+        res["numba_threads"] = threads()  # (the projection's threads; numba's own pool is never started)
     except ImportError:
         pass
     res["load_average"] = os.getloadavg()[0]  # the machine is shared: the 1-minute load when this run started
@@ -284,6 +297,7 @@ def main():
         res["short_vectors"] = bench_short(rng, [1e6, 1e7] + ([] if args.quick else [1e8]), repeat, baseline)
         if baseline:
             res["resnet50_vs_before"] = bench_resnet_before(rng, repeat, baseline)
+            res["resnet50_kaiming_uniform_vs_before"] = bench_resnet_before(rng, repeat, baseline, init="kaiming-uniform")
     if "memory" not in args.skip:
         res["memory"] = bench_memory(args.baseline, big=not args.quick)
     dev = "cuda" if any(r.get("device", "").startswith("cuda") for r in res.get("torch", [])) else "cpu"

@@ -67,6 +67,8 @@ def cases():
         "ragged": [torch.from_numpy(rng.normal(size=n)) for n in rng.integers(2, 40, 30)],
         "ties": 0.1 * signs,  # every entry tied: a jump, split on the host at the end
         "mixed exponents": torch.from_numpy(rng.normal(size=(6, 20)) * 10.0 ** rng.integers(-300, 300, (6, 1))),
+        # S convex at first: Newton from 0 overshoots past the top, the next steps are secants of the bracket
+        "uniform": torch.from_numpy(rng.uniform(-1, 1, size=(40, 300))),
     }
 
 
@@ -124,3 +126,14 @@ def test_cuda_loop_does_not_sync(name):
     b, ib = solve_device(engine(x, "cuda"), 0.6, tol=1e-12, max_iter=100, guard=strict)
     assert torch.equal(a, b)
     assert ia.as_dict() == ib.as_dict()
+
+
+def test_uniform_data_takes_secant_steps_not_tiny_bisections():
+    """Regression (both loops): on uniform entries the host solver took 21-26 evaluations, bisecting bit patterns
+    from lo = 0 after Newton overshot the top; the secant of the bracket brings it to <= 12."""
+    x = cases()["uniform"]
+    for s in (0.8, 0.9):
+        _, ia = solve_shared(engine(x), s, tol=1e-12, max_iter=100)
+        _, ib = solve_device(engine(x), s, tol=1e-12, max_iter=100, guard=NoSync)
+        assert ia.evaluations == ib.evaluations <= 12, (ia.evaluations, ib.evaluations)
+

@@ -186,7 +186,7 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, mu0, out, stats):
             cand = math.nan
             if slow < 2 and dS > 0.0:
                 cand = mu + (aim - S) / dS
-            if not (lo < cand < hi) and slow < 2 and S_hi > S_lo:  # a secant of the bracket (_uniform._newton)
+            if not (lo < cand < hi) and lo == 0.0 and S_hi > S_lo:  # a secant of the bracket (_uniform._newton)
                 cand = lo + (aim - S_lo) * ((hi - lo) / (S_hi - S_lo))
             if not (lo < cand < hi):
                 cand = _key_mid(lo, hi, buf, ibuf)

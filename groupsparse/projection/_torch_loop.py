@@ -119,6 +119,7 @@ def solve_device(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
     has_hi = torch.zeros((), dtype=torch.bool, device=dev)
     converged = torch.zeros_like(has_hi)
     top_mu = scalar(mu_top)
+    r_all = scalar(float(r))  # S past the top: every vector one-hot
     cur = lo
     m0 = math.ldexp(mu0, -E) if mu0 else math.nan
     if 0.0 < m0 < mu_top:  # the warm start, as solve_shared takes it
@@ -142,15 +143,20 @@ def solve_device(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
                 active = ~(converged | disc)
                 n_it = n_it + active.long()
                 top = torch.where(has_hi, hi.mu, top_mu)
+                S_top = torch.where(has_hi, hi.S, r_all)
                 newton = cur.mu + (aim - cur.S) / torch.where(cur.dS > 0, cur.dS, 1.0)
                 use_newton = (slow < 2) & (cur.dS > 0) & (lo.mu < newton) & (newton < top)
+                up = S_top > lo.S
+                secant = lo.mu + (aim - lo.S) * ((top - lo.mu) / torch.where(up, S_top - lo.S, 1.0))
+                use_secant = ~use_newton & (lo.mu == 0.0) & up & (lo.mu < secant) & (secant < top)
                 mid = key_mid(lo.mu, top)
-                jump = ~use_newton & (mid == lo.mu)  # adjacent doubles, no root between
+                use_mid = ~use_newton & ~use_secant
+                jump = use_mid & (mid == lo.mu)  # adjacent doubles, no root between
                 disc = disc | (active & jump)
                 active = active & ~jump
                 n_ev = n_ev + active.long()
-                slow = torch.where(active & ~use_newton, 0.0, slow)
-                ev = point(torch.where(use_newton, newton, mid))
+                slow = torch.where(active & use_mid, 0.0, slow)
+                ev = point(torch.where(use_newton, newton, torch.where(use_secant, secant, mid)))
                 res = (ev.S - aim).abs()
                 slow = torch.where(active, torch.where(res > 0.5 * prev, slow + 1, 0.0), slow)
                 prev = torch.where(active, res, prev)

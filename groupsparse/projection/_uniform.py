@@ -226,8 +226,9 @@ def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, 
     entries, Kaiming-uniform weights) Newton from mu = 0 overshoots past the largest entry (S = S_hi: every vector
     one-hot, a flat end), and bisecting on bit patterns from lo = 0 then spent 5 evaluations on mu ~ 1e-155 ..
     1e-11 (21-27 evaluations per solve). So the first such overshoot pulls hi down to the largest |x| (the bracket
-    started at the largest norm, 18x higher for length-1000 uniform data), and a Newton step that leaves the
-    bracket is replaced by the secant of its ends (regula falsi) before bisection. The curvature is the secant of
+    started at the largest norm, 18x higher for length-1000 uniform data), and while lo = 0 a Newton step that
+    leaves the bracket is replaced by the secant of its ends (later, at a jump, secants would stall bisection's
+    progress to adjacent doubles). The curvature is the secant of
     the last two slopes (it
     sees supports change, which a fixed-support second derivative misses). It predicts each step's residual:
     writing (``out``) is speculative, a step predicted to land well inside the band also writes the projection.
@@ -268,7 +269,7 @@ def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, 
                     err *= min(1.0, abs((abs(step) + span) * d2S / dS))  # the correction's own error
                 cand = mu - step
                 spec = out.shape[0] > 0 and err < 0.25 * band  # (half the half-width)
-            if not (lo < cand < hi) and slow < 2 and S_hi > S_lo:
+            if not (lo < cand < hi) and lo == 0.0 and S_hi > S_lo:
                 cand = lo + (aim - S_lo) * ((hi - lo) / (S_hi - S_lo))
                 spec = False
             if not (lo < cand < hi):
