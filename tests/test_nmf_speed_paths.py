@@ -8,7 +8,7 @@ import pytest
 
 import groupsparse as gs
 from groupsparse.nmf import sparse_nmf
-from groupsparse.nmf._fastproj import _lipschitz, _solve, fgm_rows
+from groupsparse.nmf._fastproj import _lipschitz, _piece_solve, _solve, fgm_rows
 from groupsparse.nmf._solvers import Projector, fast_gradient, row_sparsity
 
 
@@ -61,10 +61,40 @@ def test_piecewise_newton_gsp_lands_in_the_band():
             np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-9 * V.max())
 
 
+def test_piece_solve_is_exact_when_no_entry_crossed():
+    """The pass-free solve of the fast gradient: from the sums at a warm start near the root it returns t (or -1),
+    and whenever the supports at t are those at the warm start (what the fast gradient checks by counting),
+    sc (V - t)_+ is the projection: average sparsity in the band, equal to the core's."""
+    rng = np.random.default_rng(3)
+    hits = 0
+    for trial in range(40):
+        r, p = int(rng.integers(2, 12)), int(rng.integers(20, 200))
+        V = np.maximum(0.0, rng.standard_normal((r, p)))
+        s = float(rng.uniform(0.3, 0.9))
+        ref = gs.project(V, s, axis=1)
+        _, mu_root, _ = _solve_fgm_style(V, s, 0.0)
+        for f in (1.0, 1.0 + 1e-9, 1.0 - 1e-6, 1.001, 0.9, 2.0):
+            mu0 = mu_root * f
+            t0 = mu0 / (math.sqrt(p) - 1.0)
+            u = np.maximum(V - t0, 0.0)
+            warm = np.stack([(V > t0).sum(1).astype(float), u.sum(1), (u * u).sum(1)])
+            sc = np.empty(r)
+            t = _piece_solve(s, mu0, p, warm, sc, 1e-12)
+            if not t > 0 or not np.array_equal((V > t).sum(1), warm[0]):
+                continue
+            hits += 1
+            out = np.maximum(V - t, 0.0) * sc[:, None]
+            sp = row_sparsity(out).mean()
+            assert s - 1e-13 <= sp <= s + 1.1e-12, (trial, f, sp - s)
+            np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-9 * V.max())
+    assert hits >= 40  # the near starts (f = 1, 1 + 1e-9) land on the root's piece
+
+
 @pytest.mark.parametrize("project", [True, False])
 def test_factored_fast_gradient_matches_the_python_one(project):
-    """fgm_rows (iterates as U and row scales, AY from the last two products, step length measured one pass
-    late) takes the same steps as the plain Python fast gradient with the same projection."""
+    """fgm_rows (iterates kept as (V, t, row scales), most projections solved on the warm start's piece with no
+    pass of their own, the step formed in one pass with the extrapolated point) takes the same steps as the plain
+    Python fast gradient with the same projection."""
     rng = np.random.default_rng(2)
     for trial in range(10):
         r, p, n = 6, 40, 50

@@ -20,9 +20,17 @@ from ._solvers import NMFInfo
 _DTYPES = [np.float64, np.float32]
 
 
+def _plain(A) -> bool:
+    """A 2-D, non-empty float ndarray: what ``check_array`` would return unchanged (its checks, through narwhals,
+    cost ~0.3 ms a call, measured: 2 % of a 500-iteration fit at 100 x 100)."""
+    return type(A) is np.ndarray and A.ndim == 2 and A.dtype in _DTYPES and A.shape[0] > 0 and A.shape[1] > 0
+
+
 def _check_factor(name, A, shape):
     if A is None:
         raise ValueError(f"{name}: got None with init='custom', expected an array of shape {shape}")
+    if _plain(A) and A.shape == shape and 0.0 <= A.min() and A.max() < np.inf:  # NaN fails both: slow path
+        return np.asarray(A, dtype=np.float64)
     if is_torch(A):
         A = A.detach().cpu().numpy()
     A = check_array(A, dtype=_DTYPES, input_name=name)
@@ -265,7 +273,7 @@ def sparse_nmf(X, n_components=None, *, W=None, H=None, sparsity_H=None, sparsit
                   init=init, max_iter=max_iter, tol=tol, random_state=random_state, verbose=verbose, solver=solver,
                   max_inner=max_inner, inner_ratio=inner_ratio, hals_delta=hals_delta, l1_rate=l1_rate,
                   balance=balance, beta_loss=beta_loss)
-    if not is_torch(X):
+    if not is_torch(X) and not _plain(X):
         X = check_array(X, dtype=_DTYPES, accept_sparse=("csr", "csc"), ensure_all_finite=False, input_name="X")
     prep = prepare(X, mask, name="sparse_nmf")
     return _run(prep, params, W, H, estimator_name="sparse_nmf", callback=callback)
