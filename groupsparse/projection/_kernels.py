@@ -340,6 +340,13 @@ WRITE_PLAIN = twin(_write_plain, _FM_WRITE, (1, 2, 3))
 # ---- per-vector helpers for the few vectors that need them (serial: they run on a handful of vectors)
 
 
+@jit(nogil=True)
+def chunk_abs_max(x, cstart, clen, out):
+    """out[c] = max |x| over chunk c (``abs_max``: an integer max, 0.2 ns/entry)."""
+    for c in range(cstart.shape[0]):
+        out[c] = abs_max(x, cstart[c], cstart[c] + clen[c])
+
+
 @jit
 def vec_max(x, offsets, vids, out):
     """max |x| of each listed vector; NaN if the vector holds a NaN."""

@@ -171,6 +171,8 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, mu0, out, stats):
     mu = 0.0
     S_hi = 1.0 * r  # every vector one-hot
     tight = False
+    d2S = math.nan  # the slopes' secant (``_solver.newton_step``)
+    secants = 0
     slow = 0
     prev_res = math.inf
     it = 0
@@ -185,20 +187,28 @@ def solve_plain_small(x, offsets, s, margin, tol, max_iter, mu0, out, stats):
             it += 1
             cand = math.nan
             if slow < 2 and dS > 0.0:
-                cand = mu + (aim - S) / dS
-            if not (lo < cand < hi) and lo == 0.0 and S_hi > S_lo:  # a secant of the bracket (_uniform._newton)
+                f = S - aim  # Newton's step, Halley's inside the bracket (_solver.newton_step)
+                cand = mu - f / dS
+                den = 2.0 * dS * dS - f * d2S
+                if lo < cand < hi and den > dS * dS:
+                    cand = mu - 2.0 * f * dS / den
+            if not (lo < cand < hi) and lo == 0.0 and secants < 3 and S_hi > S_lo:  # (_solver.MAX_SECANTS)
                 cand = lo + (aim - S_lo) * ((hi - lo) / (S_hi - S_lo))
+                secants += 1
             if not (lo < cand < hi):
                 cand = _key_mid(lo, hi, buf, ibuf)
                 slow = 0
                 if cand == lo:
                     break  # adjacent doubles: a jump
+        mu_p, dS_p = mu, dS
         mu = cand
         for i in range(r):
             t[i] = mu * dt[i]
         _sums_all(x, offsets, inv, t, sums)
         S, dS = _total(beta, wn, dt, sums)
         evals += 1
+        if mu != mu_p:
+            d2S = (dS - dS_p) / (mu - mu_p)
         res = abs(S - aim)
         slow = slow + 1 if res > 0.5 * prev_res else 0
         prev_res = res

@@ -211,6 +211,31 @@ def tie_vector(xv, w, inv, e, t_lo, t_hi, m, beta, wnorm, sp_target):
     return z, float(beta * (wnorm - np.dot(w, x)))
 
 
+MAX_SECANTS = 3  # secant steps per solve (while the bracket starts at 0)
+
+
+def newton_step(mu: float, f: float, dS: float, d2S: float, lo: float, top: float) -> float:
+    """Newton's candidate mu - f / dS, corrected by the curvature d2S (Halley's step) where Newton's stays inside
+    the bracket (lo, top) and the correction at most doubles the step (NaN d2S: Newton's). A Newton step that leaves
+    the bracket is left alone: at a jump, Halley's small steps inside it would stall the bisection (a weighted
+    two-vector case ran out of max_iter). The compiled paths (``_uniform``, ``_small``) and the device loop take the
+    same step with the same operations, so every path lands at nearly the same point of the band. Halley's
+    correction saves an evaluation in many of ResNet-50's layers (4.96 -> 4.61 evaluations a layer;
+    Kaiming-uniform weights 8.68 -> 7.08)."""
+    cand = mu - f / dS
+    if lo < cand < top:
+        den = 2.0 * dS * dS - f * d2S
+        if den > dS * dS:
+            cand = mu - 2.0 * f * dS / den
+    return cand
+
+
+def curvature(prev, ev, d2S: float) -> float:
+    """The secant of the slopes of two successive evaluations (sees supports change, which a fixed-support second
+    derivative misses); the last estimate where they share mu."""
+    return float(ev.dS - prev.dS) / float(ev.mu - prev.mu) if ev.mu != prev.mu else d2S  # (inf, not a warning)
+
+
 def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_iter: int, comm=None,
                  margin_sum: float | None = None, mu0: float | None = None):
     """Grouped projection: returns ``(flat_output, ProjectionInfo)``.
@@ -280,10 +305,14 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
             hi_mu = hi_mu * 2.0 if hi_mu < 1e300 else math.inf
             hi = evaluate(hi_mu)
     cur, it, slow, prev_res = lo, 0, 0, math.inf
+    d2S = math.nan  # the secant of the last two slopes, the curvature for Halley's correction
+    secants = 0
     converged = disc = False
     m0 = math.ldexp(mu0, -E) if mu0 else math.nan  # a warm start, in the solver's units
     if lo.mu < m0 < (hi.mu if hi is not None else hi_mu):
-        cur = evaluate(m0)
+        ev = evaluate(m0)
+        d2S = curvature(cur, ev, d2S)
+        cur = ev
         if cur.S < need:
             lo = cur
             eng.confirm_lower(lo.mu)
@@ -296,19 +325,22 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
         S_top = hi.S if hi is not None else float(r_tot)  # (past the top every vector is one-hot)
         cand = math.nan
         if slow < 2 and cur.dS > 0:
-            cand = cur.mu + (aim - cur.S) / cur.dS
-        if not (lo.mu < cand < top) and lo.mu == 0.0 and S_top > lo.S:
+            cand = newton_step(cur.mu, cur.S - aim, cur.dS, d2S, lo.mu, top)
+        if not (lo.mu < cand < top) and lo.mu == 0.0 and secants < MAX_SECANTS and S_top > lo.S:
             # the secant of the bracket while lo = 0: where S is convex at first (uniformly distributed entries)
             # Newton from 0 overshoots past the top, and bisecting bit patterns from 0 spent ~5 evaluations near
             # mu = 1e-155 .. 1e-11 (21-26 evaluations per solve instead of 8-14; ``_uniform._newton``). Only then:
-            # at a jump, secants would stall bisection's progress to adjacent doubles
+            # at a jump, secants would stall bisection's progress to adjacent doubles; and a few at most: at a jump
+            # right above 0 (weighted one-hot vectors) every secant lands above it and lo stays 0
             cand = lo.mu + (aim - lo.S) * ((top - lo.mu) / (S_top - lo.S))
+            secants += 1
         if not (lo.mu < cand < top):
             cand, slow = float(key_mid(lo.mu, top)), 0
             if cand == lo.mu:  # adjacent doubles, no root between: a jump
                 disc = True
                 break
         ev = evaluate(cand)
+        d2S = curvature(cur, ev, d2S)
         res = abs(ev.S - aim)
         slow = slow + 1 if res > 0.5 * prev_res else 0
         prev_res = res

@@ -21,16 +21,20 @@ COMPACT_MIN = 1 << 15  # entries: below, building the compacted copy costs more 
 
 
 class _HostXP:
-    """torch for the host solver's per-vector arithmetic (``h_and_slope``), but sqrt from NumPy: torch's CPU sqrt
-    splits work at 2048 entries, so a sqrt over the vectors woke the thread pool on every evaluation (5 ms each on
-    the shared 2-core machine with two torch threads); both are the correctly rounded IEEE sqrt."""
+    """torch for the per-vector arithmetic of CPU tensors (``h_and_slope``), but sqrt from NumPy. Two reasons:
+    torch's CPU sqrt splits work at 2048 entries, so a sqrt over the vectors woke the thread pool on every
+    evaluation (5 ms each on the shared 2-core machine with two torch threads); and it is not the correctly rounded
+    IEEE sqrt in float64 (torch 2.13 CPU: 0.9 % of uniform inputs one ulp off NumPy's / numba's ``math.sqrt``).
+    The host and the device loop both take it on the CPU (they must agree bit for bit); the NumPy view of a CPU
+    tensor is no device sync, so it runs outside torch's function dispatch (``tests``' sync guard)."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
     @staticmethod
     def sqrt(x):
-        return torch.from_numpy(np.asarray(np.sqrt(x.detach().numpy())))
+        with torch._C.DisableTorchFunction():
+            return torch.from_numpy(np.asarray(np.sqrt(x.detach().numpy())))
 
 
 HOST_XP = _HostXP()
@@ -322,7 +326,7 @@ class TorchEngine:
         t = self.thresholds(mu)
         stats = self._pass(t, False)
         empty, onehot, hval = self._onehot(stats, t, sync=False)
-        h, dh = h_and_slope(torch, stats, empty, hval)
+        h, dh = h_and_slope(HOST_XP if self.cpu else torch, stats, empty, hval)
         sp = self.beta * (self.wnorm - h)
         ds = torch.where(dh != 0, -self.beta * dh * self._dT, 0.0)
         return sp.sum(), ds.sum(), sp, (t, stats, onehot)

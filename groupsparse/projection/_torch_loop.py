@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from ._solver import (Evaluation, ProjectionInfo, ProjectionWarning, _resolve_jump, _write, mu_above_top,
+from ._solver import (MAX_SECANTS, Evaluation, ProjectionInfo, ProjectionWarning, _resolve_jump, _write, mu_above_top,
                       one_hot_top, reference_exponent, solve_shared)
 
 CHECK_EVERY = 8
@@ -122,14 +122,17 @@ def solve_device(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
     r_all = scalar(float(r))  # S past the top: every vector one-hot
     cur = lo
     m0 = math.ldexp(mu0, -E) if mu0 else math.nan
+    d2S = scalar(math.nan)  # the slopes' secant, as solve_shared keeps it (``_solver.curvature``)
     if 0.0 < m0 < mu_top:  # the warm start, as solve_shared takes it
         cur = point(scalar(m0))
+        d2S = torch.where(cur.mu != lo.mu, (cur.dS - lo.dS) / (cur.mu - lo.mu), d2S)
         evals += 1
         below = cur.S < need
         lo, hi = lo.where(below, cur), hi.where(~below, cur)
         has_hi = ~below
         converged = ~below & (cur.S <= need + band)
     slow, prev = scalar(0.0), scalar(math.inf)
+    secants = scalar(0.0)
     disc = torch.zeros_like(has_hi)
     n_it = torch.zeros((), dtype=torch.int64, device=dev)  # steps taken (a jump found counts, as on the host)
     n_ev = torch.zeros_like(n_it)  # evaluations that counted
@@ -144,11 +147,17 @@ def solve_device(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
                 n_it = n_it + active.long()
                 top = torch.where(has_hi, hi.mu, top_mu)
                 S_top = torch.where(has_hi, hi.S, r_all)
-                newton = cur.mu + (aim - cur.S) / torch.where(cur.dS > 0, cur.dS, 1.0)
+                dSs = torch.where(cur.dS > 0, cur.dS, 1.0)
+                f = cur.S - aim
+                newton = cur.mu - f / dSs
+                den = 2.0 * dSs * dSs - f * d2S  # Halley's correction as in _solver.newton_step
+                halley = (lo.mu < newton) & (newton < top) & (den > dSs * dSs)
+                newton = torch.where(halley, cur.mu - 2.0 * f * dSs / den, newton)
                 use_newton = (slow < 2) & (cur.dS > 0) & (lo.mu < newton) & (newton < top)
                 up = S_top > lo.S
                 secant = lo.mu + (aim - lo.S) * ((top - lo.mu) / torch.where(up, S_top - lo.S, 1.0))
-                use_secant = ~use_newton & (lo.mu == 0.0) & up & (lo.mu < secant) & (secant < top)
+                use_secant = ~use_newton & (lo.mu == 0.0) & (secants < MAX_SECANTS) & up
+                use_secant = use_secant & (lo.mu < secant) & (secant < top)
                 mid = key_mid(lo.mu, top)
                 use_mid = ~use_newton & ~use_secant
                 jump = use_mid & (mid == lo.mu)  # adjacent doubles, no root between
@@ -156,7 +165,9 @@ def solve_device(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
                 active = active & ~jump
                 n_ev = n_ev + active.long()
                 slow = torch.where(active & use_mid, 0.0, slow)
+                secants = secants + (active & use_secant).double()
                 ev = point(torch.where(use_newton, newton, torch.where(use_secant, secant, mid)))
+                d2S = torch.where(active & (ev.mu != cur.mu), (ev.dS - cur.dS) / (ev.mu - cur.mu), d2S)
                 res = (ev.S - aim).abs()
                 slow = torch.where(active, torch.where(res > 0.5 * prev, slow + 1, 0.0), slow)
                 prev = torch.where(active, res, prev)

@@ -219,7 +219,7 @@ def _kahan(col):
 
 
 @nb.njit(inline="always")
-def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, m0, max_iter, par, out, halley):
+def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, m0, max_iter, par, out):
     """Safeguarded Newton on the parts 0, stride, 2 stride, ... (S, dS: their totals at mu = 0; d2S: a curvature
     estimate or NaN): the bracket, the aim inside the band, bisection on ordered bit patterns after two slow
     steps; a warm start m0 (0: none) is evaluated first. On data whose S is convex at first (uniformly distributed
@@ -232,16 +232,15 @@ def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, 
     the last two slopes (it
     sees supports change, which a fixed-support second derivative misses). It predicts each step's residual:
     writing (``out``) is speculative, a step predicted to land well inside the band also writes the projection.
-    With ``halley`` (the sample's solve) it also corrects the step; the full solve keeps plain Newton steps, the
-    general solver's, so both end at nearly the same point of the band (with Halley's steps ResNet-50's layers took
-    4.61 evaluations instead of 4.96, but landed elsewhere in the band than the general solver, which takes the
-    float64 groups outside [2^-450, 2^450]: 1.3e-12 apart for x and 1e300 x). Returns (status 1 converged / -1 jump
+    Steps are corrected by that curvature (Halley's), as in every solver (``_solver.halley_step``), so all paths
+    land at nearly the same point of the band. Returns (status 1 converged / -1 jump
     or exhausted, mu, S there, iterations, evaluations, written, the last curvature estimate)."""
     aim = need + 0.5 * band
     lo = 0.0
     S_lo = S
     r_cov = S_hi  # every vector one-hot
     tight = False
+    secants = 0
     mu = 0.0
     slow = 0
     prev_res = math.inf
@@ -264,14 +263,15 @@ def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, 
                 step = f / dS
                 err = 0.5 * abs(d2S) * step * step  # what Newton leaves
                 den = 2.0 * dS * dS - f * d2S
-                if halley and den > dS * dS:  # Halley's step is then at most twice Newton's
+                if lo < mu - step < hi and den > dS * dS:  # Halley's: at most twice Newton's (_solver.newton_step)
                     step = 2.0 * f * dS / den
                     err *= min(1.0, abs((abs(step) + span) * d2S / dS))  # the correction's own error
                 cand = mu - step
                 spec = out.shape[0] > 0 and err < 0.25 * band  # (half the half-width)
-            if not (lo < cand < hi) and lo == 0.0 and S_hi > S_lo:
+            if not (lo < cand < hi) and lo == 0.0 and secants < 3 and S_hi > S_lo:  # (_solver.MAX_SECANTS)
                 cand = lo + (aim - S_lo) * ((hi - lo) / (S_hi - S_lo))
                 spec = False
+                secants += 1
             if not (lo < cand < hi):
                 buf = np.empty(2)
                 cand = _key_mid(lo, hi, buf, buf.view(np.int64))
@@ -360,13 +360,13 @@ def _solve(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
         if S_sub < r_sub * (s + margin):
             st, m0, _, _, ev, _, d2S = _newton(x, n, beta, wn, dT, stride, np.zeros((sub.shape[0], 3)), S_sub,
                                                -beta * dT * sub[:, 1].sum(), math.nan, r_sub * (s + margin),
-                                               tol * r_sub, hi, r_sub, 0.0, max_iter, par, out[:0], True)
+                                               tol * r_sub, hi, r_sub, 0.0, max_iter, par, out[:0])
             evals += ev
             d2S *= r / r_sub
             if st < 0:
                 m0, d2S = 0.0, math.nan
     status, hi, S_hi, it, ev, written, _ = _newton(x, n, beta, wn, dT, 1, np.zeros((nparts, 3)), S, dS, d2S, need,
-                                                    tol * r, hi, 1.0 * r, m0, max_iter, par, out, False)
+                                                    tol * r, hi, 1.0 * r, m0, max_iter, par, out)
     evals += ev
     if status < 0:
         return -1
