@@ -128,3 +128,44 @@ def test_compiled_loop_meets_target_and_is_deterministic():
     W2, H2, info2 = sparse_nmf(X, 10, W=W0, H=H0, sparsity_H=s, max_iter=500, tol=0)
     assert np.array_equal(W, W2) and np.array_equal(H, H2)
     np.testing.assert_array_equal(info.history, info2.history)
+
+
+_FIT_CODE = r"""
+import hashlib, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from groupsparse.nmf import sparse_nmf
+from groupsparse.nmf._fastproj import run_dense
+
+rng = np.random.default_rng(0)
+Wp = np.maximum(0.0, rng.standard_normal((100, 10)))
+X = (Wp @ rng.random((10, 100))).T
+W0, H0 = rng.random((100, 10)), rng.random((10, 100))
+W, H, info = sparse_nmf(X, 10, W=W0, H=H0, sparsity_H=0.5, max_iter=100, tol=0)
+h = hashlib.sha256(W.tobytes() + H.tobytes() + np.asarray(info.history).tobytes())
+print(h.hexdigest(), sum(run_dense.stats.cache_hits.values()), sum(run_dense.stats.cache_misses.values()))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_loop_fresh_compile_and_cache_load_agree(tmp_path):
+    """The whole compiled loop (run_dense: fast gradient, pass-free solve, HALS) gives the same bits whether this
+    process compiled it or loaded it from Numba's disk cache (every helper is inlined; see _fastproj's docstring).
+    The first process compiles into an empty cache folder, the second loads from it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"), OPENBLAS_NUM_THREADS="1")
+    env.pop("NUMBA_DISABLE_JIT", None)
+    code = _FIT_CODE.format(root=str(Path(__file__).resolve().parents[1]))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+        assert out.returncode == 0, out.stderr
+        digest, hits, misses = out.stdout.split()
+        runs.append((digest, int(hits), int(misses)))
+    assert runs[0][1:] == (0, 1), "the first process should compile"
+    assert runs[1][1:] == (1, 0), "the second process should load from the cache"
+    assert runs[0][0] == runs[1][0]
