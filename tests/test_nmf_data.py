@@ -250,4 +250,8 @@ def test_warm_started_gsp_matches_cold():
         for mu0 in (1e-6, 0.05, 0.5, 5.0):  # below, near and above the root, and beyond the bracket
             warm = gsp_rows(C, s, mu0=mu0)
             np.testing.assert_allclose(warm, cold, rtol=1e-9, atol=1e-12 * C.max())
-        np.testing.assert_allclose(cold, ref, rtol=1e-9, atol=1e-12 * C.max())
+        # the core solver takes Halley-corrected steps, NMF's compiled loop plain Newton ones: two points of the
+        # same 1e-12 sparsity band (measured: 2 of 1670 entries 8.2e-9 apart), so both feasible, entries close
+        sps = [np.mean([gs.hoyer_sparsity(row) for row in z]) for z in (cold, ref)]
+        assert min(sps) >= s - 1e-12 and abs(sps[0] - sps[1]) <= 2e-12, (sps, s)
+        np.testing.assert_allclose(cold, ref, rtol=1e-7, atol=1e-12 * C.max())
