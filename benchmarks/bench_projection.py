@@ -28,6 +28,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -239,7 +240,11 @@ def bench_memory(baseline_dir=None, N=10**7, big=False):
             row = {"length": n or "resnet50", "entries": size or "25.5M", "out": use_out}
             for k, (path, imp) in codes.items():
                 code = _MEMORY_PROBE.format(path=path, imp=imp, n=n, N=size, out=use_out)
-                res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                # the baseline gets a cache folder of its own: ``load_baseline`` compiled it under another module
+                # name, and numba's cache (keyed by file) would hand this process those functions' pickled globals
+                env = dict(os.environ, NUMBA_CACHE_DIR=str(Path(tempfile.gettempdir()) / "gs-bench-numba-before")) \
+                    if k == "before" else None
+                res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
                 row[f"{k}_extra_over_input"] = float(res.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"  memory length {row['length']} ({row['entries']} entries), out={use_out}: extra {row['ours_extra_over_input']:.3f}x input"
