@@ -13,6 +13,8 @@
    minus RSS just before; numba's allocations are invisible to tracemalloc): lengths 9, 64, 1000 (1e7 entries;
    length 9 also at 1e8 without --quick), with and without ``out=``, and the ResNet-50 layers (one call per
    layer, results kept).
+6. cold: the first threaded projection in a fresh process (thresholds forced), twice: once compiling, once with
+   numba's cache filled by the first process.
 
 ``--baseline DIR`` also times sections 4-5 with the projection package of another checkout (e.g. a git worktree
 of an older commit), loaded beside this one: interleaved in the same process, so both see the same load.
@@ -252,11 +254,43 @@ def bench_memory(baseline_dir=None, N=10**7, big=False):
     return rows
 
 
+_COLD_PROBE = r"""
+import sys, time
+sys.path[:0] = {path!r}
+import numpy as np
+{imp}
+x = np.random.default_rng(0).normal(size=(2000, 1000)).astype(np.float32)
+t0 = time.perf_counter()
+project(x, 0.8, axis=1)
+print(time.perf_counter() - t0)
+"""
+
+
+def bench_cold_threads(baseline_dir=None):
+    """Seconds of the first threaded projection (2M entries, thresholds forced so any machine takes the threaded
+    path) in a fresh process whose numba cache already holds everything a previous process compiled."""
+    here = str(Path(__file__).resolve().parent)
+    codes = {"ours": ([str(Path(here).parent), here], "from groupsparse import project")}
+    if baseline_dir:
+        codes["before"] = ([str(Path(baseline_dir).resolve()), here], "from groupsparse.projection import project")
+    row = {}
+    for k, (path, imp) in codes.items():
+        env = dict(os.environ, GROUPSPARSE_PARALLEL_MIN_ENTRIES="1000", GROUPSPARSE_PARALLEL_MIN_THREADS="1")
+        if k == "before":  # (see bench_memory)
+            env["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "gs-bench-numba-before")
+        code = _COLD_PROBE.format(path=path, imp=imp)
+        runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                     env=env).stdout.split()[-1]) for _ in range(2)]
+        row[f"{k}_first_call_s"], row[f"{k}_second_process_first_call_s"] = runs
+        print(f"  cold threaded ({k}): first call {runs[0]:.1f} s, in the next process {runs[1]:.1f} s", flush=True)
+    return row
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats, scaling up to 1e7")
     p.add_argument("--out", default=None, help="JSON file for the results (default benchmarks/results/<device>.json)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "scaling", "torch", "short", "memory"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "scaling", "torch", "short", "memory", "cold"])
     p.add_argument("--baseline", default=None, help="another checkout whose projection sections 4-5 also time")
     p.add_argument("--merge", action="store_true", help="keep the output file's other keys (rerun some sections)")
     args = p.parse_args()
@@ -305,6 +339,8 @@ def main():
             res["resnet50_kaiming_uniform_vs_before"] = bench_resnet_before(rng, repeat, baseline, init="kaiming-uniform")
     if "memory" not in args.skip:
         res["memory"] = bench_memory(args.baseline, big=not args.quick)
+    if "cold" not in args.skip:
+        res["cold_threaded"] = bench_cold_threads(args.baseline)
     dev = "cuda" if any(r.get("device", "").startswith("cuda") for r in res.get("torch", [])) else "cpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"projection-{dev}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
