@@ -39,7 +39,7 @@ print(h.hexdigest(), sum(stats.cache_hits.values()), sum(stats.cache_misses.valu
 """
 
 
-def _compile_then_load(template: str, tmp_path, threaded: bool = False):
+def _compile_then_load(template: str, tmp_path, threaded: bool = False, **env_extra):
     """Run ``template`` in two fresh processes sharing one numba cache folder (empty at first): the first compiles,
     the second loads. ``threaded`` lowers the threading thresholds so every group takes the threaded passes.
     Returns each run's (digest, cache hits, cache misses)."""
@@ -48,6 +48,7 @@ def _compile_then_load(template: str, tmp_path, threaded: bool = False):
         env.pop(k, None)
     if threaded:
         env.update(GROUPSPARSE_PARALLEL_MIN_ENTRIES="1", GROUPSPARSE_PARALLEL_MIN_THREADS="1", NUMBA_NUM_THREADS="2")
+    env.update(env_extra)
     code = template.format(root=str(ROOT))
     runs = []
     for _ in range(2):
@@ -118,3 +119,30 @@ def test_threaded_projection_is_cached_and_gives_the_serial_bits(tmp_path):
     assert misses0 >= 4 and hits1 >= 4 and misses1 == 0, (hits0, misses0, hits1, misses1)
     assert fresh == cached == serial
 
+_NMF_FIT_CODE = r"""
+import hashlib, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+from groupsparse.nmf import sparse_nmf
+from groupsparse.nmf._fastproj import run_dense
+
+rng = np.random.default_rng(0)
+Wp = np.maximum(0.0, rng.standard_normal((100, 10)))
+X = (Wp @ rng.random((10, 100))).T
+W0, H0 = rng.random((100, 10)), rng.random((10, 100))
+W, H, info = sparse_nmf(X, 10, W=W0, H=H0, sparsity_H=0.5, max_iter=100, tol=0)
+h = hashlib.sha256(W.tobytes() + H.tobytes() + np.asarray(info.history).tobytes())
+print(h.hexdigest(), sum(run_dense.stats.cache_hits.values()), sum(run_dense.stats.cache_misses.values()))
+"""
+
+
+@pytest.mark.slow
+def test_compiled_nmf_loop_fresh_compile_and_cache_load_agree(tmp_path):
+    """The whole compiled NMF loop (run_dense: fast gradient, pass-free solve, HALS) gives the same bits whether
+    this process compiled it or loaded it from Numba's disk cache (every helper is inlined; see _fastproj's
+    docstring)."""
+    (fresh, hits0, misses0), (cached, hits1, misses1) = _compile_then_load(_NMF_FIT_CODE, tmp_path,
+                                                                           OPENBLAS_NUM_THREADS="1")
+    assert (hits0, misses0) == (0, 1), "the first process should compile"
+    assert (hits1, misses1) == (1, 0), "the second process should load from the cache"
+    assert fresh == cached

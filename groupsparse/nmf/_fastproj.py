@@ -53,6 +53,18 @@ def _jit(**kw):
 
 
 @_jit(fastmath=_FM, inline="always")
+def _targets(r, p, s, tol):
+    """(beta, k, slack, band, aim) of r rows of length p at average sparsity s: g(mu) = beta sum_i ||u_i||_1 /
+    ||u_i||_2 must come down to k = r beta sqrt(p) - r s, aiming half a band of width tol r below it."""
+    sq = math.sqrt(p)
+    beta = 1.0 / (sq - 1.0)
+    base = r * beta * sq
+    k = base - r * s
+    band = tol * r
+    return beta, k, 64 * _EPS * max(base, 1.0), band, k - 0.5 * band
+
+
+@_jit(fastmath=_FM, inline="always")
 def _g_sums(sums, beta):
     """g and g' from per-row sums (count, sum u, sum u^2) of u = (|x| - t)_+ (REFERENCE.md §2), stored as the
     rows of ``sums`` (3, r) so the loop over vectors runs on whole vector registers (no branch)."""
@@ -175,13 +187,7 @@ def _solve(x, s, mu0, tol, max_iter, U, sc, sums, warm, piece_steps):
     gives the plain Newton iterates of the core's solver (``groupsparse.project``), so the same point of the
     accepted band."""
     r, p = x.shape
-    sq = math.sqrt(p)
-    beta = 1.0 / (sq - 1.0)
-    base = r * beta * sq
-    k = base - r * s
-    slack = 64 * _EPS * max(base, 1.0)
-    band = tol * r
-    aim = k - 0.5 * band
+    beta, k, slack, band, aim = _targets(r, p, s, tol)
     g, dg = _g_sums(sums, beta)
     top = 0.0
     for i in range(r):
@@ -328,13 +334,7 @@ def _piece_solve(s, mu0, p, warm, sc, tol):
     r = warm.shape[1]
     if not (mu0 > 0.0 and s < 1.0):
         return -1.0
-    sq = math.sqrt(p)
-    beta = 1.0 / (sq - 1.0)
-    base = r * beta * sq
-    k = base - r * s
-    slack = 64 * _EPS * max(base, 1.0)
-    band = tol * r
-    aim = k - 0.5 * band
+    beta, k, slack, band, aim = _targets(r, p, s, tol)
     t0 = mu0 * beta
     lo = 0.0
     hi = math.inf
