@@ -49,3 +49,29 @@ def test_threaded_projection_gives_serial_bits_and_keeps_torch_threads():
                          timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[-2:] == ["ok", "7"], res.stdout
+
+
+FORK = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import groupsparse as gs
+
+    x = np.random.default_rng(0).normal(size=(600, 2000)).astype(np.float32)
+    want = gs.project(x, 0.8, axis=1)  # the parent starts its thread pool
+    pid = os.fork()
+    if pid == 0:  # the child inherits the pool object, not its threads: it must start its own, not wait forever
+        ok = np.array_equal(gs.project(x, 0.8, axis=1), want)
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status))
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_threaded_projection_in_a_forked_child():
+    """A DataLoader-style fork after a threaded projection: the child projects with threads of its own."""
+    env = dict(os.environ, GROUPSPARSE_PARALLEL_MIN_ENTRIES="1000", GROUPSPARSE_PARALLEL_MIN_THREADS="1",
+               GROUPSPARSE_NUM_THREADS="2")
+    res = subprocess.run([sys.executable, "-c", FORK], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-2:] == ["child", "0"], res.stdout

@@ -21,6 +21,7 @@ import numba as nb
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0  # a forked child (a DataLoader worker) inherits the pool object but not its threads
 
 
 def threads() -> int:
@@ -30,10 +31,11 @@ def threads() -> int:
 
 
 def _executor(k: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     with _lock:
-        if _pool is None or _pool_size < k:
+        if _pool is None or _pool_size < k or _pool_pid != os.getpid():
             _pool, _pool_size = ThreadPoolExecutor(k, thread_name_prefix="groupsparse"), k
+            _pool_pid = os.getpid()
         return _pool
 
 
