@@ -229,6 +229,16 @@ print(json.dumps((status('VmHWM') - before) / sum(m.nbytes for m in x)))
 """
 
 
+def _probe_env(version, **extra):
+    """The environment of a probe subprocess. The baseline gets a numba cache folder of its own: ``load_baseline``
+    compiled its files under another module name, and numba's cache (keyed by file) would hand the probe those
+    functions' pickled globals."""
+    env = dict(os.environ, **extra)
+    if version == "before":
+        env["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "gs-bench-numba-before")
+    return env
+
+
 def bench_memory(baseline_dir=None, N=10**7, big=False):
     """Peak extra memory / input size of one call (per-layer calls for ResNet-50) in a fresh subprocess; ``big``
     adds length 9 at 1e8 entries."""
@@ -242,11 +252,8 @@ def bench_memory(baseline_dir=None, N=10**7, big=False):
             row = {"length": n or "resnet50", "entries": size or "25.5M", "out": use_out}
             for k, (path, imp) in codes.items():
                 code = _MEMORY_PROBE.format(path=path, imp=imp, n=n, N=size, out=use_out)
-                # the baseline gets a cache folder of its own: ``load_baseline`` compiled it under another module
-                # name, and numba's cache (keyed by file) would hand this process those functions' pickled globals
-                env = dict(os.environ, NUMBA_CACHE_DIR=str(Path(tempfile.gettempdir()) / "gs-bench-numba-before")) \
-                    if k == "before" else None
-                res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+                res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                     env=_probe_env(k))
                 row[f"{k}_extra_over_input"] = float(res.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"  memory length {row['length']} ({row['entries']} entries), out={use_out}: extra {row['ours_extra_over_input']:.3f}x input"
@@ -275,9 +282,7 @@ def bench_cold_threads(baseline_dir=None):
         codes["before"] = ([str(Path(baseline_dir).resolve()), here], "from groupsparse.projection import project")
     row = {}
     for k, (path, imp) in codes.items():
-        env = dict(os.environ, GROUPSPARSE_PARALLEL_MIN_ENTRIES="1000", GROUPSPARSE_PARALLEL_MIN_THREADS="1")
-        if k == "before":  # (see bench_memory)
-            env["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "gs-bench-numba-before")
+        env = _probe_env(k, GROUPSPARSE_PARALLEL_MIN_ENTRIES="1000", GROUPSPARSE_PARALLEL_MIN_THREADS="1")
         code = _COLD_PROBE.format(path=path, imp=imp)
         runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                      env=env).stdout.split()[-1]) for _ in range(2)]
