@@ -24,6 +24,7 @@ import numpy as np
 
 from ._kernels import abs_max, abs_sums, inline_copy, jit, plain_sums, radd
 from ._threads import run_parts
+from ._shortvec import SHORT_MAX, abs_sums8_1, abs_sums8_2, sums8_1, sums8_2, write1_1, write1_2
 from ._small import _key_mid
 
 UNIFORM = True  # False sends equal-length groups to solve_plain_small (tests compare the two compiled paths)
@@ -50,34 +51,40 @@ def _tail(k, beta, wn, M, SU, SUU):
     for q in range(k):
         suu = SUU[q]
         ok = suu > 0.0
-        nu = math.sqrt(suu if ok else 1.0)
-        h = SU[q] / nu
+        inv = 1.0 / math.sqrt(suu if ok else 1.0)  # one division, not two: the tail runs once per vector per pass
+        h = SU[q] * inv
         s1 = radd(s1, beta * (wn - h) if ok else 1.0)
-        s2 = radd(s2, (-M[q] + h * h) / nu if ok else 0.0)  # = -m/||u|| + <1,u>^2/||u||^3 without cubing tiny norms
+        s2 = radd(s2, (-M[q] + h * h) * inv if ok else 0.0)  # = -m/||u|| + <1,u>^2/||u||^3 without cubing tiny norms
     return s1, s2
 
 
 @nb.njit(inline="always")  # exact arithmetic: no fastmath (the pass's reductions carry their own flags)
-def _write_block(x, out, v0, k, n, T, SU, SUU, ones):
+def _write_block(x, out, v0, k, n, T, SU, SUU, SC, ones):
     """Vectors v0 .. v0 + k - 1 projected at T from their buffered sums; a vector with no support goes one-hot on
     its first largest |x| (as the general engine writes it). The main loop is branch-free and never looks for a
     maximum (a data-dependent branch mispredicts on short vectors, where 4-15 % of vectors have no support at
     s = 0.8-0.9, and an argmax does not vectorize): those vectors are listed in ``ones`` and rewritten after."""
+    for q in range(k):  # apart from the writes, so the divisions vectorize
+        su, suu = SU[q], SUU[q]
+        SC[q] = (suu + T * su) / suu if suu > 0.0 else 0.0  # alpha / ||u||, alpha = <x, |c|> = (u.u + T sum u) / ||u||
     c = 0
     for q in range(k):
         o0 = (v0 + q) * n
-        su, suu = SU[q], SUU[q]
-        one = not suu > 0.0
-        sc = 0.0 if one else (suu + T * su) / suu  # alpha / ||u||, alpha = <x, |c|> = (sum u^2 + T sum u) / ||u||
+        sc = SC[q]
         ones[c] = q
-        c += 1 if one else 0
-        xs = x[o0 : o0 + n]
-        os_ = out[o0 : o0 + n]
-        for j in range(n):
-            xv = np.float64(xs[j])
-            d = abs(xv) - T
-            r = d * sc if d > 0.0 else 0.0
-            os_[j] = r if xv >= 0.0 else -r
+        c += 0 if SUU[q] > 0.0 else 1
+        if n <= 8:  # the same operations as the loop, as vector code (_shortvec)
+            write1_1(x, out, o0, n, T, sc)
+        elif n <= SHORT_MAX:
+            write1_2(x, out, o0, n, T, sc)
+        else:
+            xs = x[o0 : o0 + n]
+            os_ = out[o0 : o0 + n]
+            for j in range(n):
+                xv = np.float64(xs[j])
+                d = abs(xv) - T
+                r = d * sc if d > 0.0 else 0.0
+                os_[j] = r if xv >= 0.0 else -r
     for i in range(c):
         o0 = (v0 + ones[i]) * n
         xs = x[o0 : o0 + n]
@@ -93,6 +100,28 @@ def _write_block(x, out, v0, k, n, T, SU, SUU, ones):
             os_[j] = xs[j] if j == arg else 0.0
 
 
+@nb.njit(inline="always")
+def _short_sums(x, b, k, n, T, M, SU, SUU):
+    """The sums of vectors b .. b + k8 - 1 (k8: k rounded down to eights) when they are short (``_shortvec``; T < 0:
+    those of |x|, as ``abs_sums``); returns k8 (0 for long vectors), the first vector left to the loops. Which
+    vectors go eight at a time depends on n and the part layout alone, not on threads."""
+    if n > SHORT_MAX:
+        return 0
+    k8 = k - k % 8
+    for q in range(0, k8, 8):
+        o0 = (b + q) * n
+        if T < 0.0:
+            if n <= 8:
+                abs_sums8_1(x, o0, n, 0.0, M, SU, SUU, q)
+            else:
+                abs_sums8_2(x, o0, n, 0.0, M, SU, SUU, q)
+        elif n <= 8:
+            sums8_1(x, o0, n, T, M, SU, SUU, q)
+        else:
+            sums8_2(x, o0, n, T, M, SU, SUU, q)
+    return k8
+
+
 def _uniform_pass(x, n, P, T, beta, wn, stride, write, out, part, p0):
     """One pass at threshold T over the parts (P vectors each) p0, p0 + stride, p0 + 2 stride, ...: part[p] =
     [sum sp, sum dh/dT, vectors] of part p0 + p.
@@ -102,6 +131,7 @@ def _uniform_pass(x, n, P, T, beta, wn, stride, write, out, part, p0):
         M = np.empty(_Q)
         SU = np.empty(_Q)
         SUU = np.empty(_Q)
+        SC = np.empty(_Q)
         ones = np.empty(_Q, np.int64)
         v0 = (p0 + p) * stride * P
         v1 = min(r, v0 + P)
@@ -109,11 +139,11 @@ def _uniform_pass(x, n, P, T, beta, wn, stride, write, out, part, p0):
         s2 = 0.0
         for b in range(v0, v1, _Q):
             k = min(_Q, v1 - b)
-            for q in range(k):
+            for q in range(_short_sums(x, b, k, n, T, M, SU, SUU), k):
                 o0 = (b + q) * n
                 M[q], SU[q], SUU[q] = plain_sums(x[o0 : o0 + n], 1.0, T)
             if write:
-                _write_block(x, out, b, k, n, T, SU, SUU, ones)
+                _write_block(x, out, b, k, n, T, SU, SUU, SC, ones)
             a1, a2 = _tail(k, beta, wn, M, SU, SUU)
             s1 += a1
             s2 += a2
@@ -142,7 +172,7 @@ def _uniform_first(x, n, P, beta, wn, check, part, p0):
         amin = math.inf
         for b in range(v0, v1, _Q):
             k = min(_Q, v1 - b)
-            for q in range(k):
+            for q in range(_short_sums(x, b, k, n, -1.0, M, SU, SUU), k):
                 o0 = (b + q) * n
                 M[q], SU[q], SUU[q] = abs_sums(x[o0 : o0 + n])
             a1, a2 = _tail(k, beta, wn, M, SU, SUU)

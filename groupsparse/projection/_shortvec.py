@@ -1,0 +1,169 @@
+"""Kernels for short vectors (length <= 16) written as LLVM vector code, eight vectors at a time.
+
+For short vectors the generic per-vector loops (``_kernels.plain_sums``) compile to scalar code: LLVM vectorizes
+them 16 entries at a time, so a length-9 vector never reaches the vector loop and every entry costs about 9 scalar
+instructions (1.1 ns an entry against 0.3 for length 1000, docs/projection.md §8). Here each vector is one or two
+masked loads of 8 lanes (lanes past the vector's end read as 0 and are never touched in memory), the lanes are
+processed as vectors, and the per-vector sums of eight vectors come out of one transposing add tree, so there is no
+horizontal reduction per vector.
+
+Every sum is added in an order fixed by this code (the tree below), with plain IEEE instructions and no fastmath
+flags: the bits do not depend on LLVM's choices, on the CPU, or on whether Numba compiled or loaded the caller
+(``_kernels``). A zero lane adds an exact 0, so the sums are those of the vector's own entries, reordered.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import types as nbt
+from numba.extending import intrinsic
+
+SHORT_MAX = 16  # vectors up to this length take these kernels
+_H = 8  # lanes of one load (a 512-bit register of doubles)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F64 = ir.DoubleType()
+_V64 = ir.VectorType(_F64, _H)
+
+
+def _fn(builder, name, ret, args):
+    mod = builder.module
+    return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, args), name)
+
+
+def _splat(builder, val, ty):
+    v = builder.insert_element(ir.Constant(ty, ir.Undefined), val, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, _H), [0] * _H))
+
+
+def _shuf(builder, a, b, idx):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(idx)), idx))
+
+
+def _masks(builder, n):
+    """(lanes 0-7 below n, lanes 8-15 below n) as <8 x i1>."""
+    nv = _splat(builder, n, ir.VectorType(_I64, _H))
+    return [builder.icmp_signed("<", ir.Constant(ir.VectorType(_I64, _H), list(range(h, h + _H))), nv)
+            for h in (0, _H)]
+
+
+def _load(builder, arr_ty, data, off, mask, halves):
+    """Entries off .. off + 8 halves - 1 under the masks, widened to doubles (exact), one <8 x double> per half."""
+    is32 = arr_ty.dtype == nbt.float32
+    elt = ir.FloatType() if is32 else _F64
+    vty = ir.VectorType(elt, _H)
+    mty = ir.VectorType(ir.IntType(1), _H)
+    load = _fn(builder, f"llvm.masked.load.v{_H}{'f32' if is32 else 'f64'}.p0", vty,
+               [ir.PointerType(), _I32, mty, vty])
+    out = []
+    for h in range(halves):
+        ptr = builder.gep(data, [builder.add(off, ir.Constant(_I64, h * _H))])
+        v = builder.call(load, [ptr, ir.Constant(_I32, 4 if is32 else 8), mask[h], ir.Constant(vty, None)])
+        out.append(builder.fpext(v, _V64) if is32 else v)
+    return out
+
+
+def _transpose_sum(builder, vs):
+    """Eight <8 x double> (vector q's lanes in vs[q]) -> one <8 x double> whose lane q is the sum of vs[q]'s lanes:
+    three levels of pairing halves, so every vector's lanes are added in the same fixed tree."""
+    lvl = []
+    for a, b in zip(vs[0::2], vs[1::2]):  # [a 0-3 | b 0-3] + [a 4-7 | b 4-7]
+        lvl.append(builder.fadd(_shuf(builder, a, b, [0, 1, 2, 3, 8, 9, 10, 11]),
+                                _shuf(builder, a, b, [4, 5, 6, 7, 12, 13, 14, 15])))
+    nxt = []  # lanes: [q0 (2), q2 (2), q1 (2), q3 (2)] of each pair of pairs
+    for a, b in zip(lvl[0::2], lvl[1::2]):
+        nxt.append(builder.fadd(_shuf(builder, a, b, [0, 1, 8, 9, 4, 5, 12, 13]),
+                                _shuf(builder, a, b, [2, 3, 10, 11, 6, 7, 14, 15])))
+    a, b = nxt  # -> lanes [q0, q4, q2, q6, q1, q5, q3, q7]
+    w = builder.fadd(_shuf(builder, a, b, [0, 8, 2, 10, 4, 12, 6, 14]), _shuf(builder, a, b, [1, 9, 3, 11, 5, 13, 7, 15]))
+    return _shuf(builder, w, w, [0, 4, 2, 6, 1, 5, 3, 7])
+
+
+def _sums8(context, builder, sig, args, halves, absolute):
+    """Per-vector (support size, sum u, sum u^2) of the eight vectors of length n <= 8 halves starting at o0,
+    o0 + n, ..., stored at M[q .. q + 7], SU[..], SUU[..]. u = (|x| - t)_+, or u = |x| (``absolute``: NaN shows in
+    the sums, the support counts nonzeros)."""
+    x_ty, m_ty = sig.args[0], sig.args[4]
+    x = context.make_array(x_ty)(context, builder, args[0])
+    o0, n, q = args[1], args[2], args[7]
+    mask = _masks(builder, n)
+    zero = ir.Constant(_V64, None)
+    tv = zero if absolute else _splat(builder, args[3], _V64)
+    fabs = _fn(builder, f"llvm.fabs.v{_H}f64", _V64, [_V64])
+    ctpop = _fn(builder, "llvm.ctpop.i8", ir.IntType(8), [ir.IntType(8)])
+    su, suu, cnt = [], [], []
+    for k in range(8):
+        off = builder.add(o0, builder.mul(n, ir.Constant(_I64, k)))
+        us, c = [], ir.Constant(_I32, 0)
+        for v in _load(builder, x_ty, x.data, off, mask, halves):
+            a = builder.call(fabs, [v])
+            if absolute:
+                pos, u = builder.fcmp_ordered(">", a, zero), a
+            else:
+                d = builder.fsub(a, tv)
+                pos = builder.fcmp_ordered(">", d, zero)
+                u = builder.select(pos, d, zero)
+            us.append(u)
+            c = builder.add(c, builder.zext(builder.call(ctpop, [builder.bitcast(pos, ir.IntType(8))]), _I32))
+        sq = [builder.fmul(u, u) for u in us]
+        su.append(us[0] if halves == 1 else builder.fadd(us[0], us[1]))
+        suu.append(sq[0] if halves == 1 else builder.fadd(sq[0], sq[1]))
+        cnt.append(builder.uitofp(c, _F64))
+    for arg, val in ((args[5], _transpose_sum(builder, su)), (args[6], _transpose_sum(builder, suu))):
+        arr = context.make_array(m_ty)(context, builder, arg)
+        builder.store(val, builder.bitcast(builder.gep(arr.data, [q]), _V64.as_pointer()), align=8)
+    marr = context.make_array(m_ty)(context, builder, args[4])
+    for k in range(8):
+        builder.store(cnt[k], builder.gep(marr.data, [builder.add(q, ir.Constant(_I64, k))]))
+    return context.get_dummy_value()
+
+
+def _make_sums(halves, absolute):
+    @intrinsic
+    def sums8(typingctx, x, o0, n, t, M, SU, SUU, q):
+        sig = nbt.void(x, nbt.int64, nbt.int64, nbt.float64, M, SU, SUU, nbt.int64)
+        return sig, lambda context, builder, sig, args: _sums8(context, builder, sig, args, halves, absolute)
+    return sums8
+
+
+# (vectors up to 8 entries, up to 16) x (u = (|x| - t)_+, u = |x|)
+sums8_1, sums8_2 = _make_sums(1, False), _make_sums(2, False)
+abs_sums8_1, abs_sums8_2 = _make_sums(1, True), _make_sums(2, True)
+
+
+def _write1(context, builder, sig, args, halves):
+    """out[o0 : o0 + n] = sign(x) (|x| - t)_+ sc, masked to the vector's n entries: the same IEEE operations as
+    ``_uniform._write_block``'s loop, so the same bits (a zero's sign included)."""
+    x_ty, o_ty = sig.args[0], sig.args[1]
+    x = context.make_array(x_ty)(context, builder, args[0])
+    o = context.make_array(o_ty)(context, builder, args[1])
+    o0, n = args[2], args[3]
+    mask = _masks(builder, n)
+    zero = ir.Constant(_V64, None)
+    tv, scv = _splat(builder, args[4], _V64), _splat(builder, args[5], _V64)
+    fabs = _fn(builder, f"llvm.fabs.v{_H}f64", _V64, [_V64])
+    is32 = o_ty.dtype == nbt.float32
+    elt = ir.FloatType() if is32 else _F64
+    vty = ir.VectorType(elt, _H)
+    store = _fn(builder, f"llvm.masked.store.v{_H}{'f32' if is32 else 'f64'}.p0", ir.VoidType(),
+                [vty, ir.PointerType(), _I32, ir.VectorType(ir.IntType(1), _H)])
+    for h, v in enumerate(_load(builder, x_ty, x.data, o0, mask, halves)):
+        d = builder.fsub(builder.call(fabs, [v]), tv)
+        r = builder.select(builder.fcmp_ordered(">", d, zero), builder.fmul(d, scv), zero)
+        w = builder.select(builder.fcmp_ordered(">=", v, zero), r, builder.fneg(r))
+        if is32:
+            w = builder.fptrunc(w, vty)
+        ptr = builder.gep(o.data, [builder.add(o0, ir.Constant(_I64, h * _H))])
+        builder.call(store, [w, ptr, ir.Constant(_I32, 4 if is32 else 8), mask[h]])
+    return context.get_dummy_value()
+
+
+def _make_write(halves):
+    @intrinsic
+    def write1(typingctx, x, out, o0, n, t, sc):
+        sig = nbt.void(x, out, nbt.int64, nbt.int64, nbt.float64, nbt.float64)
+        return sig, lambda context, builder, sig, args: _write1(context, builder, sig, args, halves)
+    return write1
+
+
+write1_1, write1_2 = _make_write(1), _make_write(2)
