@@ -83,3 +83,72 @@ def test_no_compaction_past_the_memory_budget_or_below_the_size_floor():
     assert eng._comp.pad is None
     small = _engine(_data("normal", r=20, n=50))
     assert not small.compact
+
+
+def _ties(r=300, n=200, seed=5):
+    rng = np.random.default_rng(seed)
+    x = rng.choice([0.1, 0.5, 1.0], size=(r, n)) * rng.choice([-1.0, 1.0], size=(r, n))
+    return torch.from_numpy(x.astype(np.float32))
+
+
+def _subnormal(r=300, n=200, seed=6):
+    x = _data("normal", r, n, seed).double() * 2.0**-140  # float32 subnormals beside normal entries
+    x[::3] *= 2.0**100
+    return x.float()
+
+
+@pytest.mark.parametrize("kind", ["normal", "mixed", "zeros", "ties", "subnormal", "uniform"])
+@pytest.mark.parametrize("s", [0.5, 0.8, 0.95])
+def test_first_pass_compaction_lands_where_the_full_solve_does(kind, s):
+    """``plan`` makes the first pass keep the entries above an estimate of the first Newton step's threshold: the
+    solve runs compacted from its first step and lands where the uncompacted solve does (sparsity, mu, output)."""
+    x = {"ties": _ties, "subnormal": _subnormal}.get(kind, lambda: None)()
+    if kind == "uniform":
+        x = torch.from_numpy(np.random.default_rng(7).uniform(-1, 1, (300, 200)).astype(np.float32))
+    x = _data(kind) if x is None else x
+    eng, full = _engine(x), _engine(x, compact=False)
+    out, info = solve_shared(eng, s, tol=1e-12, max_iter=100)
+    ref, info_f = solve_shared(full, s, tol=1e-12, max_iter=100)
+    assert info.discontinuity == info_f.discontinuity and info.already_sparse == info_f.already_sparse
+    assert abs(info.sparsity - info_f.sparsity) <= 1e-12 and info.sparsity >= s
+    assert abs(info.mu - info_f.mu) <= 1e-12 * info_f.mu
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-6, atol=0)
+    assert torch.equal(torch.signbit(out), torch.signbit(ref))  # zeros signed like x, on both paths
+    if kind == "normal" and s >= 0.8:  # compacted at the first pass (the sample's estimate held)
+        assert eng._comp.pad is not None and eng._comp.mu != eng._comp.mu  # (mu NaN: the first pass's copy)
+
+
+def test_an_estimate_above_the_first_step_drops_the_copy_and_keeps_anew(monkeypatch):
+    from groupsparse.projection import _torch_layout
+
+    x = _data("normal", r=400, n=300, seed=8)
+    monkeypatch.setattr(_torch_layout, "BELOW", 1.5)  # the first pass keeps above the root: no pass can use it
+    eng = _engine(x)
+    eng.plan(0.8)
+    first_T = eng._comp.T
+    assert eng._comp.pad is not None
+    out, info = solve_shared(eng, 0.8, tol=1e-12, max_iter=100)
+    ref, info_f = solve_shared(_engine(x, compact=False), 0.8, tol=1e-12, max_iter=100)
+    assert eng._comp.pad is not None and eng._comp.T < first_T  # compacted again at the confirmed lower end
+    assert abs(info.sparsity - info_f.sparsity) <= 1e-12
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-6, atol=0)
+
+
+def test_a_deferred_first_pass_runs_when_its_constants_are_read():
+    """Without ``plan`` (``project_each``, a caller driving the engine) the first pass runs on first use, whole."""
+    x = _data("mixed")
+    eng, ref = _engine(x), _engine(x.double())  # (float64: the a-unit path, whose first pass is never deferred)
+    assert eng.__dict__.get("_pending") and not ref.__dict__.get("_pending")
+    assert torch.equal(eng.stats0, ref.stats0) and np.array_equal(eng.e_host, ref.e_host)
+    assert eng._comp.pad is None
+
+
+@pytest.mark.parametrize("r", [100, 300])  # below and above the compaction's size floor
+def test_project_each_on_float32_rows_uses_a_threshold_per_vector(r):
+    """Regression: the caller-unit pass took one threshold per row length, the first row's, also for
+    ``project_each`` (a threshold per vector): float32 rows came back off numba's by up to 7.2 on N(0, 1)
+    entries (and above the compaction floor the compaction's state raised AttributeError)."""
+    x = _data("normal", r=r, n=200)
+    zt = gs.project_each(x, 0.7, axis=1, engine="torch")
+    zn = gs.project_each(x, 0.7, axis=1, engine="numba")
+    np.testing.assert_allclose(zt.numpy(), zn.numpy(), rtol=1e-5, atol=1e-30)

@@ -247,6 +247,8 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
     """
     comm = comm or LocalComm()
     r_loc = eng.n_vectors
+    if hasattr(eng, "plan"):  # an engine may lay out its passes for the target (torch: compaction in its first)
+        eng.plan(sparsity + margin)
     top_key, p_min = one_hot_top(eng) if r_loc else (-math.inf, 10**6)
     # two collectives for all the constants: sums, and maxima (p + m orders the tops like their values)
     r_tot, msum = comm.sum(np.array([float(r_loc), margin * r_loc if margin_sum is None else margin_sum]))

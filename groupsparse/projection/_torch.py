@@ -15,48 +15,14 @@ import numpy as np
 import torch
 
 from ._solver import Evaluation, h_and_slope
+from ._torch_first import FirstPass
 from ._torch_layout import F64, Compacted, Layout, Piece
+from ._torch_util import HOST_XP, empty_like, ldexp
 
 COMPACT_MIN = 1 << 15  # entries: below, building the compacted copy costs more than the passes it shortens
 
 
-class _HostXP:
-    """torch for the per-vector arithmetic of CPU tensors (``h_and_slope``), but sqrt from NumPy. Two reasons:
-    torch's CPU sqrt splits work at 2048 entries, so a sqrt over the vectors woke the thread pool on every
-    evaluation (5 ms each on the shared 2-core machine with two torch threads); and it is not the correctly rounded
-    IEEE sqrt in float64 (torch 2.13 CPU: 0.9 % of uniform inputs one ulp off NumPy's / numba's ``math.sqrt``).
-    The host and the device loop both take it on the CPU (they must agree bit for bit); the NumPy view of a CPU
-    tensor is no device sync, so it runs outside torch's function dispatch (``tests``' sync guard)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def sqrt(x):
-        with torch._C.DisableTorchFunction():
-            return torch.from_numpy(np.asarray(np.sqrt(x.detach().numpy())))
-
-
-HOST_XP = _HostXP()
-
-
-def empty_like(x: torch.Tensor) -> torch.Tensor:
-    """``torch.empty_like`` for the output; on the CPU NumPy's memory (as the numba engine returns), because NumPy
-    asks the kernel for transparent huge pages on large arrays and torch's allocator does not: first-touch page
-    faults made writing a fresh 40 MB output 16 ms, against 6 ms in NumPy's memory."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return torch.empty_like(x)
-    return torch.from_numpy(np.empty(tuple(x.shape), dtype=np.float32 if x.dtype == torch.float32 else np.float64))
-
-
-def ldexp(values, shift):
-    """values * 2^shift, exact even where 2^shift alone would overflow (two halves)."""
-    half = torch.div(shift, 2, rounding_mode="floor")
-    two = torch.full((), 2.0, dtype=F64, device=values.device)  # a fill, not a host-to-device copy
-    return values * two.pow(half.double()) * two.pow((shift - half).double())
-
-
-class TorchEngine:
+class TorchEngine(FirstPass):
     name = "torch"
     xp = torch
 
@@ -80,51 +46,11 @@ class TorchEngine:
         # (the copy's budget: with the output and a few chunks the call stays under 2x the input)
         self._comp = Compacted(data, self._cs, int(0.6 * data.numel() * data.element_size())) if self.compact else None
         self._none = None
-        peak = torch.empty(r, dtype=F64, device=self.device)
-        for p in self.lay.pieces:  # max |x| without an |x| temporary; NaN propagates, inf stays inf
-            if self._fast(p):  # one pass: the peak and the caller-unit sums at mu = 0 (u = |x|)
-                v = self._views(p)
-                a = v[1].copy_(v[0]).abs_()
-                torch.amax(a, 1, out=peak[p.v0 : p.v1])
-                self._fast_sums(a, v)
-                continue
-            xs = self.lay.rows(data, p)
-            peak[p.v0 : p.v1] = torch.maximum(self.lay.reduce(xs, p, "max"), -self.lay.reduce(xs, p, "min"))
-        if not bool(torch.isfinite(peak).all()):
-            raise ValueError("vectors: got NaN or Inf entries, expected finite values")
-        e = torch.frexp(peak).exponent.long().clamp(-1022, 1023)
-        self.e = torch.where(peak > 0, e, 0)
-        self.inv = ldexp(torch.ones_like(peak), -self.e)
-        self.sigma = ldexp(torch.ones_like(peak), self.e)
-        # one pass for everything per vector: the stats at mu = 0, the largest ratio, the weights' norms
-        zero = torch.zeros(r, dtype=F64, device=self.device)
-        self._argmax_pos = None  # found when first needed (one-hot vectors): one pass fewer in most solves
-        if self.weighted:
-            self.ratio_max, self.wnorm, self.wmin = torch.empty_like(zero), torch.empty_like(zero), torch.empty_like(zero)
-        else:
-            self.ratio_max = peak * self.inv  # the largest a, exactly (a power of two)
-        for p in self.lay.pieces:
-            if self._fast(p):
-                continue
-            a = self._a(p)
-            self._piece_stats(a, p)  # u = (a - 0)_+ = a
-            if self.weighted:
-                wv = self.lay.rows(self.w, p)
-                self.ratio_max[p.v0 : p.v1] = self.lay.reduce(a / wv, p, "max")
-                self.wnorm[p.v0 : p.v1] = self.lay.reduce(wv * wv, p, "sum").sqrt()
-                self.wmin[p.v0 : p.v1] = self.lay.reduce(wv, p, "min")
-        self.stats0 = self._finish()
-        if not self.weighted:
-            self.wnorm = torch.as_tensor(np.sqrt(np.diff(offsets).astype(np.float64)), device=self.device)
-            self.wmin = torch.ones_like(self.wnorm)
-        self.beta = 1.0 / (self.wnorm - self.wmin)
-        self.zero_mask = self.ratio_max == 0
-        self.cnorm = (HOST_XP if self.cpu else torch).sqrt(self.stats0[:, 2])
-        self.shift = -self.e
-        self._scales()
-        host = torch.stack([self.beta, self.wnorm, self.wmin, self.ratio_max, self.inv, self.cnorm]).cpu().numpy()
-        self.beta_host, self.wnorm_host, self.wmin_host, self.ratio_host, self.inv_host, self.cnorm_host = host
-        self.e_host = self.e.cpu().numpy()
+        # a compacting engine waits for ``plan`` (the target): its first pass then also keeps the entries above a
+        # threshold estimated from a sample of rows, so the solve's first Newton step already runs compacted
+        self._pending = self.compact
+        if not self._pending:
+            self._first_pass()
 
     @property
     def argmax_pos(self):
@@ -177,10 +103,10 @@ class TorchEngine:
         torch.sum(u, 1, out=v[5])
         torch.linalg.vector_norm(u, dim=1, out=v[6])
 
-    def _finish(self):
+    def _finish(self, fast: bool = True):
         """[sum w^2 on the support, sum w u, sum u^2] per vector in a-units from the raw sums of a pass."""
         m, su, q = self._cs[0], self._cs[1], self._cs[2]
-        if not self.fast:
+        if not (self.fast and fast):
             return torch.stack([m, su, q], 1)
         su_a, suu_a = su * self.inv, (q * self.inv).square()  # powers of two: exact
         if not self.lay.all_uniform:
@@ -224,10 +150,16 @@ class TorchEngine:
             v[5].copy_(lay.reduce(u, p, "sum"))
         v[6].copy_(torch.linalg.vector_norm(u, dim=1).square() if p.n else lay.reduce(u * u, p, "sum"))
 
-    def _pass(self, t, host: bool, spec=None):
+    def _pass(self, t, host: bool, spec=None, shared: bool = True):
         """The raw sums at thresholds ``t`` and their a-unit stats. With ``spec`` (the host solver's mu) and
         compaction on, the survivors are kept too, for ``confirm_lower`` to compact to if mu turns out to be the
-        bracket's lower end (the first Newton step almost always is)."""
+        bracket's lower end (the first Newton step almost always is). ``shared``: one mu for the group, so one
+        threshold per row length in the caller's units; else (``_batched``: a threshold per vector or per group)
+        the a-unit pass."""
+        if not shared:
+            for p in self.lay.pieces:
+                self._piece_stats(self._u(p, torch.where(torch.isinf(t), 1e300, t)), p)
+            return self._finish(False)
         tk = None
         if self.fast and host and spec is not None:  # T from mu on the host: the same products, no tensor op
             tk = [spec * b * p1 * p2 for b, p1, p2, _ in self._tk_host]
@@ -324,7 +256,7 @@ class TorchEngine:
         elif mu == 0.0:
             stats = self.stats0  # thresholds 0: the first pass measured it
         else:
-            stats = self._pass(t, self.cpu, mu)
+            stats = self._pass(t, self.cpu, mu, shared=mu is not None)
         empty, onehot, hval = self._onehot(stats, t)
         h, dh = h_and_slope(HOST_XP if self.cpu else torch, stats, empty, hval)
         return Evaluation(mu if mu is not None else math.nan, h, dh, (t, stats, onehot))
