@@ -216,8 +216,8 @@ def test_no_offsets_and_no_numpy_side_buffers():
 
 
 def test_sampled_warm_start_on_very_large_groups():
-    """1M+ vectors start from a solve on a sample of parts: same band as a start elsewhere (mu0 skips the
-    sample), outputs close, and the same bits on threads."""
+    """Groups of _SAMPLE_MIN_PARTS parts and more start from a solve on a sample of parts: same band as a start
+    elsewhere (mu0 skips the sample), outputs close, and the same bits on threads."""
     from groupsparse.projection._uniform import UNIFORM_PART, _SAMPLE_MIN_PARTS
 
     r = _SAMPLE_MIN_PARTS * UNIFORM_PART

@@ -260,12 +260,14 @@ def test_nan_inf_raise_whatever_the_path(bad, dtype):
             run(x, 0.5, path)
 
 
-def test_sample_start_with_unlike_sampled_parts():
-    """1M+ vectors: the sampled parts (every stride-th block of 4096) are tied, zero or 2^60 larger than the
-    rest. The sample is only a start: every result lands in the band, measured; threads give the same bits."""
+@pytest.mark.parametrize("parts", [uniform._SAMPLE_MIN_PARTS, 4 * uniform._SAMPLE_PARTS])
+def test_sample_start_with_unlike_sampled_parts(parts):
+    """The smallest sampled group (one or two parts sampled) and one of 1M+ vectors (stride from _SAMPLE_PARTS):
+    the sampled parts (every stride-th block of 4096) are tied, zero or 2^60 larger than the rest. The sample is
+    only a start: every result lands in the band, measured; threads give the same bits."""
     P = uniform.UNIFORM_PART
-    r = uniform._SAMPLE_MIN_PARTS * P + 5
-    stride = (r + P - 1) // P // uniform._SAMPLE_PARTS
+    r = parts * P + 5
+    stride = max(uniform._SAMPLE_STRIDE, (r + P - 1) // P // uniform._SAMPLE_PARTS)
     x = np.random.default_rng(7).normal(size=(r, 2)).astype(np.float32)
     sampled = np.zeros(r, bool)
     for p in range(0, (r + P - 1) // P, stride):

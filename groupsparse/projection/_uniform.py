@@ -218,12 +218,18 @@ def _first_threaded(x, n, P, beta, wn, check, part):
         run_parts(_first_range, (x, n, P, beta, wn, check), part)
 
 
-# Groups of at least 4x this many parts (1M vectors up to length 16, 16M entries beyond) first solve on about this
-# many (every stride-th part): its passes cost <= 1/4 of a full one, and its root, 2-3e-4 off in average sparsity
-# for length-9 N(0,1) data, is close enough that one Newton step from there usually lands in the float32 band
-# (1e7-1e8 entries: 2 full passes and the sample's, not 4 full passes).
+# Groups of at least _SAMPLE_MIN_PARTS parts (32k vectors up to length 16, 512k entries beyond) first solve on a
+# sample, every stride-th part: at most _SAMPLE_PARTS parts and at most an eighth of the group, so its passes cost
+# <= 1/8 of a full one. Its root, 2-8e-4 off in average sparsity for 1e7 length-9 N(0,1) entries, is close enough
+# that one or two Newton steps from there land in the float32 band; so its own band need not be finer than
+# _SAMPLE_TOL (a tenth of that error). Measured as full-pass equivalents per entry (a write counted as a second
+# pass; benchmarks/bench_projection.py section 'passes'), over the ResNet-50 layers: 6.09 -> 5.14 for N(0, 0.02^2)
+# weights, 8.09 -> 6.33 for Kaiming-uniform ones (the sample started only at 256 parts before, 16M entries for long
+# vectors: no ResNet layer had it); 5.42 -> 5.04 for 1e7 entries of length 9 (a quarter sampled before).
 _SAMPLE_PARTS = 64
-_SAMPLE_MIN_PARTS = 4 * _SAMPLE_PARTS
+_SAMPLE_MIN_PARTS = 8
+_SAMPLE_STRIDE = 8
+_SAMPLE_TOL = 3e-5
 _RANGE64 = 2.0**450  # float64 entries within [2^-450, 2^450]: no square or sum under- or overflows in any pass
 
 
@@ -383,14 +389,15 @@ def _solve(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
     d2S = math.nan
     if m0 == 0.0 and nparts >= _SAMPLE_MIN_PARTS:
         # a warm start from a sample: each of its passes costs 1/stride of a full one
-        stride = nparts // _SAMPLE_PARTS
+        stride = max(_SAMPLE_STRIDE, nparts // _SAMPLE_PARTS)
         sub = first[::stride]
         r_sub = sub[:, 2].sum()
         S_sub = _kahan(sub[:, 0])
         if S_sub < r_sub * (s + margin):
             st, m0, _, _, ev, _, d2S = _newton(x, n, beta, wn, dT, stride, np.zeros((sub.shape[0], 3)), S_sub,
                                                -beta * dT * sub[:, 1].sum(), math.nan, r_sub * (s + margin),
-                                               tol * r_sub, hi, r_sub, 0.0, max_iter, par, out[:0])
+                                               max(tol, _SAMPLE_TOL) * r_sub, hi, r_sub, 0.0, max_iter, par,
+                                               out[:0])
             evals += ev
             d2S *= r / r_sub
             if st < 0:
