@@ -99,9 +99,12 @@ def _subnormal(r=300, n=200, seed=6):
 
 @pytest.mark.parametrize("kind", ["normal", "mixed", "zeros", "ties", "subnormal", "uniform"])
 @pytest.mark.parametrize("s", [0.5, 0.8, 0.95])
-def test_first_pass_compaction_lands_where_the_full_solve_does(kind, s):
+def test_first_pass_compaction_lands_where_the_full_solve_does(kind, s, monkeypatch):
     """``plan`` makes the first pass keep the entries above an estimate of the first Newton step's threshold: the
     solve runs compacted from its first step and lands where the uncompacted solve does (sparsity, mu, output)."""
+    from groupsparse.projection import _torch_layout
+
+    monkeypatch.setattr(_torch_layout, "SAMPLE", 1 << 12)  # (groups from 8 samples: these 60000 entries)
     x = {"ties": _ties, "subnormal": _subnormal}.get(kind, lambda: None)()
     if kind == "uniform":
         x = torch.from_numpy(np.random.default_rng(7).uniform(-1, 1, (300, 200)).astype(np.float32))
@@ -123,6 +126,7 @@ def test_an_estimate_above_the_first_step_drops_the_copy_and_keeps_anew(monkeypa
 
     x = _data("normal", r=400, n=300, seed=8)
     monkeypatch.setattr(_torch_layout, "BELOW", 1.5)  # the first pass keeps above the root: no pass can use it
+    monkeypatch.setattr(_torch_layout, "SAMPLE", 1 << 12)
     eng = _engine(x)
     eng.plan(0.8)
     first_T = eng._comp.T

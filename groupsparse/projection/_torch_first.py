@@ -15,7 +15,7 @@ from ._torch_util import HOST_XP, ldexp
 # what the first pass sets (a deferred first pass runs when one of them is first read)
 _FIRST_PASS = frozenset({"e", "inv", "sigma", "ratio_max", "wnorm", "wmin", "stats0", "beta", "zero_mask", "cnorm",
                          "shift", "beta_host", "wnorm_host", "wmin_host", "ratio_host", "inv_host", "cnorm_host",
-                         "e_host", "_p1", "_p2", "_dT", "_tk_host", "_argmax_pos"})
+                         "e_host", "_p1", "_p2", "_dT", "_tk_host", "_np", "_argmax_pos"})
 
 class FirstPass:
     """Mixin of ``TorchEngine``: ``_first_pass`` sets the attributes in ``_FIRST_PASS``."""

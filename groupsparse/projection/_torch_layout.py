@@ -200,6 +200,8 @@ def first_step_threshold(x: np.ndarray, r: int, sparsity: float, budget: int) ->
     group looks sparse already. Only speed depends on it: a pass below the threshold runs in full (and keeps anew).
     The step is Newton's on S(0) and S'(0), or the secant of [0, top] where Newton's leaves it (S convex at
     first, uniformly distributed entries), as ``_solver.solve_shared`` takes them."""
+    if len(x) < 8 * SAMPLE:  # (a smaller group: the sample would cost about what keeping later costs)
+        return None
     n = len(x) // r
     m = min(r, max(8, SAMPLE // n))
     with np.errstate(all="ignore"):
