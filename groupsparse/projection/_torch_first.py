@@ -46,7 +46,12 @@ class FirstPass:
                 v = self._views(p)
                 a = v[1].copy_(v[0]).abs_()
                 torch.amax(a, 1, out=peak[p.v0 : p.v1])
-                self._fast_sums(a, v)
+                if self.cpu and float(torch.amin(a)) > 0:  # no zero entry (the usual case): every row's support is
+                    v[4].fill_(p.n)  # its length; one reduction instead of sign and a row sum (~2 ms per 1e7)
+                    torch.sum(a, 1, out=v[5])
+                    torch.linalg.vector_norm(a, dim=1, out=v[6])
+                else:
+                    self._fast_sums(a, v)
                 if comp is not None:
                     comp.piece(a, p, gather)
                 continue
