@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from groupsparse.projection._shortvec import (SHORT_MAX, abs_sums8_1, abs_sums8_2, sums8_1, sums8_2, write1_1,
-                                              write1_2)
+                                              write1_2, write8)
 
 
 @nb.njit
@@ -32,8 +32,14 @@ def _run_sums(x, n, t, absolute, M, SU, SUU):
 
 
 @nb.njit
-def _run_write(x, out, n, t, SC):
-    for q in range(x.shape[0] // n):
+def _run_write(x, out, n, t, SC, eight):
+    """one vector per call (write1_*), or eight (write8: full groups of eight entries, a switch on n)"""
+    r = x.shape[0] // n
+    if eight:
+        for q in range(0, r - r % 8, 8):
+            write8(x, out, q * n, n, t, SC, q)
+        return
+    for q in range(r):
         if n <= 8:
             write1_1(x, out, q * n, n, t, SC[q])
         else:
@@ -112,14 +118,15 @@ def test_write_is_the_scalar_loop_bit_for_bit(group, data):
     a = np.abs(x.astype(np.float64))
     t = float(data.draw(st.sampled_from([0.0, float(np.median(a)), float(a.max())])))
     sc = np.array([data.draw(st.sampled_from([0.0, 1.0, 0.75, 3.0e-5, 1.5e300])) for _ in range(r)])
-    out = np.full_like(x, 7.0)
     with np.errstate(over="ignore", invalid="ignore"):
-        _run_write(x, out, n, t, sc)
         xv = x.astype(np.float64)
         d = np.abs(xv) - t
         rr = np.where(d > 0, d * np.repeat(sc, n), 0.0)
         ref = np.where(xv >= 0, rr, -rr).astype(x.dtype)
-    assert np.array_equal(out.view(np.uint8), ref.view(np.uint8))
+        for eight in (False, True):
+            out = np.full_like(x, 7.0)
+            _run_write(x, out, n, t, sc, eight)
+            assert np.array_equal(out.view(np.uint8), ref.view(np.uint8)), eight
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -133,6 +140,7 @@ def test_kernels_touch_only_the_vectors_entries(dtype, n):
     M, SU, SUU = np.zeros(8), np.zeros(8), np.zeros(8)
     _run_sums(x, n, 0.5, False, M, SU, SUU)
     assert np.all(np.isfinite(SU)) and np.all(M == n)
-    out = np.full(8 * n + 64, 5.0, dtype)
-    _run_write(x, out[: 8 * n], n, 0.5, np.ones(8))
-    assert np.all(out[8 * n :] == 5.0)
+    for eight in (False, True):
+        out = np.full(8 * n + 64, 5.0, dtype)
+        _run_write(x, out[: 8 * n], n, 0.5, np.ones(8), eight)
+        assert np.all(out[8 * n :] == 5.0) and np.all(out[: 8 * n] != 5.0)

@@ -167,3 +167,54 @@ def _make_write(halves):
 
 
 write1_1, write1_2 = _make_write(1), _make_write(2)
+
+
+def _write8_n(builder, x_ty, xd, od, o0, n, tv, sc8, is32_out):
+    """Eight consecutive vectors of a fixed length n written as n groups of eight consecutive entries: full loads
+    and stores (no masks, no line-splitting partial stores), each lane's scale picked from sc8 by a constant
+    shuffle (lane 8g + l belongs to vector (8g + l) // n)."""
+    zero = ir.Constant(_V64, None)
+    fabs = _fn(builder, f"llvm.fabs.v{_H}f64", _V64, [_V64])
+    is32 = x_ty.dtype == nbt.float32
+    ity = ir.VectorType(ir.FloatType() if is32 else _F64, _H)
+    oty = ir.VectorType(ir.FloatType() if is32_out else _F64, _H)
+    for g in range(n):
+        off = builder.add(o0, ir.Constant(_I64, g * _H))
+        v = builder.load(builder.bitcast(builder.gep(xd, [off]), ity.as_pointer()), align=4 if is32 else 8)
+        if is32:
+            v = builder.fpext(v, _V64)
+        scl = _shuf(builder, sc8, sc8, [(g * _H + lane) // n for lane in range(_H)])
+        d = builder.fsub(builder.call(fabs, [v]), tv)
+        r = builder.select(builder.fcmp_ordered(">", d, zero), builder.fmul(d, scl), zero)
+        w = builder.select(builder.fcmp_ordered(">=", v, zero), r, builder.fneg(r))
+        if is32_out:
+            w = builder.fptrunc(w, oty)
+        builder.store(w, builder.bitcast(builder.gep(od, [off]), oty.as_pointer()), align=4 if is32_out else 8)
+
+
+@intrinsic
+def write8(typingctx, x, out, o0, n, t, SC, q):
+    """out[o0 : o0 + 8 n] = the eight vectors from o0 projected at t with scales SC[q .. q + 7] (``write1``'s
+    operations, so its bits), for 1 <= n <= SHORT_MAX: a switch on n into code compiled for each length."""
+    sig = nbt.void(x, out, nbt.int64, nbt.int64, nbt.float64, SC, nbt.int64)
+
+    def codegen(context, builder, sig, args):
+        x_ty, o_ty, sc_ty = sig.args[0], sig.args[1], sig.args[5]
+        xd = context.make_array(x_ty)(context, builder, args[0]).data
+        od = context.make_array(o_ty)(context, builder, args[1]).data
+        scd = context.make_array(sc_ty)(context, builder, args[5]).data
+        o0, n = args[2], args[3]
+        tv = _splat(builder, args[4], _V64)
+        sc8 = builder.load(builder.bitcast(builder.gep(scd, [args[6]]), _V64.as_pointer()), align=8)
+        fn = builder.function
+        end = fn.append_basic_block("write8_end")
+        sw = builder.switch(n, end)
+        for k in range(1, SHORT_MAX + 1):
+            bb = fn.append_basic_block(f"write8_n{k}")
+            sw.add_case(ir.Constant(_I64, k), bb)
+            builder.position_at_end(bb)
+            _write8_n(builder, x_ty, xd, od, o0, k, tv, sc8, o_ty.dtype == nbt.float32)
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+    return sig, codegen

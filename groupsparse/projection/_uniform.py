@@ -24,7 +24,7 @@ import numpy as np
 
 from ._kernels import abs_max, abs_sums, inline_copy, jit, plain_sums, radd
 from ._threads import run_parts
-from ._shortvec import SHORT_MAX, abs_sums8_1, abs_sums8_2, sums8_1, sums8_2, write1_1, write1_2
+from ._shortvec import SHORT_MAX, abs_sums8_1, abs_sums8_2, sums8_1, sums8_2, write1_1, write1_2, write8
 from ._small import _key_mid
 
 UNIFORM = True  # False sends equal-length groups to solve_plain_small (tests compare the two compiled paths)
@@ -68,12 +68,16 @@ def _write_block(x, out, v0, k, n, T, SU, SUU, SC, ones):
         su, suu = SU[q], SUU[q]
         SC[q] = (suu + T * su) / suu if suu > 0.0 else 0.0  # alpha / ||u||, alpha = <x, |c|> = (u.u + T sum u) / ||u||
     c = 0
+    k8 = k - k % 8 if n <= SHORT_MAX else 0
+    for q in range(0, k8, 8):  # the same operations as the loop below, as vector code (_shortvec)
+        write8(x, out, (v0 + q) * n, n, T, SC, q)
     for q in range(k):
-        o0 = (v0 + q) * n
-        sc = SC[q]
         ones[c] = q
         c += 0 if SUU[q] > 0.0 else 1
-        if n <= 8:  # the same operations as the loop, as vector code (_shortvec)
+    for q in range(k8, k):
+        o0 = (v0 + q) * n
+        sc = SC[q]
+        if n <= 8:
             write1_1(x, out, o0, n, T, sc)
         elif n <= SHORT_MAX:
             write1_2(x, out, o0, n, T, sc)
