@@ -15,8 +15,9 @@
    layer, results kept).
 6. cold: the first threaded projection in a fresh process (thresholds forced), twice: once compiling, once with
    numba's cache filled by the first process.
+7. passes: passes over the data per entry of the equal-length solve (deterministic; ``bench_passes.py``).
 
-``--baseline DIR`` also times sections 4-5 with the projection package of another checkout (e.g. a git worktree
+``--baseline DIR`` also times sections 4-7 with the projection package of another checkout (e.g. a git worktree
 of an older commit), loaded beside this one: interleaved in the same process, so both see the same load.
 """
 
@@ -295,8 +296,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats, scaling up to 1e7")
     p.add_argument("--out", default=None, help="JSON file for the results (default benchmarks/results/<device>.json)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "scaling", "torch", "short", "memory", "cold"])
-    p.add_argument("--baseline", default=None, help="another checkout whose projection sections 4-5 also time")
+    p.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "scaling", "torch", "short", "memory", "cold",
+                                                                    "passes"])
+    p.add_argument("--baseline", default=None, help="another checkout whose projection sections 4-7 also measure")
     p.add_argument("--merge", action="store_true", help="keep the output file's other keys (rerun some sections)")
     args = p.parse_args()
     repeat = 3 if args.quick else 5
@@ -346,6 +348,10 @@ def main():
         res["memory"] = bench_memory(args.baseline, big=not args.quick)
     if "cold" not in args.skip:
         res["cold_threaded"] = bench_cold_threads(args.baseline)
+    if "passes" not in args.skip:
+        from bench_passes import bench_passes
+
+        res["passes"] = bench_passes(args.baseline)
     dev = "cuda" if any(r.get("device", "").startswith("cuda") for r in res.get("torch", [])) else "cpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"projection-{dev}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

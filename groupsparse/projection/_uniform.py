@@ -223,13 +223,13 @@ def _first_threaded(x, n, P, beta, wn, check, part):
 
 
 # Groups of at least _SAMPLE_MIN_PARTS parts (32k vectors up to length 16, 512k entries beyond) first solve on a
-# sample, every stride-th part: at most _SAMPLE_PARTS parts and at most an eighth of the group, so its passes cost
-# <= 1/8 of a full one. Its root, 2-8e-4 off in average sparsity for 1e7 length-9 N(0,1) entries, is close enough
-# that one or two Newton steps from there land in the float32 band; so its own band need not be finer than
-# _SAMPLE_TOL (a tenth of that error). Measured as full-pass equivalents per entry (a write counted as a second
-# pass; benchmarks/bench_projection.py section 'passes'), over the ResNet-50 layers: 6.09 -> 5.14 for N(0, 0.02^2)
-# weights, 8.09 -> 6.33 for Kaiming-uniform ones (the sample started only at 256 parts before, 16M entries for long
-# vectors: no ResNet layer had it); 5.42 -> 5.04 for 1e7 entries of length 9 (a quarter sampled before).
+# sample, every stride-th part: at most an eighth of the group and not much more than _SAMPLE_PARTS parts, so its
+# passes cost <= 1/8 of a full one. Its root, 2-8e-4 off in average sparsity for 1e7 length-9 N(0,1) entries, is
+# close enough that one or two Newton steps from there land in the float32 band; so its own band need not be finer
+# than _SAMPLE_TOL (a tenth of that error). Passes over the data per entry (a write counts as a second pass;
+# benchmarks/bench_passes.py), ResNet-50 layers: 6.09 -> 5.09 for N(0, 0.02^2) weights, 8.09 -> 6.23 for
+# Kaiming-uniform ones (the sample started at 256 parts before, 16M entries of long vectors: no ResNet-50 layer
+# had it); 1e7 entries: 5.42 -> 5.04 for length 9 (a quarter sampled before), 5.00 -> 4.71 for length 1000.
 _SAMPLE_PARTS = 64
 _SAMPLE_MIN_PARTS = 8
 _SAMPLE_STRIDE = 8
