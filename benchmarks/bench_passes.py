@@ -87,7 +87,7 @@ def bench_passes(baseline_dir=None):
         if name == "before":  # numba's cache is keyed by file: the baseline's files get a folder of their own
             env["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / "gs-bench-numba-before")
         code = _PROBE.format(path=[str(root), str(HERE)])
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
         if proc.returncode:
             raise RuntimeError(f"passes probe ({name}) failed: {proc.stderr[-2000:]}")
         for case, row in json.loads(proc.stdout.strip().splitlines()[-1]).items():
@@ -106,12 +106,10 @@ def main():
     p.add_argument("--out", default=str(HERE / "results" / "projection-passes.json"))
     args = p.parse_args()
     res = bench_passes(args.baseline)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    sys.path.insert(0, str(HERE))
+    from bench_projection import write_json
+
+    write_json(Path(args.out), res)
 
 
 if __name__ == "__main__":

@@ -354,12 +354,17 @@ def main():
         res["passes"] = bench_passes(args.baseline)
     dev = "cuda" if any(r.get("device", "").startswith("cuda") for r in res.get("torch", [])) else "cpu"
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"projection-{dev}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and out.exists():  # the file's sections and metadata stay; this run's metadata goes with its sections
         meta = ("machine", "cpus", "python", "numpy", "time", "numba", "numba_threads", "load_average")
         new = {k: v for k, v in res.items() if k not in meta}
         res = json.loads(out.read_text()) | new
         res.setdefault("runs", {})[", ".join(new)] = {k: v for k, v in zip(meta, map(res_meta.get, meta))}
+    write_json(out, res)
+
+
+def write_json(out: Path, res) -> None:
+    """Write atomically (a killed run leaves the old file, never half of one)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=2))
     os.replace(tmp, out)
