@@ -14,7 +14,9 @@ flags: the bits do not depend on LLVM's choices, on the CPU, or on whether Numba
 
 from __future__ import annotations
 
+import llvmlite
 from llvmlite import ir
+from llvmlite.binding import llvm_version_info
 from numba.core import types as nbt
 from numba.extending import intrinsic
 
@@ -24,6 +26,19 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F64 = ir.DoubleType()
 _V64 = ir.VectorType(_F64, _H)
+
+
+# Pointers are built typed (<8 x float>*), which every llvmlite prints in a form its LLVM parses; an intrinsic's
+# name carries its pointer type: p0v8f32 while LLVM has typed pointers (numba <= 0.61, LLVM 15), p0 once opaque.
+_OPAQUE = llvm_version_info[0] >= 17 or getattr(llvmlite, "opaque_pointers_enabled", False)
+
+
+def _vname(is32):
+    return f"v{_H}{'f32' if is32 else 'f64'}"
+
+
+def _pname(is32):
+    return "p0" if _OPAQUE else "p0" + _vname(is32)
 
 
 def _fn(builder, name, ret, args):
@@ -53,11 +68,11 @@ def _load(builder, arr_ty, data, off, mask, halves):
     elt = ir.FloatType() if is32 else _F64
     vty = ir.VectorType(elt, _H)
     mty = ir.VectorType(ir.IntType(1), _H)
-    load = _fn(builder, f"llvm.masked.load.v{_H}{'f32' if is32 else 'f64'}.p0", vty,
-               [ir.PointerType(), _I32, mty, vty])
+    pty = vty.as_pointer()
+    load = _fn(builder, f"llvm.masked.load.{_vname(is32)}.{_pname(is32)}", vty, [pty, _I32, mty, vty])
     out = []
     for h in range(halves):
-        ptr = builder.gep(data, [builder.add(off, ir.Constant(_I64, h * _H))])
+        ptr = builder.bitcast(builder.gep(data, [builder.add(off, ir.Constant(_I64, h * _H))]), pty)
         v = builder.call(load, [ptr, ir.Constant(_I32, 4 if is32 else 8), mask[h], ir.Constant(vty, None)])
         out.append(builder.fpext(v, _V64) if is32 else v)
     return out
@@ -145,15 +160,16 @@ def _write1(context, builder, sig, args, halves):
     is32 = o_ty.dtype == nbt.float32
     elt = ir.FloatType() if is32 else _F64
     vty = ir.VectorType(elt, _H)
-    store = _fn(builder, f"llvm.masked.store.v{_H}{'f32' if is32 else 'f64'}.p0", ir.VoidType(),
-                [vty, ir.PointerType(), _I32, ir.VectorType(ir.IntType(1), _H)])
+    pty = vty.as_pointer()
+    store = _fn(builder, f"llvm.masked.store.{_vname(is32)}.{_pname(is32)}", ir.VoidType(),
+                [vty, pty, _I32, ir.VectorType(ir.IntType(1), _H)])
     for h, v in enumerate(_load(builder, x_ty, x.data, o0, mask, halves)):
         d = builder.fsub(builder.call(fabs, [v]), tv)
         r = builder.select(builder.fcmp_ordered(">", d, zero), builder.fmul(d, scv), zero)
         w = builder.select(builder.fcmp_ordered(">=", v, zero), r, builder.fneg(r))
         if is32:
             w = builder.fptrunc(w, vty)
-        ptr = builder.gep(o.data, [builder.add(o0, ir.Constant(_I64, h * _H))])
+        ptr = builder.bitcast(builder.gep(o.data, [builder.add(o0, ir.Constant(_I64, h * _H))]), pty)
         builder.call(store, [w, ptr, ir.Constant(_I32, 4 if is32 else 8), mask[h]])
     return context.get_dummy_value()
 
