@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from groupsparse.projection._shortvec import (SHORT_MAX, abs_sums8_1, abs_sums8_2, sums8_1, sums8_2, write1_1,
-                                              write1_2, write8)
+from groupsparse.projection._shortvec import SHORT_MAX, abs_sums8_1, abs_sums8_2, sums8_1, sums8_2, write8
 
 
 @nb.njit
@@ -32,18 +31,11 @@ def _run_sums(x, n, t, absolute, M, SU, SUU):
 
 
 @nb.njit
-def _run_write(x, out, n, t, SC, eight):
-    """one vector per call (write1_*), or eight (write8: full groups of eight entries, a switch on n)"""
+def _run_write(x, out, n, t, SC):
+    """eight vectors per call (full groups of eight entries, a switch on n)"""
     r = x.shape[0] // n
-    if eight:
-        for q in range(0, r - r % 8, 8):
-            write8(x, out, q * n, n, t, SC, q)
-        return
-    for q in range(r):
-        if n <= 8:
-            write1_1(x, out, q * n, n, t, SC[q])
-        else:
-            write1_2(x, out, q * n, n, t, SC[q])
+    for q in range(0, r - r % 8, 8):
+        write8(x, out, q * n, n, t, SC, q)
 
 
 def _entries(draw, size, dtype):
@@ -123,10 +115,9 @@ def test_write_is_the_scalar_loop_bit_for_bit(group, data):
         d = np.abs(xv) - t
         rr = np.where(d > 0, d * np.repeat(sc, n), 0.0)
         ref = np.where(xv >= 0, rr, -rr).astype(x.dtype)
-        for eight in (False, True):
-            out = np.full_like(x, 7.0)
-            _run_write(x, out, n, t, sc, eight)
-            assert np.array_equal(out.view(np.uint8), ref.view(np.uint8)), eight
+        out = np.full_like(x, 7.0)
+        _run_write(x, out, n, t, sc)
+        assert np.array_equal(out.view(np.uint8), ref.view(np.uint8))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -140,7 +131,6 @@ def test_kernels_touch_only_the_vectors_entries(dtype, n):
     M, SU, SUU = np.zeros(8), np.zeros(8), np.zeros(8)
     _run_sums(x, n, 0.5, False, M, SU, SUU)
     assert np.all(np.isfinite(SU)) and np.all(M == n)
-    for eight in (False, True):
-        out = np.full(8 * n + 64, 5.0, dtype)
-        _run_write(x, out[: 8 * n], n, 0.5, np.ones(8), eight)
-        assert np.all(out[8 * n :] == 5.0) and np.all(out[: 8 * n] != 5.0)
+    out = np.full(8 * n + 64, 5.0, dtype)
+    _run_write(x, out[: 8 * n], n, 0.5, np.ones(8))
+    assert np.all(out[8 * n :] == 5.0) and np.all(out[: 8 * n] != 5.0)

@@ -146,45 +146,6 @@ sums8_1, sums8_2 = _make_sums(1, False), _make_sums(2, False)
 abs_sums8_1, abs_sums8_2 = _make_sums(1, True), _make_sums(2, True)
 
 
-def _write1(context, builder, sig, args, halves):
-    """out[o0 : o0 + n] = sign(x) (|x| - t)_+ sc, masked to the vector's n entries: the same IEEE operations as
-    ``_uniform._write_block``'s loop, so the same bits (a zero's sign included)."""
-    x_ty, o_ty = sig.args[0], sig.args[1]
-    x = context.make_array(x_ty)(context, builder, args[0])
-    o = context.make_array(o_ty)(context, builder, args[1])
-    o0, n = args[2], args[3]
-    mask = _masks(builder, n)
-    zero = ir.Constant(_V64, None)
-    tv, scv = _splat(builder, args[4], _V64), _splat(builder, args[5], _V64)
-    fabs = _fn(builder, f"llvm.fabs.v{_H}f64", _V64, [_V64])
-    is32 = o_ty.dtype == nbt.float32
-    elt = ir.FloatType() if is32 else _F64
-    vty = ir.VectorType(elt, _H)
-    pty = vty.as_pointer()
-    store = _fn(builder, f"llvm.masked.store.{_vname(is32)}.{_pname(is32)}", ir.VoidType(),
-                [vty, pty, _I32, ir.VectorType(ir.IntType(1), _H)])
-    for h, v in enumerate(_load(builder, x_ty, x.data, o0, mask, halves)):
-        d = builder.fsub(builder.call(fabs, [v]), tv)
-        r = builder.select(builder.fcmp_ordered(">", d, zero), builder.fmul(d, scv), zero)
-        w = builder.select(builder.fcmp_ordered(">=", v, zero), r, builder.fneg(r))
-        if is32:
-            w = builder.fptrunc(w, vty)
-        ptr = builder.bitcast(builder.gep(o.data, [builder.add(o0, ir.Constant(_I64, h * _H))]), pty)
-        builder.call(store, [w, ptr, ir.Constant(_I32, 4 if is32 else 8), mask[h]])
-    return context.get_dummy_value()
-
-
-def _make_write(halves):
-    @intrinsic
-    def write1(typingctx, x, out, o0, n, t, sc):
-        sig = nbt.void(x, out, nbt.int64, nbt.int64, nbt.float64, nbt.float64)
-        return sig, lambda context, builder, sig, args: _write1(context, builder, sig, args, halves)
-    return write1
-
-
-write1_1, write1_2 = _make_write(1), _make_write(2)
-
-
 def _write8_n(builder, x_ty, xd, od, o0, n, tv, sc8, is32_out):
     """Eight consecutive vectors of a fixed length n written as n groups of eight consecutive entries: full loads
     and stores (no masks, no line-splitting partial stores), each lane's scale picked from sc8 by a constant
@@ -210,8 +171,9 @@ def _write8_n(builder, x_ty, xd, od, o0, n, tv, sc8, is32_out):
 
 @intrinsic
 def write8(typingctx, x, out, o0, n, t, SC, q):
-    """out[o0 : o0 + 8 n] = the eight vectors from o0 projected at t with scales SC[q .. q + 7] (``write1``'s
-    operations, so its bits), for 1 <= n <= SHORT_MAX: a switch on n into code compiled for each length."""
+    """out[o0 : o0 + 8 n] = the eight vectors from o0 projected at t with scales SC[q .. q + 7], with the operations
+    of ``_uniform_passes._write_block``'s scalar loop, so its bits (a zero's sign included), for 1 <= n <= SHORT_MAX:
+    a switch on n into code compiled for each length."""
     sig = nbt.void(x, out, nbt.int64, nbt.int64, nbt.float64, SC, nbt.int64)
 
     def codegen(context, builder, sig, args):

@@ -14,7 +14,7 @@ import numba as nb
 import numpy as np
 
 from ._kernels import abs_sums, inline_copy, jit, plain_sums, radd
-from ._shortvec import SHORT_MAX, abs_sums8_1, abs_sums8_2, sums8_1, sums8_2, write1_1, write1_2, write8
+from ._shortvec import SHORT_MAX, abs_sums8_1, abs_sums8_2, sums8_1, sums8_2, write8
 from ._threads import run_parts
 
 # Vectors per partial sum, the unit of threads: 4096 up to length 16, then about 2^16 entries (at least one vector),
@@ -62,21 +62,16 @@ def _write_block(x, out, v0, k, n, T, SU, SUU, SC, ones):
     for q in range(k):
         ones[c] = q
         c += 0 if SUU[q] > 0.0 else 1
-    for q in range(k8, k):
+    for q in range(k8, k):  # (short vectors: only the group's last r % 8, blocks holding 256 vectors)
         o0 = (v0 + q) * n
         sc = SC[q]
-        if n <= 8:
-            write1_1(x, out, o0, n, T, sc)
-        elif n <= SHORT_MAX:
-            write1_2(x, out, o0, n, T, sc)
-        else:
-            xs = x[o0 : o0 + n]
-            os_ = out[o0 : o0 + n]
-            for j in range(n):
-                xv = np.float64(xs[j])
-                d = abs(xv) - T
-                r = d * sc if d > 0.0 else 0.0
-                os_[j] = r if xv >= 0.0 else -r
+        xs = x[o0 : o0 + n]
+        os_ = out[o0 : o0 + n]
+        for j in range(n):
+            xv = np.float64(xs[j])
+            d = abs(xv) - T
+            r = d * sc if d > 0.0 else 0.0
+            os_[j] = r if xv >= 0.0 else -r
     for i in range(c):
         o0 = (v0 + ones[i]) * n
         xs = x[o0 : o0 + n]
