@@ -163,8 +163,10 @@ def plain_write(xs, os_, inv, t, sc):
 
 @nb.njit(inline="always")
 def write_onehot(x, out, s0, n, oh):
+    """x at oh, zeros elsewhere with x's sign (as the thresholded write gives them: a vector left with one entry
+    and a vector with none then come out with the same bits)."""
     for j in range(s0, s0 + n):
-        out[j] = x[j] if j == oh else 0.0
+        out[j] = x[j] if j == oh else (0.0 if x[j] >= 0.0 else -0.0)
 
 
 # ---- weighted

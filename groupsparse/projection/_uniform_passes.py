@@ -84,7 +84,7 @@ def _write_block(x, out, v0, k, n, T, SU, SUU, SC, ones):
                 amax = a
                 arg = j
         for j in range(n):
-            os_[j] = xs[j] if j == arg else 0.0
+            os_[j] = xs[j] if j == arg else (0.0 if xs[j] >= 0.0 else -0.0)  # (_kernels.write_onehot)
 
 
 @nb.njit(inline="always")
