@@ -104,7 +104,8 @@ def test_nan_and_inf_show_in_the_absolute_sums(dtype, n):
 @settings(max_examples=200, deadline=None)
 @given(short_group(), st.data())
 def test_write_is_the_scalar_loop_bit_for_bit(group, data):
-    """sign(x) (|x| - t)_+ sc with the same IEEE operations as the loop it replaces: same bits, -0.0 included"""
+    """copysign((|x| - t)_+ sc, x) with the same IEEE operations as the loop it replaces: same bits, every entry
+    with x's sign bit (-0.0 for a -0.0 entry and for zeroed negative ones)"""
     x, n = group
     r = x.shape[0] // n
     a = np.abs(x.astype(np.float64))
@@ -114,7 +115,7 @@ def test_write_is_the_scalar_loop_bit_for_bit(group, data):
         xv = x.astype(np.float64)
         d = np.abs(xv) - t
         rr = np.where(d > 0, d * np.repeat(sc, n), 0.0)
-        ref = np.where(xv >= 0, rr, -rr).astype(x.dtype)
+        ref = np.copysign(rr, xv).astype(x.dtype)
         out = np.full_like(x, 7.0)
         _run_write(x, out, n, t, sc)
         assert np.array_equal(out.view(np.uint8), ref.view(np.uint8))

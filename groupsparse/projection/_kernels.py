@@ -37,7 +37,7 @@ from numba.extending import intrinsic
 from ._threads import run_chunks
 
 _FM_SUM = {"reassoc", "nsz", "contract"}
-_FM_WRITE = {"nsz"}
+_FM_WRITE = False  # writes: IEEE, signed zeros included (every output entry carries x's sign bit)
 
 
 def jit(fn=None, **kw):
@@ -158,15 +158,15 @@ def plain_write(xs, os_, inv, t, sc):
         xv = np.float64(xs[j])
         d = abs(xv) * inv - t
         r = d * sc if d > 0.0 else 0.0
-        os_[j] = r if xv >= 0.0 else -r
+        os_[j] = math.copysign(r, xv)  # every entry keeps x's sign bit, -0.0 and zeroed entries included
 
 
 @nb.njit(inline="always")
 def write_onehot(x, out, s0, n, oh):
-    """x at oh, zeros elsewhere with x's sign (as the thresholded write gives them: a vector left with one entry
+    """x at oh, zeros elsewhere with x's sign bit (as the thresholded write gives them: a vector left with one entry
     and a vector with none then come out with the same bits)."""
     for j in range(s0, s0 + n):
-        out[j] = x[j] if j == oh else (0.0 if x[j] >= 0.0 else -0.0)
+        out[j] = x[j] if j == oh else math.copysign(0.0, np.float64(x[j]))
 
 
 # ---- weighted
@@ -252,7 +252,7 @@ def _write(x, w, cstart, clen, cvec, inv, t, scale, onehot, out):
         for j in range(s0, s0 + clen[c]):
             xv = np.float64(x[j])
             u = abs(xv) * iv - ti * w[j]
-            out[j] = math.copysign(u * sc, xv) if u > 0.0 else 0.0
+            out[j] = math.copysign(u * sc if u > 0.0 else 0.0, xv)
 
 
 # ---- unweighted: branch-free bodies that LLVM vectorizes

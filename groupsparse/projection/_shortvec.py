@@ -152,6 +152,7 @@ def _write8_n(builder, x_ty, xd, od, o0, n, tv, sc8, is32_out):
     shuffle (lane 8g + l belongs to vector (8g + l) // n)."""
     zero = ir.Constant(_V64, None)
     fabs = _fn(builder, f"llvm.fabs.v{_H}f64", _V64, [_V64])
+    copysign = _fn(builder, f"llvm.copysign.v{_H}f64", _V64, [_V64, _V64])
     is32 = x_ty.dtype == nbt.float32
     ity = ir.VectorType(ir.FloatType() if is32 else _F64, _H)
     oty = ir.VectorType(ir.FloatType() if is32_out else _F64, _H)
@@ -163,7 +164,7 @@ def _write8_n(builder, x_ty, xd, od, o0, n, tv, sc8, is32_out):
         scl = _shuf(builder, sc8, sc8, [(g * _H + lane) // n for lane in range(_H)])
         d = builder.fsub(builder.call(fabs, [v]), tv)
         r = builder.select(builder.fcmp_ordered(">", d, zero), builder.fmul(d, scl), zero)
-        w = builder.select(builder.fcmp_ordered(">=", v, zero), r, builder.fneg(r))
+        w = builder.call(copysign, [r, v])  # x's sign bit on every entry, -0.0 and zeroed entries included
         if is32_out:
             w = builder.fptrunc(w, oty)
         builder.store(w, builder.bitcast(builder.gep(od, [off]), oty.as_pointer()), align=4 if is32_out else 8)

@@ -346,15 +346,18 @@ class TorchEngine(FirstPass):
                 x, z, x64 = self._views(p)[:3]
                 x64.copy_(x)
                 T = tk[self.lay.kind[p.n]]
-                z = torch.clamp(x64, -T, T, out=z).sub_(x64).mul_(self.lay.col(neg, p)).add_(x64, alpha=0)
+                z = torch.clamp(x64, -T, T, out=z).sub_(x64).mul_(self.lay.col(neg, p))
+                if any_oh:  # (-0 + 0 x: the sign of x, as every other zero gets it below)
+                    z.masked_fill_(self.lay.col(oh, p), -0.0)
+                z.add_(x64, alpha=0)
             else:
                 x64 = self._x64(p, 1)
                 z = self._u(p, t, x64)
                 # (u scale) then the power of two, in place: never one product that overflows where the result does not
                 z.mul_(self.lay.col(scale, p)).mul_(self.lay.col(self.sigma, p))
+                if any_oh:
+                    z.masked_fill_(self.lay.col(oh, p), 0.0)
                 z.copysign_(x64)
-            if any_oh:
-                z.masked_fill_(self.lay.col(oh, p), 0.0)
             self.lay.rows(out, p).copy_(z)
         if any_oh:
             pos = onehot[oh]

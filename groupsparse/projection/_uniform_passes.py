@@ -71,7 +71,7 @@ def _write_block(x, out, v0, k, n, T, SU, SUU, SC, ones):
             xv = np.float64(xs[j])
             d = abs(xv) - T
             r = d * sc if d > 0.0 else 0.0
-            os_[j] = r if xv >= 0.0 else -r
+            os_[j] = math.copysign(r, xv)
     for i in range(c):
         o0 = (v0 + ones[i]) * n
         xs = x[o0 : o0 + n]
@@ -84,7 +84,7 @@ def _write_block(x, out, v0, k, n, T, SU, SUU, SC, ones):
                 amax = a
                 arg = j
         for j in range(n):
-            os_[j] = xs[j] if j == arg else (0.0 if xs[j] >= 0.0 else -0.0)  # (_kernels.write_onehot)
+            os_[j] = xs[j] if j == arg else math.copysign(0.0, np.float64(xs[j]))  # (_kernels.write_onehot)
 
 
 @nb.njit(inline="always")
