@@ -49,6 +49,25 @@ def test_each_every_vector_exact_or_sparser_at_ties(M, s):
     assert np.all(np.abs(sp[~tied] - s) < 1e-8) or s == 1.0
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 12), st.integers(2, 10), st.integers(0, 2**31), st.sampled_from([np.float32, np.float64]),
+       st.floats(0.0, 1.0))
+def test_each_engines_agree_when_vectors_share_a_threshold(n, r, seed, dtype, frac):
+    """Rows that are sign flips and permutations of one vector share one threshold in the caller's units: the
+    torch engine's float32 write then takes its clamp form, which needs T >= 0, and a denser target (t < 0) gave
+    wrong magnitudes and signs (s = 0: |x| everywhere). Any target, denser or sparser than the rows: the engines
+    agree and every entry keeps x's sign."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=n) ** 3
+    x = np.stack([rng.permutation(v) * rng.choice([-1.0, 1.0], size=n) for _ in range(r)]).astype(dtype)
+    s = frac * float(gs.hoyer_sparsity(x[0])) if frac < 0.5 else frac  # denser than the rows, or any target
+    zn = gs.project_each(x, s, axis=1, engine="numba")
+    zt = gs.project_each(torch.from_numpy(x), s, axis=1, engine="torch").numpy()
+    scale = np.abs(x.astype(np.float64)).max()
+    np.testing.assert_allclose(zt, zn, rtol=1e-5 if dtype == np.float32 else 1e-9, atol=1e-6 * scale)
+    assert np.array_equal(np.signbit(zt), np.signbit(x)) and np.array_equal(np.signbit(zn), np.signbit(x))
+
+
 def test_each_weighted():
     rng = np.random.default_rng(5)
     M, W = rng.normal(size=(10, 4)), rng.uniform(0.5, 2, size=(10, 4))

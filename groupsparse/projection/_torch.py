@@ -335,7 +335,8 @@ class TorchEngine(FirstPass):
         if self.fast:  # one threshold per row length (not so where a jump mixes the bracket's ends): one sync
             tv = t * self.sigma
             same = tv == tv[self.lay.first][self.lay.kind_rows]
-            fast = bool((same | ~self.lay.uniform_rows).all())
+            # and T >= 0: the clamp form needs -T <= T (``project_each`` makes vectors denser with t < 0)
+            fast = bool(((same | ~self.lay.uniform_rows).all() & (tv >= 0).all()))
             neg = -scale
         for p in self.lay.pieces:
             if self.fast and fast and p.n:
