@@ -36,9 +36,12 @@ def pass_(par, x, n, T, beta, wn, stride, write, out, part):
     P = U.part_size.py_func(n)
     U._pass_range(x, n, P, T, beta, wn, stride, write, out, part, 0)
     touched[0] += min(part.shape[0] * stride * P * n, x.size) / stride * (2 if write else 1)
-def first(x, n, P, beta, wn, check, part, p0):
+def first(x, n, P, beta, wn, check, part, p0):  # (before the first pass took a stride and a threshold)
     U._first_range(x, n, P, beta, wn, check, part, p0)
     touched[0] += x.size
+def first_strided(par, x, n, P, stride, beta, wn, T, part):
+    U._first_range(x, n, P, stride, beta, wn, x.itemsize == 8, T, part, 0)
+    touched[0] += min(part.shape[0] * stride * P * n, x.size) / stride  # (at T > 0 also an evaluation: one read)
 
 calls = []
 solve = U.solve_uniform
@@ -61,15 +64,20 @@ for case in ("resnet50", "resnet50-kaiming-uniform", "1e7-9", "1e7-1000"):
     for m in mats:
         gs.project(m, 0.8, axis=1)  # the arguments the public call hands the solve
     U.solve_uniform = solve
-    saved = U._pass, U._kahan, U._newton, U._first_ser
+    saved = (U._pass, U._kahan, U._newton, U._first_ser, getattr(U, "_first", None), getattr(U, "_sample_root", None),
+             getattr(U, "_in_range", None))
     U._pass, U._kahan, U._newton, U._first_ser = pass_, U._kahan.py_func, U._newton.py_func, first
+    if saved[4] is not None:
+        U._first, U._sample_root, U._in_range = first_strided, U._sample_root.py_func, U._in_range.py_func
     touched[0] = 0.0
     evals = 0.0
     for a in calls:
         stats = np.zeros(7)
         U._solve(*a, np.empty_like(a[0]), stats, False)
         evals += stats[2] * a[0].size
-    U._pass, U._kahan, U._newton, U._first_ser = saved
+    U._pass, U._kahan, U._newton, U._first_ser = saved[:4]
+    if saved[4] is not None:
+        U._first, U._sample_root, U._in_range = saved[4:]
     size = sum(a[0].size for a in calls)
     res[case] = {{"passes_per_entry": touched[0] / size, "evaluations_per_entry": evals / size, "groups": len(calls)}}
 print(json.dumps(res))

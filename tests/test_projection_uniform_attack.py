@@ -272,13 +272,57 @@ def test_sample_start_with_unlike_sampled_parts(parts):
     sampled = np.zeros(r, bool)
     for p in range(0, (r + P - 1) // P, stride):
         sampled[p * P : (p + 1) * P] = True
-    for how, s in (("tied", 0.95), ("zero", 0.6), ("huge", 0.95)):
+    for how, s in (("tied", 0.95), ("zero", 0.6), ("huge", 0.95), ("huge_rest", 0.8)):
         y = x.copy()
-        y[sampled] = {"tied": np.float32(1.0), "zero": np.float32(0.0)}.get(how, y[sampled] * np.float32(2.0**60))
+        if how == "huge_rest":  # the sample's largest norm 2^60 below the group's: its root in other units
+            y[~sampled] *= np.float32(2.0**60)
+        else:
+            y[sampled] = {"tied": np.float32(1.0), "zero": np.float32(0.0)}.get(how, y[sampled] * np.float32(2.0**60))
         z, info = run(y, s)
         check_band(y, s, z, info)
-        if how == "huge":
+        if how.startswith("huge"):
             np.testing.assert_array_equal(bits(z), bits(run(y, s, "threads")[0]))
+
+
+def _sampled_rows(r):
+    P = uniform.UNIFORM_PART
+    stride = max(uniform._SAMPLE_STRIDE, (r + P - 1) // P // uniform._SAMPLE_PARTS)
+    return np.concatenate([np.arange(p * P, min((p + 1) * P, r)) for p in range(0, (r + P - 1) // P, stride)])
+
+
+@pytest.mark.parametrize("where", ["sampled", "unsampled"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e200, 1e-200])
+def test_bad_entries_inside_or_outside_the_sample(where, bad):
+    """The sample's first pass reads only its parts, the full first pass (which also evaluates at the sample's
+    root) reads the rest: NaN and Inf raise wherever they are, and float64 entries outside the [2^-450, 2^450]
+    window hand the group to the general solver wherever they are (results in the band, as the general path's)."""
+    r = uniform._SAMPLE_MIN_PARTS * uniform.UNIFORM_PART + 5
+    x = np.random.default_rng(3).normal(size=(r, 3))
+    rows = _sampled_rows(r)
+    row = rows[len(rows) // 2] if where == "sampled" else np.setdiff1d(np.arange(r), rows)[-1]
+    x[row, 1] = bad
+    for path in ("uniform", "threads"):
+        if not np.isfinite(bad):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                run(x, 0.8, path)
+            continue
+        z, info = run(x, 0.8, path)
+        check_band(x, 0.8, z, info)
+        z2, _ = run(x, 0.8, "general")
+        np.testing.assert_array_equal(bits(z), bits(z2))
+
+
+@pytest.mark.parametrize("n", [2, 9, 300])
+def test_sampled_solve_is_equivariant_under_powers_of_two(n):
+    """The sample solves in its own units (2^E of its largest norm) and hands its root to the full solve in the
+    group's: exact power-of-two rescaling, so scaling the data by 2^k scales the result by 2^k bit for bit."""
+    P = uniform.part_size.py_func(n)
+    r = uniform._SAMPLE_MIN_PARTS * P + 3
+    x = np.random.default_rng(n).normal(size=(r, n)).astype(np.float32)
+    z, _ = run(x, 0.8)
+    for k in (-60, -1, 7, 60):
+        zk, _ = run(x * np.float32(2.0**k), 0.8)
+        np.testing.assert_array_equal(bits(zk), bits(z * np.float32(2.0**k)))
 
 
 @pytest.mark.parametrize("n", [9, 1000, 4608])

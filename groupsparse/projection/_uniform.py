@@ -67,7 +67,7 @@ def _kahan(col):
 
 
 @nb.njit(inline="always")
-def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, m0, max_iter, par, out):
+def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, m0, max_iter, par, out, pre):
     """Safeguarded Newton on the parts 0, stride, 2 stride, ... (S, dS: their totals at mu = 0; d2S: a curvature
     estimate or NaN): the bracket, the aim inside the band, bisection on ordered bit patterns after two slow
     steps; a warm start m0 (0: none) is evaluated first. On data whose S is convex at first (uniformly distributed
@@ -81,8 +81,9 @@ def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, 
     sees supports change, which a fixed-support second derivative misses). It predicts each step's residual:
     writing (``out``) is speculative, a step predicted to land well inside the band also writes the projection.
     Steps are corrected by that curvature (Halley's), as in every solver (``_solver.halley_step``), so all paths
-    land at nearly the same point of the band. Returns (status 1 converged / -1 jump
-    or exhausted, mu, S there, iterations, evaluations, written, the last curvature estimate)."""
+    land at nearly the same point of the band. ``pre`` (rows of [sum sp, sum dh/dT], or none): the sums at m0,
+    measured already (``_uniform_first`` at T > 0), so the warm start costs no pass. Returns (status 1 converged /
+    -1 jump or exhausted, mu, S there, iterations, evaluations, written, the last curvature estimate)."""
     aim = need + 0.5 * band
     lo = 0.0
     S_lo = S
@@ -129,9 +130,13 @@ def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, 
                     break  # adjacent doubles: a jump
         mu_p, dS_p = mu, dS
         mu = cand
-        _pass(par, x, n, mu * dT, beta, wn, stride, spec, out, part)
-        S = _kahan(part[:, 0])
-        dS = -beta * dT * part[:, 1].sum()
+        if mu == m0 and pre.shape[0] > 0 and not spec:  # (the sums at m0 measured: no pass, and nothing written)
+            S = _kahan(pre[:, 0])
+            dS = -beta * dT * pre[:, 1].sum()
+        else:
+            _pass(par, x, n, mu * dT, beta, wn, stride, spec, out, part)
+            S = _kahan(part[:, 0])
+            dS = -beta * dT * part[:, 1].sum()
         evals += 1
         if mu != mu_p and math.isfinite(dS_p):
             d2S = (dS - dS_p) / (mu - mu_p)
@@ -155,32 +160,80 @@ def _newton(x, n, beta, wn, dT, stride, part, S, dS, d2S, need, band, hi, S_hi, 
     return -1, hi, math.nan, it, evals, False, d2S
 
 
+@nb.njit(inline="always")
+def _first(par, x, n, P, stride, beta, wn, T, part):
+    if par:
+        _first_threaded(x, n, P, stride, beta, wn, x.itemsize == 8, T, part)
+    else:
+        _first_ser(x, n, P, stride, beta, wn, x.itemsize == 8, T, part, 0)
+
+
+@nb.njit(inline="always")
+def _in_range(first):
+    """No NaN or Inf, and float64 entries within the window (``_RANGE64``; float32 passes do not check: [6] = 0,
+    [7] = inf)."""
+    return math.isfinite(_kahan(first[:, 5])) and not (first[:, 6].max() > _RANGE64 or
+                                                       first[:, 7].min() < 1.0 / _RANGE64)
+
+
+@nb.njit(inline="always")
+def _units(beta, top_sq):
+    """(top, E, dT): mu is relative to 2^E, E the exponent of the largest one-hot point (the largest norm / beta):
+    scaling the data by 2^k changes E only; T = mu dT with dT = beta 2^E, as the per-vector units' t_i."""
+    top, E = math.frexp(math.sqrt(top_sq) / beta)
+    return top, E, math.ldexp(beta, E)
+
+
+@nb.njit(inline="always")
+def _sample_root(x, n, P, nparts, s, margin, tol, max_iter, beta, wn, par, out):
+    """Large groups: solve on a sample, every stride-th part (at most an eighth of the group, about
+    ``_SAMPLE_PARTS`` parts), from a first pass of its own. Returns (the sample's root as mu relative to 2^E,
+    E, the curvature there per vector, the evaluations it took); E = 0 where the sample gives no start (already
+    sparse, NaN, out of range, no root)."""
+    stride = max(_SAMPLE_STRIDE, nparts // _SAMPLE_PARTS)
+    sub = np.zeros(((nparts + stride - 1) // stride, 8))
+    _first(par, x, n, P, stride, beta, wn, 0.0, sub)
+    r_sub = sub[:, 2].sum()
+    S_sub = _kahan(sub[:, 0])
+    if not _in_range(sub) or S_sub >= r_sub * (s + margin):
+        return 0.0, 0, math.nan, 1
+    top, E, dT = _units(beta, sub[:, 3].max())
+    st, m, _, _, ev, _, d2S = _newton(x, n, beta, wn, dT, stride, np.zeros((sub.shape[0], 3)), S_sub,
+                                      -beta * dT * sub[:, 1].sum(), math.nan, r_sub * (s + margin),
+                                      max(tol, _SAMPLE_TOL) * r_sub, top * (1 + 1e-9), r_sub, 0.0, max_iter, par,
+                                      out[:0], sub[:0, :2])
+    if st < 0:
+        return 0.0, 0, math.nan, 1 + ev
+    return m, E, d2S / r_sub, 1 + ev
+
+
 def _solve(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
     """``solve_plain_small`` for r = len(x) / n vectors of n entries each (x[i n : (i + 1) n]), in O(r / 4096)
     memory: every pass recomputes what it needs per vector. Same statuses and ``stats``; ``par`` runs the
-    threaded kernels. Very large groups first solve on a sample of parts and start the full Newton there; its last
-    pass usually writes the result too (``_newton``). ``evaluations`` counts the sample's (partial) passes too."""
+    threaded kernels. Groups of ``_SAMPLE_MIN_PARTS`` parts and more first solve on a sample, and the full first
+    pass also evaluates the group at the sample's root, where the full Newton starts; its last pass usually writes
+    the result too (``_newton``). ``evaluations`` counts the sample's (partial) passes too."""
     r = x.shape[0] // n
     P = part_size(n)
     nparts = (r + P - 1) // P
     sq = math.sqrt(n)
     wn = sq
     beta = 1.0 / (sq - 1.0)
-    first = np.zeros((nparts, 8))
-    if par:
-        _first_threaded(x, n, P, beta, wn, x.itemsize == 8, first)
-    else:
-        _first_ser(x, n, P, beta, wn, x.itemsize == 8, first, 0)
-    if not math.isfinite(_kahan(first[:, 5])):
-        return -2  # NaN or Inf: the general solver reports it
-    if x.itemsize == 8 and (first[:, 6].max() > _RANGE64 or first[:, 7].min() < 1.0 / _RANGE64):
-        return -2
+    evals = 1
+    m_sub, E_sub, d2S_sub = 0.0, 0, math.nan
+    if not mu0 > 0.0 and nparts >= _SAMPLE_MIN_PARTS:
+        m_sub, E_sub, d2S_sub, ev = _sample_root(x, n, P, nparts, s, margin, tol, max_iter, beta, wn, par, out)
+        evals += ev
+    T0 = m_sub * math.ldexp(beta, E_sub)  # (0: no sample root)
+    first = np.zeros((nparts, 10))
+    _first(par, x, n, P, 1, beta, wn, T0, first)
+    if not _in_range(first):
+        return -2  # NaN or Inf, or float64 entries outside the window: the general solver reports it
     top_sq = first[:, 3].max()
     low_sq = first[:, 4].min()
     stats[4] = math.sqrt(top_sq)  # the largest vector norm: no output entry exceeds it
     stats[5] = math.frexp(math.sqrt(low_sq))[1] if low_sq < math.inf else 10**6
     S = _kahan(first[:, 0])
-    evals = 1
     if s == 0.0 or S >= r * s:
         out[:] = x
         stats[0] = 0.0
@@ -191,31 +244,18 @@ def _solve(x, n, s, margin, tol, max_iter, mu0, out, stats, par):
     need = min(r * (s + margin), 1.0 * r)
     if need >= r:
         return -1
-    # mu relative to 2^E, E the exponent of the largest one-hot point (the largest norm / beta): scaling the data
-    # by 2^k changes E only; T = mu dT with dT = beta 2^E, as the per-vector units' t_i = mu beta 2^(E - e_i)
-    top, E = math.frexp(math.sqrt(top_sq) / beta)
-    dT = math.ldexp(beta, E)
+    top, E, dT = _units(beta, top_sq)
     dS = -beta * dT * first[:, 1].sum()
     hi = top * (1 + 1e-9)
     m0 = math.ldexp(mu0, -E) if mu0 > 0.0 else 0.0
     d2S = math.nan
-    if m0 == 0.0 and nparts >= _SAMPLE_MIN_PARTS:
-        # a warm start from a sample: each of its passes costs 1/stride of a full one
-        stride = max(_SAMPLE_STRIDE, nparts // _SAMPLE_PARTS)
-        sub = first[::stride]
-        r_sub = sub[:, 2].sum()
-        S_sub = _kahan(sub[:, 0])
-        if S_sub < r_sub * (s + margin):
-            st, m0, _, _, ev, _, d2S = _newton(x, n, beta, wn, dT, stride, np.zeros((sub.shape[0], 3)), S_sub,
-                                               -beta * dT * sub[:, 1].sum(), math.nan, r_sub * (s + margin),
-                                               max(tol, _SAMPLE_TOL) * r_sub, hi, r_sub, 0.0, max_iter, par,
-                                               out[:0])
-            evals += ev
-            d2S *= r / r_sub
-            if st < 0:
-                m0, d2S = 0.0, math.nan
+    pre = first[:0, 8:10]
+    if T0 > 0.0:  # m0 dT = T0 exactly (powers of two apart): the first pass measured the sums there
+        m0 = math.ldexp(m_sub, E_sub - E)
+        d2S = d2S_sub * r * math.ldexp(1.0, 2 * (E - E_sub))
+        pre = first[:, 8:10]
     status, hi, S_hi, it, ev, written, _ = _newton(x, n, beta, wn, dT, 1, np.zeros((nparts, 3)), S, dS, d2S, need,
-                                                    tol * r, hi, 1.0 * r, m0, max_iter, par, out)
+                                                    tol * r, hi, 1.0 * r, m0, max_iter, par, out, pre)
     evals += ev
     if status < 0:
         return -1

@@ -139,19 +139,24 @@ def _uniform_pass(x, n, P, T, beta, wn, stride, write, out, part, p0):
         part[p, 2] = max(v1 - v0, 0)
 
 
-def _uniform_first(x, n, P, beta, wn, check, part, p0):
-    """The pass at T = 0, also: [3] largest and [4] smallest nonzero vector sum of squares, [5] sum |x| (NaN and
-    Inf show in it), and with ``check`` [6] largest and [7] smallest nonzero |x| (the float64 range rule)."""
+def _uniform_first(x, n, P, stride, beta, wn, check, T, part, p0):
+    """The pass at T = 0 over the parts (P vectors each) p0, p0 + stride, ..., also: [3] largest and [4] smallest
+    nonzero vector sum of squares, [5] sum |x| (NaN and Inf show in it), and with ``check`` [6] largest and [7]
+    smallest nonzero |x| (the float64 range rule). With T > 0 it is also the pass at T ([8] sum sp, [9] sum dh/dT:
+    the bits ``_uniform_pass`` gives), while each block of vectors is in cache: the solve's first full evaluation
+    (at the sample's root) then costs no pass of its own."""
     r = x.shape[0] // n
     for p in range(part.shape[0]):
         M = np.empty(_Q)
         SU = np.empty(_Q)
         SUU = np.empty(_Q)
         bits = SUU.view(np.int64)  # nonnegative doubles order like their bit patterns: integer max/min vectorize
-        v0 = (p0 + p) * P
+        v0 = (p0 + p) * stride * P
         v1 = min(r, v0 + P)
         s1 = 0.0
         s2 = 0.0
+        t1 = 0.0
+        t2 = 0.0
         top = 0
         low = _NO_LOW
         total = 0.0
@@ -170,6 +175,13 @@ def _uniform_first(x, n, P, beta, wn, check, part, p0):
                 sq = bits[q]
                 top = max(top, sq)
                 low = min(low, sq if sq > 0 else _NO_LOW)
+            if T > 0.0:  # (after the loop above: the sums at T overwrite the buffers)
+                for q in range(_short_sums(x, b, k, n, T, M, SU, SUU), k):
+                    o0 = (b + q) * n
+                    M[q], SU[q], SUU[q] = plain_sums(x[o0 : o0 + n], 1.0, T)
+                a1, a2 = _tail(k, beta, wn, M, SU, SUU)
+                t1 += a1
+                t2 += a2
             if check:
                 for j in range(b * n, (b + k) * n):
                     a = abs(np.float64(x[j]))
@@ -177,7 +189,10 @@ def _uniform_first(x, n, P, beta, wn, check, part, p0):
                     amin = min(amin, a if a > 0.0 else math.inf)
         part[p, 0] = s1
         part[p, 1] = s2
-        part[p, 2] = v1 - v0
+        part[p, 2] = max(v1 - v0, 0)
+        if T > 0.0:
+            part[p, 8] = t1
+            part[p, 9] = t2
         bits[0] = top
         bits[1] = low
         part[p, 3] = SUU[0]
@@ -200,6 +215,6 @@ def _pass_threaded(x, n, P, T, beta, wn, stride, write, out, part):
 
 
 @jit
-def _first_threaded(x, n, P, beta, wn, check, part):
+def _first_threaded(x, n, P, stride, beta, wn, check, T, part):
     with nb.objmode():
-        run_parts(_first_range, (x, n, P, beta, wn, check), part)
+        run_parts(_first_range, (x, n, P, stride, beta, wn, check, T), part)
