@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from groupsparse.projection._shortvec import SHORT_MAX, abs_sums8_1, abs_sums8_2, sums8_1, sums8_2, write8
+from groupsparse.projection._shortvec import (SHORT_MAX, abs_sums8_1, abs_sums8_2, both8_1, both8_2, sums8_1, sums8_2,
+                                               write8)
 
 
 @nb.njit
@@ -135,3 +136,53 @@ def test_kernels_touch_only_the_vectors_entries(dtype, n):
     out = np.full(8 * n + 64, 5.0, dtype)
     _run_write(x, out[: 8 * n], n, 0.5, np.ones(8))
     assert np.all(out[8 * n :] == 5.0) and np.all(out[: 8 * n] != 5.0)
+
+
+@nb.njit
+def _run_both(x, n, t, M, SU, SUU, M2, SU2, SUU2):
+    r = x.shape[0] // n
+    for q in range(0, r - r % 8, 8):
+        if n <= 8:
+            both8_1(x, q * n, n, t, M, SU, SUU, M2, SU2, SUU2, q)
+        else:
+            both8_2(x, q * n, n, t, M, SU, SUU, M2, SU2, SUU2, q)
+
+
+@settings(max_examples=150, deadline=None)
+@given(short_group(), st.data())
+def test_both_sums_are_the_two_kernels_bit_for_bit(group, data):
+    """The first pass's fused kernel (sums of |x| and at t from one set of loads) gives each kernel's own bits"""
+    x, n = group
+    r = x.shape[0] // n
+    a = np.abs(x.astype(np.float64))
+    t = float(data.draw(st.sampled_from([float(np.median(a)), float(a.max()), float(a[a > 0].min(initial=1.0))])))
+    ref = [np.full(r, 7.0) for _ in range(6)]
+    _run_sums(x, n, t, True, *ref[:3])
+    _run_sums(x, n, t, False, *ref[3:])
+    got = [np.full(r, 7.0) for _ in range(6)]
+    _run_both(x, n, t, *got)
+    for g, e in zip(got, ref):
+        assert np.array_equal(g.view(np.uint64), e.view(np.uint64))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 16, 17, 33, 1000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_first_pass_evaluation_is_the_pass_at_t(n, dtype):
+    """``_uniform_first`` at T > 0 also evaluates at T (the solve's warm start): per part, the bits of
+    ``_uniform_pass`` at T, and its own columns unchanged by it"""
+    from groupsparse.projection._uniform_passes import _first_range, _pass_range, part_size
+
+    rng = np.random.default_rng(n)
+    P = part_size(n)
+    r = 3 * P + 5
+    x = (rng.normal(size=r * n) ** 3).astype(dtype)
+    x[rng.random(x.size) < 0.1] = 0.0
+    beta, wn = 1 / (np.sqrt(n) - 1) if n > 1 else 1.0, np.sqrt(n)
+    T = float(np.median(np.abs(x)))
+    nparts = (r + P - 1) // P
+    f0, f1, part = np.zeros((nparts, 10)), np.zeros((nparts, 10)), np.zeros((nparts, 3))
+    _first_range(x, n, P, 1, beta, wn, dtype == np.float64, 0.0, f0, 0)
+    _first_range(x, n, P, 1, beta, wn, dtype == np.float64, T, f1, 0)
+    _pass_range(x, n, P, T, beta, wn, 1, False, x[:0], part, 0)
+    assert np.array_equal(f1[:, :8].view(np.uint64), f0[:, :8].view(np.uint64))
+    assert np.array_equal(f1[:, 8:10].view(np.uint64), part[:, :2].view(np.uint64))

@@ -94,42 +94,47 @@ def _transpose_sum(builder, vs):
     return _shuf(builder, w, w, [0, 4, 2, 6, 1, 5, 3, 7])
 
 
-def _sums8(context, builder, sig, args, halves, absolute):
+def _sums8(context, builder, sig, args, halves, modes):
     """Per-vector (support size, sum u, sum u^2) of the eight vectors of length n <= 8 halves starting at o0,
-    o0 + n, ..., stored at M[q .. q + 7], SU[..], SUU[..]. u = (|x| - t)_+, or u = |x| (``absolute``: NaN shows in
-    the sums, the support counts nonzeros)."""
+    o0 + n, ..., stored at M[q .. q + 7], SU[..], SUU[..]: one such set of arrays per entry of ``modes``, u = |x|
+    for True (NaN shows in the sums, the support counts nonzeros), u = (|x| - t)_+ for False. Sets share the
+    loads (the first pass also evaluates at a threshold, ``_uniform_passes``), each computed with the operations
+    it has alone, so the same bits."""
     x_ty, m_ty = sig.args[0], sig.args[4]
     x = context.make_array(x_ty)(context, builder, args[0])
-    o0, n, q = args[1], args[2], args[7]
+    o0, n, q = args[1], args[2], args[-1]
     mask = _masks(builder, n)
     zero = ir.Constant(_V64, None)
-    tv = zero if absolute else _splat(builder, args[3], _V64)
+    tv = _splat(builder, args[3], _V64)
     fabs = _fn(builder, f"llvm.fabs.v{_H}f64", _V64, [_V64])
     ctpop = _fn(builder, "llvm.ctpop.i8", ir.IntType(8), [ir.IntType(8)])
-    su, suu, cnt = [], [], []
+    acc = [([], [], []) for _ in modes]
     for k in range(8):
         off = builder.add(o0, builder.mul(n, ir.Constant(_I64, k)))
-        us, c = [], ir.Constant(_I32, 0)
-        for v in _load(builder, x_ty, x.data, off, mask, halves):
-            a = builder.call(fabs, [v])
-            if absolute:
-                pos, u = builder.fcmp_ordered(">", a, zero), a
-            else:
-                d = builder.fsub(a, tv)
-                pos = builder.fcmp_ordered(">", d, zero)
-                u = builder.select(pos, d, zero)
-            us.append(u)
-            c = builder.add(c, builder.zext(builder.call(ctpop, [builder.bitcast(pos, ir.IntType(8))]), _I32))
-        sq = [builder.fmul(u, u) for u in us]
-        su.append(us[0] if halves == 1 else builder.fadd(us[0], us[1]))
-        suu.append(sq[0] if halves == 1 else builder.fadd(sq[0], sq[1]))
-        cnt.append(builder.uitofp(c, _F64))
-    for arg, val in ((args[5], _transpose_sum(builder, su)), (args[6], _transpose_sum(builder, suu))):
-        arr = context.make_array(m_ty)(context, builder, arg)
-        builder.store(val, builder.bitcast(builder.gep(arr.data, [q]), _V64.as_pointer()), align=8)
-    marr = context.make_array(m_ty)(context, builder, args[4])
-    for k in range(8):
-        builder.store(cnt[k], builder.gep(marr.data, [builder.add(q, ir.Constant(_I64, k))]))
+        avs = [builder.call(fabs, [v]) for v in _load(builder, x_ty, x.data, off, mask, halves)]
+        for absolute, (su, suu, cnt) in zip(modes, acc):
+            us, c = [], ir.Constant(_I32, 0)
+            for a in avs:
+                if absolute:
+                    pos, u = builder.fcmp_ordered(">", a, zero), a
+                else:
+                    d = builder.fsub(a, tv)
+                    pos = builder.fcmp_ordered(">", d, zero)
+                    u = builder.select(pos, d, zero)
+                us.append(u)
+                c = builder.add(c, builder.zext(builder.call(ctpop, [builder.bitcast(pos, ir.IntType(8))]), _I32))
+            sq = [builder.fmul(u, u) for u in us]
+            su.append(us[0] if halves == 1 else builder.fadd(us[0], us[1]))
+            suu.append(sq[0] if halves == 1 else builder.fadd(sq[0], sq[1]))
+            cnt.append(builder.uitofp(c, _F64))
+    for i, (su, suu, cnt) in enumerate(acc):
+        m_arg, su_arg, suu_arg = args[4 + 3 * i : 7 + 3 * i]
+        for arg, val in ((su_arg, _transpose_sum(builder, su)), (suu_arg, _transpose_sum(builder, suu))):
+            arr = context.make_array(m_ty)(context, builder, arg)
+            builder.store(val, builder.bitcast(builder.gep(arr.data, [q]), _V64.as_pointer()), align=8)
+        marr = context.make_array(m_ty)(context, builder, m_arg)
+        for k in range(8):
+            builder.store(cnt[k], builder.gep(marr.data, [builder.add(q, ir.Constant(_I64, k))]))
     return context.get_dummy_value()
 
 
@@ -137,13 +142,23 @@ def _make_sums(halves, absolute):
     @intrinsic
     def sums8(typingctx, x, o0, n, t, M, SU, SUU, q):
         sig = nbt.void(x, nbt.int64, nbt.int64, nbt.float64, M, SU, SUU, nbt.int64)
-        return sig, lambda context, builder, sig, args: _sums8(context, builder, sig, args, halves, absolute)
+        return sig, lambda context, builder, sig, args: _sums8(context, builder, sig, args, halves, (absolute,))
     return sums8
 
 
-# (vectors up to 8 entries, up to 16) x (u = (|x| - t)_+, u = |x|)
+def _make_both(halves):
+    @intrinsic
+    def both8(typingctx, x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q):
+        """The sums of |x| into M, SU, SUU and those of (|x| - t)_+ into M2, SU2, SUU2, from one set of loads."""
+        sig = nbt.void(x, nbt.int64, nbt.int64, nbt.float64, M, SU, SUU, M2, SU2, SUU2, nbt.int64)
+        return sig, lambda context, builder, sig, args: _sums8(context, builder, sig, args, halves, (True, False))
+    return both8
+
+
+# (vectors up to 8 entries, up to 16) x (u = (|x| - t)_+, u = |x|, both)
 sums8_1, sums8_2 = _make_sums(1, False), _make_sums(2, False)
 abs_sums8_1, abs_sums8_2 = _make_sums(1, True), _make_sums(2, True)
+both8_1, both8_2 = _make_both(1), _make_both(2)
 
 
 def _write8_n(builder, x_ty, xd, od, o0, n, tv, sc8, is32_out):

@@ -14,7 +14,7 @@ import numba as nb
 import numpy as np
 
 from ._kernels import abs_sums, inline_copy, jit, plain_sums, radd
-from ._shortvec import SHORT_MAX, abs_sums8_1, abs_sums8_2, sums8_1, sums8_2, write8
+from ._shortvec import SHORT_MAX, abs_sums8_1, abs_sums8_2, both8_1, both8_2, sums8_1, sums8_2, write8
 from ._threads import run_parts
 
 # Vectors per partial sum, the unit of threads: 4096 up to length 16, then about 2^16 entries (at least one vector),
@@ -109,6 +109,20 @@ def _short_sums(x, b, k, n, T, M, SU, SUU):
     return k8
 
 
+@nb.njit(inline="always")
+def _short_both(x, b, k, n, T, M, SU, SUU, M2, SU2, SUU2):
+    """``_short_sums`` of |x| into M, SU, SUU and at T (> 0) into M2, SU2, SUU2, sharing the loads; returns k8."""
+    if n > SHORT_MAX:
+        return 0
+    k8 = k - k % 8
+    for q in range(0, k8, 8):
+        if n <= 8:
+            both8_1(x, (b + q) * n, n, T, M, SU, SUU, M2, SU2, SUU2, q)
+        else:
+            both8_2(x, (b + q) * n, n, T, M, SU, SUU, M2, SU2, SUU2, q)
+    return k8
+
+
 def _uniform_pass(x, n, P, T, beta, wn, stride, write, out, part, p0):
     """One pass at threshold T over the parts (P vectors each) p0, p0 + stride, p0 + 2 stride, ...: part[p] =
     [sum sp, sum dh/dT, vectors] of part p0 + p.
@@ -150,6 +164,9 @@ def _uniform_first(x, n, P, stride, beta, wn, check, T, part, p0):
         M = np.empty(_Q)
         SU = np.empty(_Q)
         SUU = np.empty(_Q)
+        M2 = np.empty(_Q)  # (the sums at T)
+        SU2 = np.empty(_Q)
+        SUU2 = np.empty(_Q)
         bits = SUU.view(np.int64)  # nonnegative doubles order like their bit patterns: integer max/min vectorize
         v0 = (p0 + p) * stride * P
         v1 = min(r, v0 + P)
@@ -164,7 +181,8 @@ def _uniform_first(x, n, P, stride, beta, wn, check, T, part, p0):
         amin = math.inf
         for b in range(v0, v1, _Q):
             k = min(_Q, v1 - b)
-            for q in range(_short_sums(x, b, k, n, -1.0, M, SU, SUU), k):
+            k8 = _short_both(x, b, k, n, T, M, SU, SUU, M2, SU2, SUU2) if T > 0.0 else 0
+            for q in range(k8 if T > 0.0 else _short_sums(x, b, k, n, -1.0, M, SU, SUU), k):
                 o0 = (b + q) * n
                 M[q], SU[q], SUU[q] = abs_sums(x[o0 : o0 + n])
             a1, a2 = _tail(k, beta, wn, M, SU, SUU)
@@ -175,11 +193,11 @@ def _uniform_first(x, n, P, stride, beta, wn, check, T, part, p0):
                 sq = bits[q]
                 top = max(top, sq)
                 low = min(low, sq if sq > 0 else _NO_LOW)
-            if T > 0.0:  # (after the loop above: the sums at T overwrite the buffers)
-                for q in range(_short_sums(x, b, k, n, T, M, SU, SUU), k):
+            if T > 0.0:
+                for q in range(k8, k):
                     o0 = (b + q) * n
-                    M[q], SU[q], SUU[q] = plain_sums(x[o0 : o0 + n], 1.0, T)
-                a1, a2 = _tail(k, beta, wn, M, SU, SUU)
+                    M2[q], SU2[q], SUU2[q] = plain_sums(x[o0 : o0 + n], 1.0, T)
+                a1, a2 = _tail(k, beta, wn, M2, SU2, SUU2)
                 t1 += a1
                 t2 += a2
             if check:
