@@ -117,6 +117,27 @@ def test_weight_scale_invariance(w, b, s, engine):
     assert gs.hoyer_sparsity(x, weights=w * b) == pytest.approx(gs.hoyer_sparsity(x, weights=w), abs=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(2, 6), st.integers(0, 2**31),
+       st.one_of(st.sampled_from([0.3, 0.5, 0.6, 0.7, 0.8, 0.9]), st.floats(0.05, 0.95)),
+       st.one_of(st.sampled_from([3.0, 5.0, 0.3, 7.0, 1.7]), st.floats(1e-3, 1e3)), st.sampled_from(ENGINES))
+def test_constant_weights_of_any_value_are_the_plain_problem(r, n, seed, s, c, engine):
+    """Weights c (any positive float, not only powers of two) on every entry define the plain problem: beta w and
+    the sparsity do not depend on c. Tied groups (entries from {0, +-1, +-2}) make the solve bisect to a jump,
+    where it ends within an ulp of the ties; the weighted kernels must decide each entry's support as the plain
+    ones and as their own write do. The numba engine's weighted evaluation fused a - t w into one FMA (compiled
+    with "contract") while its write rounded twice: a vector counted as supported came out all zeros, or ties went
+    one-hot past the target (found by an adversarial review: c = 3, 5)."""
+    rng = np.random.default_rng(seed)
+    x = rng.choice([0.0, 1.0, -1.0, 2.0, -2.0], size=(r, n))
+    x[np.abs(x).sum(1) == 0, 0] = 1.0
+    ref = gs.project(x, s, axis=1, engine=engine)
+    got, info = gs.project(x, s, axis=1, weights=np.full_like(x, c), engine=engine, return_info=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
+    assert avg(list(got)) >= s - 1e-12
+    assert np.all((np.abs(got).sum(1) > 0) == (np.abs(x).sum(1) > 0))  # no nonzero vector comes out all zeros
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_issue_scale_examples(engine):
     x = np.array([3.0, 1.0, 2.0, 0.5])

@@ -36,7 +36,10 @@ from numba.extending import intrinsic
 
 from ._threads import run_chunks
 
-_FM_SUM = {"reassoc", "nsz", "contract"}
+# No "contract" on whole kernels: it fused u = a - t w into one FMA in the weighted evaluation, whose support then
+# disagreed with the write's (a - t w rounded twice) when a entry sat within an ulp of its threshold (ties): a
+# vector counted as supported came out all zeros. Reductions keep their flags on their own instructions (radd).
+_FM_SUM = {"reassoc", "nsz"}
 _FM_WRITE = False  # writes: IEEE, signed zeros included (every output entry carries x's sign bit)
 
 
