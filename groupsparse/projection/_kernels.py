@@ -5,9 +5,11 @@ enters as a = |x_j| * inv_i with inv_i an exact power of two chosen per vector (
 squares stay near 1 whatever the vector's scale (1e-300 and 1e+300 in one group, subnormals). Weights are
 float64, already normalized per vector by a power of two (``_group``).
 
-Floating-point flags: the reductions use ``reassoc`` (so LLVM vectorizes the sums), ``nsz`` and ``contract``;
-reassociation there only reorders sums of O(1) values. The write kernels get no reassociation at all: there
-``(|x| inv - t) S`` must not be regrouped into products that overflow. Without ``nnan``/``ninf`` the input
+Floating-point flags: the evaluation kernels use ``reassoc`` (so LLVM vectorizes the sums) and ``nsz``;
+reassociation there only reorders sums of O(1) values. No ``contract`` on a whole kernel: an entry's support
+(u = a - t w > 0) must be decided with the same roundings in every kernel that decides it (the write, the host's
+tie code), and an FMA would not round t w. The write kernels get no flags at all: there ``(|x| inv - t) S`` must
+not be regrouped into products that overflow, and zeros keep their sign. Without ``nnan``/``ninf`` the input
 checks keep IEEE semantics.
 
 Each chunk kernel runs serially or on threads (``twin``): threads pay off only on large groups and many cores.
