@@ -117,11 +117,15 @@ def test_weight_scale_invariance(w, b, s, engine):
     assert gs.hoyer_sparsity(x, weights=w * b) == pytest.approx(gs.hoyer_sparsity(x, weights=w), abs=1e-12)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 5), st.integers(2, 6), st.integers(0, 2**31),
-       st.one_of(st.sampled_from([0.3, 0.5, 0.6, 0.7, 0.8, 0.9]), st.floats(0.05, 0.95)),
-       st.one_of(st.sampled_from([3.0, 5.0, 0.3, 7.0, 1.7]), st.floats(1e-3, 1e3)), st.sampled_from(ENGINES))
-def test_constant_weights_of_any_value_are_the_plain_problem(r, n, seed, s, c, engine):
+_TIE_S = st.sampled_from([0.3, 0.5, 0.6, 0.7, 0.8, 0.9])  # (targets where such groups often sit at a jump)
+_ANY_C = st.sampled_from([3.0, 5.0, 0.3, 7.0, 1.7])  # (no power of two: beta w rounds)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 5), st.integers(2, 6), st.integers(0, 2**31), st.one_of(_TIE_S, _TIE_S, st.floats(0.05, 0.95)),
+       st.one_of(_ANY_C, _ANY_C, st.floats(1e-3, 1e3)))
+def test_constant_weights_of_any_value_are_the_plain_problem(engine, r, n, seed, s, c):
     """Weights c (any positive float, not only powers of two) on every entry define the plain problem: beta w and
     the sparsity do not depend on c. Tied groups (entries from {0, +-1, +-2}) make the solve bisect to a jump,
     where it ends within an ulp of the ties; the weighted kernels must decide each entry's support as the plain
@@ -133,8 +137,10 @@ def test_constant_weights_of_any_value_are_the_plain_problem(r, n, seed, s, c, e
     x[np.abs(x).sum(1) == 0, 0] = 1.0
     ref = gs.project(x, s, axis=1, engine=engine)
     got, info = gs.project(x, s, axis=1, weights=np.full_like(x, c), engine=engine, return_info=True)
-    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
-    assert avg(list(got)) >= s - 1e-12
+    # (1e-5: at a jump the two solves may end an ulp apart in mu, beta w rounding differently, and split the ties
+    # a hair differently, both in the band: 3.7e-7 seen on 20 x 2 groups; the bug's differences were O(0.1-1))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-9)
+    assert s - 1e-12 <= avg(list(got)) <= s + 1e-9 or info.already_sparse
     assert np.all((np.abs(got).sum(1) > 0) == (np.abs(x).sum(1) > 0))  # no nonzero vector comes out all zeros
 
 
