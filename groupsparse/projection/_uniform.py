@@ -188,7 +188,7 @@ def _units(beta, top_sq):
 def _sample_root(x, n, P, nparts, s, margin, tol, max_iter, beta, wn, par, out):
     """Large groups: solve on a sample, every stride-th part (at most an eighth of the group, about
     ``_SAMPLE_PARTS`` parts), from a first pass of its own. Returns (the sample's root as mu relative to 2^E,
-    E, the curvature there per vector, the evaluations it took); E = 0 where the sample gives no start (already
+    E, the curvature there per vector, the evaluations it took); mu = 0 where the sample gives no start (already
     sparse, NaN, out of range, no root)."""
     stride = max(_SAMPLE_STRIDE, nparts // _SAMPLE_PARTS)
     sub = np.zeros(((nparts + stride - 1) // stride, 8))
