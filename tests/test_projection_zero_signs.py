@@ -102,3 +102,23 @@ def test_one_hot_vectors_get_signed_zeros(engine, n):
         z = gs.project(xd, 1.0, axis=1, engine=engine)
         same_signs(xd, z)
         assert np.all(np.count_nonzero(z, axis=1) == 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_half_precision_tensors_keep_the_sign_bit(data):
+    """float16 and bfloat16 tensors (solved in float32/float64, written back rounded, re-solved while short) keep
+    the sign bit too, on both engines and through ``project_each``."""
+    x = data.draw(short_or_long())
+    s = data.draw(targets(x.shape[0]))
+    dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]))
+    top = np.abs(x).max()
+    scaled = x / top * 100.0 if top > 0 else x  # into float16's range (tiny entries round to signed zeros)
+    xt = torch.from_numpy(np.ascontiguousarray(scaled)).to(dtype)
+    xs = xt.float().numpy()  # the signs the tensor holds, -0.0 included
+    for engine in ("numba", "torch"):
+        z = quiet(gs.project, xt, s, axis=1, engine=engine)
+        assert z.dtype == dtype
+        same_signs(xs, z.float().numpy())
+        z = quiet(gs.project_each, xt, s, axis=1, engine=engine)
+        same_signs(xs, z.float().numpy())
