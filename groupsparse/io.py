@@ -117,8 +117,20 @@ def atomic_path(path: str | os.PathLike, *, writer_errors: bool = False) -> Iter
         raise
 
 
+def _as_written(path: str | os.PathLike) -> str:
+    """The name a write will use: its folder resolved (symlinks, ``..``), its last component kept. A write first
+    makes missing folders, so ``missing/../a`` is ``a``; the OS alone cannot open it yet (``missing`` does not
+    exist), and comparing it unresolved let an output through a missing folder replace an input."""
+    full = os.path.join(os.getcwd(), os.fspath(path))  # (not abspath: ``link/..`` is the link target's parent)
+    head, tail = os.path.split(full)
+    if tail in ("", ".", ".."):
+        return os.path.realpath(full)
+    return os.path.join(os.path.realpath(head), tail)
+
+
 def _identity(path: str | os.PathLike) -> tuple:
     """Same value for two names of one file: (device, inode) when it exists, else the resolved path."""
+    path = _as_written(path)
     try:
         st = os.stat(path)  # follows symlinks; hard links share the inode
         return ("inode", st.st_dev, st.st_ino)
@@ -130,7 +142,7 @@ def _not_a_file(path: str | os.PathLike, folder_ok: bool = False) -> str | None:
     """What ``path`` is when it exists as something other than a regular file or a symlink (which an atomic
     write replaces, leaving its target alone), or a folder when ``folder_ok``; else None."""
     try:
-        mode = os.lstat(path).st_mode
+        mode = os.lstat(_as_written(path)).st_mode
     except OSError:
         return None
     if stat.S_ISREG(mode) or stat.S_ISLNK(mode) or (folder_ok and stat.S_ISDIR(mode)):

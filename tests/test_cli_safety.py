@@ -49,6 +49,27 @@ def test_project_out_through_symlink_and_hard_link_is_refused(tmp_path, npy):
     assert npy.read_bytes() == before
 
 
+def test_out_through_a_missing_folder_and_dotdot_is_refused(tmp_path, npy):
+    """``missing/../in.npy`` names IN once the write has made ``missing``: the guard must see that before (it
+    compared an unopenable path with the input's inode, and the write replaced the input)."""
+    w = tmp_path / "w.npy"
+    np.save(w, np.ones((20, 30)))
+    ckpt = tmp_path / "m.safetensors"
+    save_state_dict({"fc.weight": torch.randn(6, 8)}, ckpt)
+    before = {p: p.read_bytes() for p in (npy, w, ckpt)}
+    (tmp_path / "real").mkdir()
+    (tmp_path / "lnk").symlink_to(tmp_path / "real", target_is_directory=True)
+    for out in ("x/../in.npy", "x/y/../../in.npy", "lnk/x/../../in.npy"):
+        assert "IN" in one_error_line(run("project", npy, "-s", "0.8", "-o", tmp_path / out))
+    line = one_error_line(run("project", npy, "-s", "0.8", "--weights", w, "-o", tmp_path / "y" / ".." / "w.npy"))
+    assert "--weights" in line
+    line = one_error_line(run("prune-checkpoint", ckpt, "-s", "0.8", "-o", tmp_path / "p.safetensors",
+                              "--json", tmp_path / "z" / ".." / "m.safetensors"))
+    assert "--json" in line and "IN" in line
+    assert {p: p.read_bytes() for p in before} == before
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "p.safetensors"))
+
+
 def test_prune_checkpoint_json_equal_to_input_or_out_is_refused(tmp_path):
     inp = tmp_path / "m.safetensors"
     save_state_dict({"fc.weight": torch.randn(6, 8)}, inp)
@@ -81,6 +102,14 @@ def test_check_paths_library_function(tmp_path):
     with pytest.raises(ValueError, match="--out: got .* which holds IN"):  # a folder over an input
         check_paths({"IN": a}, {"--out": tmp_path})
     check_paths({"--cache": tmp_path}, {"--out": tmp_path / "run"})  # an output inside a read folder is fine
+    with pytest.raises(ValueError, match="same file as IN"):  # a missing folder, then back up
+        check_paths({"IN": a}, {"--out": tmp_path / "missing" / ".." / "a"})
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "le").symlink_to(tmp_path / "d" / "e", target_is_directory=True)
+    (tmp_path / "d" / "f").write_text("f")
+    with pytest.raises(ValueError, match="same file as IN"):  # le/.. is the link target's parent, d
+        check_paths({"IN": tmp_path / "d" / "f"}, {"--out": tmp_path / "le" / ".." / "f"})
+    check_paths({"IN": a}, {"--out": tmp_path / "le" / ".." / "a"})  # d/a: another file
 
 
 def test_nmf_data_inside_out_folder_is_refused(tmp_path):
