@@ -99,7 +99,10 @@ def test_out_folder_never_is_or_holds_the_data_or_the_cache(tmp_path):
     data.write_bytes(b"mine")
     for out, kw, match in ((tmp_path / "d", dict(data=str(data)), "holds --data"),
                            (tmp_path, {}, "holds --cache"),
-                           (tmp_path / "cache", {}, "same file as --cache")):
+                           (tmp_path / "cache", {}, "same file as --cache"),
+                           # a folder inside the cache (a dense model's: --overwrite emptied it, and every
+                           # later run with those dense settings was refused)
+                           (tmp_path / "cache" / "dense" / "x", {}, "inside the cache")):
         cfg = _cfg(tmp_path, out, "magnitude", "after", overwrite=True, **kw)
         if kw:
             cfg.dataset = "cifar10"

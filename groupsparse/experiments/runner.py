@@ -25,6 +25,7 @@ bit-identically.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -49,6 +50,9 @@ def run(config: Config) -> dict:
     cache = Path(c.cache_dir) if c.cache_dir else default_cache_dir()
     # --overwrite empties the run folder: it must not be, or hold, the data or the dense-model cache
     check_paths({"--data": c.data, "--cache": cache}, {"--out": out})
+    real_out, real_cache = Path(os.path.realpath(out)), Path(os.path.realpath(cache))
+    if real_cache in real_out.parents:  # (the cache's own folders: a run there could empty a dense model's)
+        raise ValueError(f"--out: got {str(out)!r}, inside the cache {str(cache)!r}; expected a folder outside it")
     data = load_dataset(c.dataset, c.data, cache_dir=cache, train_subset=c.train_subset)
     data_id = data.fingerprint()
     settings = c.settings(data_id)
