@@ -166,6 +166,32 @@ def test_partial_fit_approaches_batch(low_rank):
     assert err <= 1.3 * batch.reconstruction_err_ + 1e-3 * np.linalg.norm(X)
 
 
+def test_partial_fit_after_fit_goes_on_from_the_fit(low_rank):
+    """As scikit-learn's MiniBatchNMF: a block after ``fit`` updates the fitted components, weighed against the
+    whole fit (it used to restart from a random H: the fit was lost); ``fit`` resets the block count; the number
+    of components cannot change midway; blocks may alternate NumPy and torch."""
+    X, _ = low_rank
+    est = SparseNMF(4, sparsity_H=0.5, max_iter=100, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X)
+        H, score = est.components_.copy(), est.score(X)
+        est.partial_fit(X[:8])
+    assert est.n_steps_ == 1
+    assert est.score(X) >= score - 0.02 * abs(score)
+    assert np.abs(est.components_ - H).max() <= 0.25 * np.abs(H).max()
+    est.fit(X)
+    assert not hasattr(est, "n_steps_")
+    with pytest.raises(ValueError, match="n_components: got 5, expected 4"):
+        est.set_params(n_components=5).partial_fit(X[:8])
+    torch = pytest.importorskip("torch")
+    est = SparseNMF(3, random_state=0, max_iter=20)
+    est.partial_fit(torch.from_numpy(X[:10]))
+    est.partial_fit(X[10:20])
+    est.partial_fit(torch.from_numpy(X[20:30]))
+    assert est.n_steps_ == 3 and torch.is_tensor(est.components_)
+
+
 def test_bad_inputs(low_rank):
     X, M = low_rank
     with pytest.raises(ValueError, match=r"Negative values .*got X\[1, 2\]"):

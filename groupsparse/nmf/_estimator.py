@@ -207,7 +207,10 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         prep = _validated(self, X, mask, reset=True, need_cols=True)
         W_out, H_out, info = _run(prep, self.get_params(), W, H)
         self._set_fitted(H_out, info)
-        self._online = None
+        from ._online import seed_from_fit
+
+        seed_from_fit(self, prep, W_out, H_out)
+        self.__dict__.pop("n_steps_", None)  # (partial_fit's count since the last fit)
         return W_out
 
     def fit(self, X, y=None, W=None, H=None, mask=None):
@@ -229,7 +232,8 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         Online NMF in the style of scikit-learn's ``MiniBatchNMF``: the block's W is solved with H fixed, the
         statistics ``A = W^T W`` and ``B = W^T X`` are accumulated with weight ``forget_factor`` on the old ones,
         and H takes one update on them (the projected fast gradient when ``sparsity_H`` is set, so the target
-        holds after every block). ``H`` may give the starting components on the first call. Frobenius loss only.
+        holds after every block). ``H`` may give the starting components on the first call; after :meth:`fit`
+        the updates go on from its ``components_`` (``n_components`` must then be theirs). Frobenius loss only.
         """
         from ._online import partial_fit
 

@@ -28,13 +28,22 @@ from ._params import check_beta_loss, check_real
 
 
 def partial_fit(est, X, H=None, mask=None):
-    first = not hasattr(est, "components_") or getattr(est, "_online", None) is None
+    # after ``fit`` (or earlier blocks) the components go on from ``components_``, as scikit-learn's MiniBatchNMF
+    first = not hasattr(est, "components_")
     prep = _validated(est, X, mask, reset=first, need_cols=False)
     p = est.get_params()
     rho = check_real("forget_factor", p["forget_factor"], 0, 1, lo_open=True)
     opts, r = _params(p, True, prep.D.n, prep.D.m)
+    if not first:
+        r_fit = est.components_.shape[0]
+        if p["n_components"] is not None and r != r_fit:
+            raise ValueError(f"n_components: got {p['n_components']}, expected {r_fit} (the fitted components_) "
+                             "to continue with partial_fit; call fit to start over")
+        r = r_fit
     if opts.beta_loss != "frobenius":
         raise ValueError(f"beta_loss: got {opts.beta_loss!r} with partial_fit, expected 'frobenius'")
+    if getattr(est, "_online", None) is None:  # (H given by the caller: the statistics start with this block)
+        est._online = dict(A=None, B=None, steps=0)
     ops = prep.D.ops
     if first:
         if H is not None:
@@ -45,24 +54,16 @@ def partial_fit(est, X, H=None, mask=None):
             H0 = check_random_state(p["random_state"]).random_sample((r, prep.D.m)) * scale
         Hf = Factor(start_factor(H0, prep), opts.sparsity_H, opts, ops)
         Hf.start()
-        est._online = dict(A=None, B=None, steps=0)
         est.components_ = to_output(Hf.F, prep)
     state = est._online
-    W_b, _, _ = _run(prep, {**p, "tol": max(p["tol"], 1e-4)}, H=est.components_, update_H=False,
+    # (the components in this block's kind of array: blocks may alternate NumPy and torch)
+    H_cur = start_factor(_host(est.components_), prep)
+    W_b, _, _ = _run(prep, {**p, "tol": max(p["tol"], 1e-4)}, H=to_output(H_cur, prep), update_H=False,
                      estimator_name=type(est).__name__)
-    Wt = start_factor(W_b.detach().cpu().numpy().T if is_torch(W_b) else np.asarray(W_b).T, prep)
-    H_cur = start_factor(est.components_.detach().cpu().numpy() if is_torch(est.components_) else est.components_,
-                         prep)
-    D = prep.D
-    if D.M is not None:
-        Xf = ops.where(D.M, D.X, Wt.T @ H_cur)
-        WtX = Wt @ Xf
-    else:
-        WtX = D.WtX(Wt)
-    A, B = Wt @ Wt.T, WtX
+    A, B = _stats(prep, start_factor(_host(W_b).T, prep), H_cur)
     if state["A"] is not None:
-        A, B = rho * state["A"] + A, rho * state["B"] + B
-    state["A"], state["B"] = A, B
+        A, B = rho * ops.asarray(state["A"]) + A, rho * ops.asarray(state["B"]) + B
+    state["A"], state["B"] = _host(A), _host(B)  # (kept in NumPy: the next block may be a tensor, or not)
     Hf = Factor(H_cur, opts.sparsity_H, opts, ops)
     Hf.update(A, B)
     state["steps"] += 1
@@ -71,6 +72,29 @@ def partial_fit(est, X, H=None, mask=None):
     est.n_steps_ = state["steps"]
     est.sparsity_H_ = float(np.mean(row_sparsity(Hf.F))) if prep.D.m > 1 else float("nan")
     return est
+
+
+def _stats(prep, Wt, H):
+    """A = W^T W and B = W^T X~ of the data in ``prep`` (X~: hidden entries filled by W H)."""
+    D = prep.D
+    if D.M is not None:
+        return Wt @ Wt.T, Wt @ D.ops.where(D.M, D.X, Wt.T @ H)
+    return Wt @ Wt.T, D.WtX(Wt)
+
+
+def seed_from_fit(est, prep, W, H) -> None:
+    """After ``fit`` (Frobenius loss): the fitted data's statistics as those of a first block, so a later
+    ``partial_fit`` weighs a new block against the whole fit, not against nothing (one block would otherwise
+    move H as if it were all the data)."""
+    if est.get_params()["beta_loss"] != "frobenius":
+        est._online = None
+        return
+    A, B = _stats(prep, start_factor(_host(W).T, prep), start_factor(_host(H), prep))
+    est._online = dict(A=_host(A), B=_host(B), steps=0)
+
+
+def _host(a):
+    return a.detach().cpu().numpy() if is_torch(a) else np.asarray(a)
 
 
 def _observed_error(X, W, H, M, beta_loss):
