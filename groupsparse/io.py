@@ -10,6 +10,7 @@ import errno
 import itertools
 import os
 import re
+import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +49,10 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         m = _TMP_RE.match(e.name)
         if m and not _pid_alive(int(m.group(1))):
             try:
-                os.unlink(e.path)
+                if e.is_dir(follow_symlinks=False):  # (a folder of ``atomic_folder``)
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
                 removed.append(Path(e.path))
             except OSError:
                 pass  # another run removed it first, or no permission: not ours to fight over
@@ -71,6 +75,40 @@ def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _temp_name(path: Path, suffix: str = "") -> Path:
+    """A fresh temp name beside ``path`` that ``clean_stale_temps`` knows (``TMP_MARK``, this process's id)."""
+    tail = f"{TMP_MARK}{os.getpid()}-{next(_counter)}{suffix}"
+    head = path.name
+    while len(os.fsencode(f".{head}{tail}")) > 255 and len(head) > 1:  # NAME_MAX: a long target name still fits
+        head = head[: max(1, len(head) - 16)]
+    return path.parent / f".{head}{tail}"
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it takes the place of ``path`` (a folder there is
+    first renamed aside, then removed: the old output is on disk until the new one is in place). On failure,
+    or a kill (the next write into that folder removes the leftovers of dead processes), the temp folder goes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(path.parent)
+    tmp = _temp_name(path)
+    old = None
+    try:
+        tmp.mkdir()
+        yield tmp
+        if os.path.lexists(path):
+            old = _temp_name(path, "-old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, writer_errors: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``, so readers
@@ -83,11 +121,7 @@ def atomic_path(path: str | os.PathLike, *, writer_errors: bool = False) -> Iter
     if what:  # the rename below would replace a device node or a pipe, or fail on a folder
         raise ValueError(f"cannot write {str(path)!r}: it is {what}; expected a regular file path")
     folder = path.parent
-    tail = f"{TMP_MARK}{os.getpid()}-{next(_counter)}{path.suffix}"
-    head = path.name
-    while len(os.fsencode(f".{head}{tail}")) > 255 and len(head) > 1:  # NAME_MAX: a long target name still fits
-        head = head[: max(1, len(head) - 16)]
-    tmp = folder / f".{head}{tail}"
+    tmp = _temp_name(path, path.suffix)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(folder)

@@ -2,6 +2,10 @@
 
 import json
 import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +178,61 @@ def test_prune_lm_force_replaces_only_a_previous_output(model_dir):
              "--seq-len", 16, "--quiet", "--force", "--out", keep)
     assert r.exit_code != 0 and "not a prune-lm output" in r.output
     assert (keep / "precious.txt").read_text() == "mine"
+
+
+def test_prune_lm_checks_options_before_loading_the_model(model_dir, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    m, cal = model_dir / "model", model_dir / "calib.txt"
+    for args, msg in ((["-s", "1.5"], "sparsity"), (["-s", "0.5", "--threads", "-3"], "--threads: got -3"),
+                      (["-s", "0.5", "--group", "row"], "only with method='gsp'")):
+        r = _cli("prune-lm", m, "--method", "wanda", *args, "--calibration", cal, "--out", model_dir / "o")
+        assert r.exit_code != 0 and msg in r.output, r.output
+    assert not (model_dir / "o").exists()
+
+
+def dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_prune_lm_output_is_swapped_in_whole(model_dir, monkeypatch):
+    """The new folder is written under a temp name and renamed into place; a --force run keeps the old output
+    until then; a killed run's temp folder is removed by the next write there."""
+    import groupsparse.io as gio
+
+    m, cal = model_dir / "model", model_dir / "calib.txt"
+    out = model_dir / "swap"
+    args = ("prune-lm", m, "--method", "magnitude", "-s", "0.5", "--calibration", cal, "--n-samples", 2,
+            "--seq-len", 16, "--quiet", "--out", out)
+    assert _cli(*args).exit_code == 0
+    first = (out / "sparsity_report.json").read_text()
+    stale = model_dir / f".swap{gio.TMP_MARK}{dead_pid()}-0"
+    (stale / "sub").mkdir(parents=True)  # what a killed run leaves: a half-written model folder
+    real_replace = os.replace
+
+    def replace(src, dst):  # the old output must still be whole when the new one is renamed in
+        if str(dst) == str(out):
+            assert json.loads((Path(src) / "sparsity_report.json").read_text())["method"] == "magnitude"
+            assert not out.exists() or (out / "sparsity_report.json").read_text() == first
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(gio.os, "replace", replace)
+    r = _cli(*args, "--force")
+    assert r.exit_code == 0, r.output
+    assert not stale.exists()
+    assert sorted(p.name for p in model_dir.iterdir() if gio.TMP_MARK in p.name) == []
+    monkeypatch.setattr(gio.os, "replace", real_replace)
+    second = (out / "sparsity_report.json").read_text()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", killed)
+    r = _cli(*args, "--force")
+    assert r.exit_code != 0
+    assert (out / "sparsity_report.json").read_text() == second  # an interrupted run leaves OUT as it was
+    assert sorted(p.name for p in model_dir.iterdir() if gio.TMP_MARK in p.name) == []

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -50,7 +48,7 @@ def prune_lm(model_dir, method, sparsity, pattern, group, refit, calibration, sp
     """Prune the decoder Linear layers of MODEL_DIR in one shot and save_pretrained the result to OUT."""
     import torch
 
-    from .oneshot import prune_model, read_texts, sample_windows, token_stream
+    from .oneshot import check_options, prune_model, read_texts, sample_windows, token_stream
     from .oneshot.latency import semi_structured_latency
     from .oneshot.walker import find_blocks, linear_layers
 
@@ -61,6 +59,12 @@ def prune_lm(model_dir, method, sparsity, pattern, group, refit, calibration, sp
         raise click.UsageError(f"--calibration is required for --method {method}")
     if n_samples < 1 or seq_len < 2:
         raise click.UsageError(f"got --n-samples {n_samples} --seq-len {seq_len}, expected >= 1 and >= 2")
+    if threads is not None and threads < 1:
+        raise click.UsageError(f"--threads: got {threads}, expected a positive integer")
+    try:  # before the model loads (minutes for a large one)
+        check_options(method, sparsity, pattern, group, refit)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     if threads:
         torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,20 +89,18 @@ def prune_lm(model_dir, method, sparsity, pattern, group, refit, calibration, sp
         blocks, _ = find_blocks(model)
         first = next(iter(linear_layers(blocks[0] if blocks is not None else model).values()))
         report["semi_structured_latency"] = semi_structured_latency(first)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        except (OSError, ValueError):
-            tokenizer = None  # a model folder without a tokenizer is still a model
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    (tmp / "sparsity_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    from ..io import atomic_folder
+
+    with atomic_folder(out) as tmp:  # a kill leaves OUT as it was; --force swaps the old folder out last
+        model.save_pretrained(tmp)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            except (OSError, ValueError):
+                tokenizer = None  # a model folder without a tokenizer is still a model
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "sparsity_report.json").write_text(json.dumps(report, indent=2) + "\n")
     click.echo(f"{method} {res.pattern if res.sparsity is None else res.sparsity}: {len(res.layers)} layers, "
                f"{res.zero_fraction:.4f} zeros in pruned layers, {res.seconds:.1f} s -> {out}")
 

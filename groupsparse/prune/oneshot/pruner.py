@@ -65,6 +65,12 @@ def _check(method, sparsity, pattern, group, refit):
     return sparsity, nm
 
 
+def check_options(method: str, sparsity: float | None = None, pattern: str | tuple | None = None,
+                  group: str | None = None, refit: bool = False) -> None:
+    """``prune_model``'s checks of its options, without a model (the CLI runs them before loading one)."""
+    _check(method, sparsity, pattern, group, refit)
+
+
 def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sparsity: float | None = None,
                 pattern: str | tuple | None = None, group: str | None = None, refit: bool = False,
                 normalize: str | None = "layer", owl_m: float = 5.0, owl_lambda: float = 0.08,
