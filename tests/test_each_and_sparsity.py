@@ -171,3 +171,19 @@ def test_each_max_iter_warns_and_stays_feasible():
     with pytest.warns(ProjectionWarning):
         out = gs.project_each(x, 0.5, axis=1, max_iter=1)
     assert np.all(gs.hoyer_sparsity(out, axis=1) >= 0.5 - 1e-9)
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+def test_project_each_overflow_is_a_value_error(engine):
+    """As project: a result past the output dtype's largest value raises (it came back as inf); norms are kept,
+    so an input vector whose norm is past the limit is the case."""
+    cases = [np.array([1.7e308, 1.6e308, -1.7e308]), np.array([3.3e38, 3.2e38, -3.3e38], np.float32),
+             torch.tensor([6e4, 5e4, 5e4, 5e4], dtype=torch.float16), torch.tensor([3e38, 3e38, -3e38]).bfloat16()]
+    for x in cases:
+        for s in (0.3, 0.9, 1.0):
+            before = x.clone() if torch.is_tensor(x) else x.copy()
+            with pytest.raises(ValueError, match="beyond the largest finite"):
+                gs.project_each(x, s, engine=engine)
+            assert (x == before).all()
+    z = gs.project_each(np.array([1e300, 2e300]), 0.5, engine=engine)  # large, representable: fine
+    assert np.all(np.isfinite(z))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import groupsparse as gs
 
@@ -167,6 +169,30 @@ def test_warm_start_stays_in_the_band():
         warm = gs.project(x, 0.63, mu0=mu0)
         assert 0.63 <= H(warm, axis=0).mean() <= 0.63 + 1e-12
         np.testing.assert_allclose(warm, cold, rtol=0, atol=1e-9 * np.abs(x).max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(-1070, 1000), log_mu0=st.floats(-300, 300), layout=st.sampled_from(["uniform", "ragged", "weighted"]),
+       engine=st.sampled_from(["numba", "torch"]))
+def test_warm_start_of_any_size_at_any_scale(k, log_mu0, layout, engine):
+    """mu0 is relative to the data's scale: info.mu of other data can be off by any factor. A guess past every
+    bracket is skipped (math.ldexp raised OverflowError on data below 2^-450 with mu0 >= 1), never an error."""
+    rng = np.random.default_rng(k & 0xFFFF)
+    x = rng.normal(size=(6, 5)) * 2.0**k
+    kw = {"weights": rng.random((6, 5)) + 0.5} if layout == "weighted" else {}
+    vecs = [x[0], x[1, :3], *x[2:]] if layout == "ragged" else x
+    if layout == "ragged":
+        kw = {}
+    cold = gs.project(vecs, 0.7, axis=1 if layout != "ragged" else 0, engine=engine, **kw)
+    warm = gs.project(vecs, 0.7, axis=1 if layout != "ragged" else 0, engine=engine, mu0=10.0**log_mu0, **kw)
+    for c, w in zip(cold if isinstance(cold, list) else [cold], warm if isinstance(warm, list) else [warm]):
+        np.testing.assert_allclose(w, c, rtol=1e-6, atol=1e-6 * np.abs(c).max())
+
+
+def test_mu0_past_float_range_is_a_value_error():
+    with pytest.raises(ValueError, match="mu0: got 1000"):
+        gs.project(np.array([1.0, 2.0]), 0.5, mu0=10**400)
+    gs.project(np.array([1.0, 2.0]), 0.5, tol=np.float32(1e-6))  # NumPy scalars are numbers too
 
 
 # ---- weighted one-hot switch: the dual misses the primal optimum (docs/projection.md §3) ----------------------

@@ -9,7 +9,7 @@ import numpy as np
 
 from ._group import Group, as_group, is_tensor, validate_sparsity
 from ._batched import solve_each, solve_groups
-from ._contract import _LARGEST, _check_solver_options, _margin, _precision, solve_contract
+from ._contract import _LARGEST, _check_solver_options, _margin, _precision, check_each_finite, solve_contract
 from ._solver import ProjectionInfo, solve_shared
 
 ENGINES = ("auto", "numba", "torch")
@@ -42,6 +42,13 @@ def _engine_for(group: Group, engine: str):
             w = torch.from_numpy(group.weights) if group.weights is not None else None
         return TorchEngine(x, group.offsets, w, group.uniform_length), "to_numpy"
     return TorchEngine(data, group.offsets, group.weights, group.uniform_length), None
+
+
+def _as_float(v) -> float:
+    try:
+        return float(v)
+    except OverflowError:  # an int past float range
+        return float("inf")
 
 
 def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, max_iter: int, mu0: float):
@@ -168,7 +175,7 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     group = as_group(vectors, axis=axis, weights=weights)
     tol, max_iter = _check_solver_options(tol, max_iter, _precision(group.out_dtypes))
     if mu0 is not None and (isinstance(mu0, bool) or not isinstance(mu0, (int, float, np.floating, np.integer))
-                            or not 0 <= float(mu0) < float("inf")):
+                            or not 0 <= _as_float(mu0) < float("inf")):
         raise ValueError(f"mu0: got {mu0!r}, expected a finite float >= 0 (info.mu of an earlier call)")
     mu0 = float(mu0) if mu0 else 0.0
 
@@ -274,6 +281,7 @@ def project_each(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any =
 
     eng, back = _engine_for(group, engine)
     flat, per_vector, iters = solve_each(eng, s, tol=max(tol, 1e-13), max_iter=max_iter)
+    check_each_finite(group, flat, _precision(group.out_dtypes))
     engine_name = eng.name
     out = group.rebuild(_convert_back(flat, back))
     if not return_info:

@@ -39,7 +39,7 @@ def _precision(dtypes) -> str:
 def _check_solver_options(tol, max_iter, precision):
     if tol is None:
         tol = _TOL[precision]
-    elif isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1):
+    elif isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not (0 < tol < 1):
         raise ValueError(f"tol: got {tol!r}, expected a float in (0, 1) (average-sparsity units)")
     if max_iter is None:
         max_iter = 100
@@ -156,6 +156,20 @@ def solve_contract(group: Group, s: float, tol: float, solve, comm=None):
 
 
 _LARGEST = {"float64": 1.79e308, "float32": 3.4e38}
+_HALF_MAX = {"float64": 0.5 * np.finfo(np.float64).max, "float32": 1.7e38, "float16": 32752.0, "bfloat16": 1.69e38}
+
+
+def check_each_finite(group: Group, flat, precision: str) -> None:
+    """``project_each``'s overflow rule (as ``project``'s): a result past the output dtype's largest value raises,
+    never comes back as inf. Norms are kept, so an output entry nears the limit only where an input vector's norm
+    does: below half the limit the peak alone clears it; else the result is rounded to each block's dtype."""
+    if int(group.offsets[-1]) == 0:
+        return
+    peak = float(flat.detach().abs().max()) if is_tensor(flat) else float(np.max(np.abs(flat)))
+    if peak < _HALF_MAX[precision]:
+        return
+    if not np.all(np.isfinite(_rounded(group, flat))):
+        raise _overflow_error(precision)
 
 
 def _check_finite(group, flat, precision, info, comm):

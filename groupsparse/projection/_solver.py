@@ -239,6 +239,14 @@ def curvature(prev, ev, d2S: float) -> float:
     return (float(ev.dS) - float(prev.dS)) / (float(ev.mu) - float(prev.mu))  # (floats: inf or NaN, not a warning)
 
 
+def _ldexp_inf(x: float, e: int) -> float:
+    """math.ldexp, with inf where it overflows (as C's, and the compiled paths', ldexp give)."""
+    try:
+        return math.ldexp(x, e)
+    except OverflowError:
+        return math.inf
+
+
 def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_iter: int, comm=None,
                  margin_sum: float | None = None, mu0: float | None = None):
     """Grouped projection: returns ``(flat_output, ProjectionInfo)``.
@@ -313,7 +321,7 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
     d2S = math.nan  # the secant of the last two slopes, the curvature for Halley's correction
     secants = 0
     converged = disc = False
-    m0 = math.ldexp(mu0, -E) if mu0 else math.nan  # a warm start, in the solver's units
+    m0 = _ldexp_inf(mu0, -E) if mu0 else math.nan  # a warm start, in the solver's units (inf: past any bracket)
     if lo.mu < m0 < (hi.mu if hi is not None else hi_mu):
         ev = evaluate(m0)
         d2S = curvature(cur, ev, d2S)
