@@ -116,6 +116,17 @@ def test_inplace_validates_everything_before_writing():
     with pytest.raises(ValueError, match="read-only"):
         gs.project_([a, ro], 0.5)
     np.testing.assert_array_equal(a, [3.0, 1.0, 2.0])
+    # tensors copy_ would refuse after the first target was written (a raw RuntimeError, a half-written list)
+    t = torch.tensor([3.0, 1.0, 2.0, 0.5])
+    with torch.inference_mode():
+        inf = torch.ones(2, 4)
+    for bad, match in ((torch.ones(1, 4).expand(2, 4), r"vectors\[1\]: .*share memory"),
+                       (inf, r"vectors\[1\]: got an inference tensor")):
+        with pytest.raises(ValueError, match=match):
+            gs.project_([t, bad], 0.8, axis=-1)
+        assert torch.equal(t, torch.tensor([3.0, 1.0, 2.0, 0.5]))
+    with torch.inference_mode():  # inside inference mode an inference tensor is writable
+        assert gs.hoyer_sparsity(gs.project_(torch.tensor([3.0, 1.0, 2.0, 0.5]), 0.8).numpy()) >= 0.8
 
 
 def test_project_groups_empty_blocks_and_signed_zeros_on_torch():
@@ -262,3 +273,17 @@ def test_distributed_extreme_scales_and_ties():
     [p.join(120) for p in procs]
     results = dict(q.get(timeout=5) for _ in range(2))
     assert results == {0: True, 1: True}
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_out_tensor_of_every_dtype(engine, dtype):
+    """``out=`` takes a tensor of the vectors' dtype, any float dtype (bfloat16 crashed: NumPy has none)."""
+    x = torch.randn(6, 9, generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = gs.project(x, 0.7, axis=1, engine=engine)
+    out = torch.full_like(x, float("nan"))
+    got = gs.project(x, 0.7, axis=1, engine=engine, out=out)
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]  # (bits: -0.0 and NaN count)
+    assert got is out and torch.equal(out.view(as_int), want.view(as_int))
+    with pytest.raises(ValueError, match="overlapping"):
+        gs.project(x, 0.7, axis=1, engine=engine, out=x)

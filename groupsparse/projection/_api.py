@@ -219,6 +219,13 @@ def _out_buffer(out: Any, vectors: Any, group: Group):
             raise ValueError("out: got a tensor that requires grad, expected a plain tensor (or use project_)")
         if out.device.type != "cpu":
             return None
+        import torch
+
+        if out.dtype == torch.bfloat16:  # (NumPy has no bfloat16: the same bytes as int16, for the overlap check)
+            arr, src = (t.detach().view(torch.int16).numpy() for t in (out, vectors))
+            if np.shares_memory(arr, src):
+                raise ValueError("out: got an array overlapping the vectors, expected separate memory (use project_)")
+            return None
         arr = out.detach().numpy()
         src = vectors.detach().numpy()
     else:
@@ -249,9 +256,11 @@ def project_(vectors: Any, sparsity: float, **kwargs):
     write happens under ``torch.no_grad()``. Returns ``vectors`` (and the info with ``return_info=True``).
     """
     targets = list(vectors) if isinstance(vectors, (list, tuple)) else [vectors]
-    for dst in targets:  # all checks before the first write: a failure leaves every input as it was
+    for i, dst in enumerate(targets):  # all checks before the first write: a failure leaves every input as it was
         if not is_tensor(dst) and isinstance(dst, np.ndarray) and not dst.flags.writeable:
             raise ValueError("vectors: got a read-only array, expected a writeable one for project_")
+        if is_tensor(dst):
+            _check_tensor_target(dst, f"vectors[{i}]" if isinstance(vectors, (list, tuple)) else "vectors")
     res = project(vectors, sparsity, **kwargs)
     out, info = res if kwargs.get("return_info") else (res, None)
     results = out if isinstance(vectors, (list, tuple)) else [out]
@@ -264,6 +273,17 @@ def project_(vectors: Any, sparsity: float, **kwargs):
         else:
             dst[...] = src
     return (vectors, info) if info is not None else vectors
+
+
+def _check_tensor_target(t, where: str) -> None:
+    """What ``copy_`` into ``t`` would refuse, refused before any target is written."""
+    import torch
+
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{where}: got an inference tensor, expected one writable outside torch.inference_mode")
+    if torch._debug_has_internal_overlap(t) == 1:  # (1: entries share memory, e.g. expand)
+        raise ValueError(f"{where}: got a tensor whose entries share memory (expand, stride 0), expected one "
+                         "with its own memory per entry (clone it first)")
 
 
 def project_each(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None, tol: float | None = None,
