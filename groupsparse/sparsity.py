@@ -27,13 +27,21 @@ def hoyer_sparsity(x: Any, *, axis: int | None = None, weights: Any = None):
         With ``axis=None`` the whole input is one vector and a Python float is returned. With ``axis`` the
         vectors lie along that axis (as in ``numpy.linalg.norm``) and the per-vector values come back as an
         array (NumPy) or tensor (same device, float64) with that axis removed. A list gives a NumPy array of
-        one value per vector.
+        one value per vector: each entry one vector, or with ``axis`` every vector of every entry, in order
+        (``weights`` then a list of the same length).
 
     A zero vector has sparsity 1.0 by convention; fewer than 2 entries is a ``ValueError``.
     """
     if isinstance(x, (list, tuple)):
+        if weights is not None and (not isinstance(weights, (list, tuple)) or len(weights) != len(x)):
+            got = f"{len(weights)} entries" if isinstance(weights, (list, tuple)) else type(weights).__name__
+            raise ValueError(f"weights: got {got} for a list of {len(x)}, expected a list with one per entry of x")
         ws = weights if weights is not None else [None] * len(x)
-        return np.array([hoyer_sparsity(v, weights=w) for v, w in zip(x, ws)])
+        if axis is None:  # each entry one vector
+            return np.array([hoyer_sparsity(v, weights=w) for v, w in zip(x, ws)])
+        # each entry holds vectors along ``axis`` (as ``project`` reads a list with ``axis``): all of them, in order
+        vals = [hoyer_sparsity(v, axis=axis, weights=w) for v, w in zip(x, ws)]
+        return np.concatenate([np.ravel(v.cpu().numpy() if is_tensor(v) else v) for v in vals]) if vals else np.zeros(0)
     tensor = is_tensor(x)
     device = x.device if tensor else None
     a = np.abs(_to_numpy64(x, "x"))

@@ -187,3 +187,15 @@ def test_project_each_overflow_is_a_value_error(engine):
             assert (x == before).all()
     z = gs.project_each(np.array([1e300, 2e300]), 0.5, engine=engine)  # large, representable: fine
     assert np.all(np.isfinite(z))
+
+
+def test_hoyer_sparsity_of_a_list_with_axis_and_weights():
+    """A list with ``axis`` measures every vector of every entry (as ``project`` reads it; the axis was ignored
+    and each entry measured whole); a weights list of another length is an error (zip truncated it)."""
+    a, b = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]), np.array([[3.0, 1.0]])
+    got = gs.hoyer_sparsity([a, torch.from_numpy(b)], axis=1)
+    np.testing.assert_allclose(got, np.concatenate([gs.hoyer_sparsity(a, axis=1), gs.hoyer_sparsity(b, axis=1)]))
+    z = gs.project([a + 0.5, b], 0.6, axis=1)
+    assert gs.hoyer_sparsity(z, axis=1).mean() >= 0.6 - 1e-12  # the measure of project's own group
+    with pytest.raises(ValueError, match="weights: got 1 entries for a list of 2"):
+        gs.hoyer_sparsity([np.array([1.0, 2.0, 3.0]), np.array([3.0, 0.0, 0.0, 1.0])], weights=[np.ones(3)])
