@@ -294,10 +294,20 @@ class NumbaEngine:
         big = ldexp(scale, self.e)
         bad = ~np.isfinite(big) & (onehot < 0)
         big = np.where(bad, 0.0, big)
+        # a subnormal factor keeps few of scale's bits (float64 vectors near 2^-1074; project_each at s = 0 has
+        # scale ~ 1e-12 and lost 1e-4 of the norm): those vectors get scale in the kernel, then 2^e (one rounding)
+        sub = (big != 0.0) & (np.abs(big) < np.finfo(np.float64).tiny) & (onehot < 0) & (out.dtype == np.float64)
+        if sub.any():
+            big = np.where(sub, scale, big)
         if self.weighted:
             self._run(K.WRITE, self.x, self.w, self.cstart, self.clen, self.cvec, self.inv, t, big, onehot, out)
         else:
             self._run(K.WRITE_PLAIN, self.x, self.cstart, self.clen, self.cvec, self.inv, t, big, onehot, out)
+        if sub.any():
+            v = np.flatnonzero(sub)
+            lens = self.offsets[v + 1] - self.offsets[v]
+            idx = np.repeat(self.offsets[v] - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
+            out[idx] = np.ldexp(out[idx], np.repeat(self.e[v], lens))
         for i in np.flatnonzero(bad):
             xv, w = self.vector_host(i)
             u = np.maximum(np.abs(xv) * self.inv[i] - t[i] * w, 0.0)
