@@ -9,7 +9,8 @@ import numpy as np
 
 from ._group import Group, as_group, is_tensor, validate_sparsity
 from ._batched import solve_each, solve_groups
-from ._contract import _LARGEST, _check_solver_options, _margin, _precision, check_each_finite, solve_contract
+from ._contract import (_LARGEST, _check_solver_options, _margin, _precision, check_each_finite,
+                        measured_sparsities, solve_contract)
 from ._solver import ProjectionInfo, solve_shared
 
 ENGINES = ("auto", "numba", "torch")
@@ -147,8 +148,8 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
         ``auto`` uses Numba for NumPy arrays and CPU tensors, torch for tensors on other devices.
     mu0 : float, optional
         Warm start: a guess of the dual variable, typically ``info.mu`` of an earlier call on similar data (a
-        pruner projecting every few steps, NMF's inner iterations). It is evaluated first; a poor guess costs one
-        evaluation. The result lies in the same band as without it, not necessarily bit for bit the same.
+        pruner projecting every few steps, NMF's inner iterations). It is evaluated first when inside the bracket;
+        a good guess saves evaluations, a poor one costs up to about three (docs/projection.md §6). The result lies in the same band as without it, not necessarily bit for bit the same.
     out : array or tensor, optional
         Where to put the result (one array/tensor input only): same type, shape and dtype as ``vectors``, not
         overlapping it. When it is C-contiguous with the vectors along its last axis (float32/float64, CPU), the
@@ -306,6 +307,9 @@ def project_each(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any =
     out = group.rebuild(_convert_back(flat, back))
     if not return_info:
         return out
+    # measured on the returned values, as project's info.sparsity (the solve's own values are before rounding:
+    # 2e-5 to 4e-4 apart for subnormal outputs, which cannot hit s exactly)
+    per_vector = measured_sparsities(group, flat)
     info = {"engine": engine_name, "iterations": iters, "sparsity": per_vector, "target": s}
     return out, info
 

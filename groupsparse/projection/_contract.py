@@ -86,11 +86,20 @@ def _rounded(group: Group, flat) -> np.ndarray:
 
 
 def _measure(group: Group, flat):
-    """(sum of sparsities, all finite) of ``flat`` as returned (rounded to each block's dtype); each vector is
-    divided by a power of two of its peak first, so no square over- or underflows."""
+    """(sum of sparsities, all finite) of ``flat`` as returned (rounded to each block's dtype)."""
+    sp = measured_sparsities(group, flat)
+    return (0.0, False) if sp is None else (float(np.sum(sp)), True)
+
+
+def measured_sparsities(group: Group, flat):
+    """Each vector's (weighted) sparsity of ``flat`` as returned (rounded to each block's dtype), or None where
+    an entry is not finite; each vector is divided by a power of two of its peak first, so no square over- or
+    underflows."""
     z = np.abs(_rounded(group, flat))
     if not np.all(np.isfinite(z)):
-        return 0.0, False
+        return None
+    if len(group.offsets) < 2:
+        return np.zeros(0)
     starts = group.offsets[:-1]
     lengths = np.diff(group.offsets)
     peak = np.maximum.reduceat(z, starts)
@@ -101,8 +110,7 @@ def _measure(group: Group, flat):
     l2 = np.sqrt(np.add.reduceat(z * z, starts))
     nrm = np.sqrt(np.add.reduceat(w * w, starts))
     wmin = np.minimum.reduceat(w, starts)
-    sp = np.where(l2 > 0, (nrm - l1 / np.where(l2 > 0, l2, 1.0)) / (nrm - wmin), 1.0)
-    return float(np.sum(sp)), True
+    return np.where(l2 > 0, (nrm - l1 / np.where(l2 > 0, l2, 1.0)) / (nrm - wmin), 1.0)
 
 
 def _overflow_error(precision: str):
