@@ -93,6 +93,19 @@ def test_folder_of_other_settings_is_refused(tmp_path):
     assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"
 
 
+def test_defaults_given_explicitly_resume_the_same_run(tmp_path):
+    """--gsp-every N equal to the default's value (resolved from the data: ~3 projections an epoch) and the
+    default GSP target given by value name the same run (the manifest held None and refused them)."""
+    out = tmp_path / "run"
+    first = run(_cfg(tmp_path, out, "gmp", "after"))
+    every = first["gsp_every"]
+    assert json.loads((out / "manifest.json").read_text())["settings"]["gsp_every"] == every
+    assert run(_cfg(tmp_path, out, "gmp", "after", gsp_every=every)) == first
+    out = tmp_path / "gsp"
+    first = run(_cfg(tmp_path, out, "gsp", "after"))
+    assert run(_cfg(tmp_path, out, "gsp", "after", gsp_sparsity=first["gsp_sparsity"])) == first
+
+
 def test_out_folder_never_is_or_holds_the_data_or_the_cache(tmp_path):
     data = tmp_path / "d" / "cifar.npz"
     data.parent.mkdir()

@@ -42,7 +42,7 @@ from .config import METHODS, PROTOCOLS, VALUES, VECTORS
               help="--protocol during: the dense epoch the shaping starts at [half of --epochs].")
 @click.option("--gsp-sparsity", type=float, default=None,
               help="Hoyer target of the GSP projection [from --sparsity by REFERENCE.md §3's table, e.g. "
-                   "0.80->0.675, 0.90->0.778, 0.95->0.86, 0.98->0.925].")
+                   "0.80->0.675, 0.90->0.7778, 0.95->0.86, 0.98->0.925].")
 @click.option("--vectors", type=click.Choice(VECTORS), default=None,
               help="gsp: how a weight is cut into vectors [fan_out, the authors' CIFAR mode].")
 @click.option("--scope", type=click.Choice(["layer", "model"]), default=None,

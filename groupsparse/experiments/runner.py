@@ -55,6 +55,8 @@ def run(config: Config) -> dict:
         raise ValueError(f"--out: got {str(out)!r}, inside the cache {str(cache)!r}; expected a folder outside it")
     data = load_dataset(c.dataset, c.data, cache_dir=cache, train_subset=c.train_subset)
     data_id = data.fingerprint()
+    if c.gsp_every is None and c.method in ("gsp", "gmp"):  # resolved before the manifest: --gsp-every N given
+        c.gsp_every = max(1, data.num_batches("train", c.batch_size) // 3)  # as the default resumes the same run
     settings = c.settings(data_id)
     if _files.claim_folder(out, settings, overwrite=c.overwrite) and (out / "report.json").exists():
         return _files.read_json(out / "report.json")
@@ -84,7 +86,7 @@ def run(config: Config) -> dict:
     dense_acc = last["test_accuracy"] if "test_accuracy" in last else evaluate(model, data)
     params = prunable_parameters(model)
     spe = data.num_batches("train", c.batch_size)
-    every = c.gsp_every or max(1, spe // 3)  # the authors' CIFAR rate: ~3 projections per epoch
+    every = c.gsp_every or max(1, spe // 3)  # the authors' CIFAR rate: ~3 projections per epoch (set above)
     timings = {"dense_train_s": dstate["seconds"], "dense_cached": dense_cached}
     gsp = None
     if c.method.startswith("gsp"):
