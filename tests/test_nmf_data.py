@@ -281,3 +281,27 @@ def test_warm_started_gsp_matches_cold():
         sps = [np.mean([gs.hoyer_sparsity(row) for row in z]) for z in (cold, ref)]
         assert min(sps) >= s - 1e-12 and abs(sps[0] - sps[1]) <= 2e-12, (sps, s)
         np.testing.assert_allclose(cold, ref, rtol=1e-7, atol=1e-12 * C.max())
+
+
+def test_inverse_transform_across_array_kinds(low_rank):
+    """A model fitted on tensors maps NumPy W back in NumPy and the reverse; a 1-D W is a ValueError naming the
+    shape (an IndexError and a raw TypeError before)."""
+    torch = pytest.importorskip("torch")
+    X, _ = low_rank
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mt = SparseNMF(3, random_state=0, max_iter=20).fit(torch.from_numpy(X))
+        mn = SparseNMF(3, random_state=0, max_iter=20).fit(X)
+    W = np.ones((2, 3))
+    for m in (mt, mn):
+        H = m.components_.numpy() if torch.is_tensor(m.components_) else m.components_
+        got = m.inverse_transform(W)
+        assert isinstance(got, np.ndarray) and np.allclose(got, W @ H)
+        got = m.inverse_transform(torch.from_numpy(W))
+        assert torch.is_tensor(got) and np.allclose(got.numpy(), W @ H)
+        with pytest.raises(ValueError, match=r"X: got shape \(3,\), expected \(n_samples, 3\)"):
+            m.inverse_transform(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"got X\[1, 2\] = -1.0, expected"):  # a plain number, not np.float64(-1.0)
+        Xn = X.copy()
+        Xn[1, 2] = -1
+        SparseNMF(2).fit(Xn)

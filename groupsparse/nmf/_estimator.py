@@ -252,9 +252,19 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         check_is_fitted(self)
         if not is_torch(X):
             X = check_array(X, dtype=_DTYPES)
-        if X.ndim != 2 or X.shape[1] != self.components_.shape[0]:
-            raise ValueError(f"X: got {X.shape[1]} columns, expected n_components={self.components_.shape[0]}")
-        return X @ self.components_
+        r = self.components_.shape[0]
+        if X.ndim != 2 or X.shape[1] != r:
+            raise ValueError(f"X: got shape {tuple(X.shape)}, expected (n_samples, {r}) (n_components columns)")
+        H = self.components_
+        if is_torch(H) and not is_torch(X):  # (a model fitted on tensors maps NumPy W back in NumPy, and back)
+            H = H.detach().cpu().numpy()
+        elif is_torch(X) and not is_torch(H):
+            import torch
+
+            H = torch.as_tensor(H, dtype=X.dtype, device=X.device)
+        elif is_torch(X):
+            H = H.to(dtype=X.dtype, device=X.device)
+        return X @ H
 
     @property
     def _n_features_out(self):

@@ -36,7 +36,7 @@ def _check_values(Xn: np.ndarray, M: np.ndarray, name: str, need_cols: bool):
                          f"entries with NaN or mask=...)")
     if np.any(obs < 0):
         i, j = _first_bad(obs < 0)
-        raise ValueError(f"Negative values in data passed to {name}: got X[{i}, {j}] = {Xn[i, j]!r}, expected "
+        raise ValueError(f"Negative values in data passed to {name}: got X[{i}, {j}] = {float(Xn[i, j])!r}, expected "
                          f"non-negative observed entries")
     rows = ~M.any(axis=1)
     if rows.any():
