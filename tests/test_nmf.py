@@ -165,7 +165,7 @@ def test_transform_and_inverse(X_small):
     e2 = np.linalg.norm(X_small - W2 @ est.components_)
     assert e2 <= e1 * (1 + 1e-3)
     np.testing.assert_allclose(est.inverse_transform(W), W @ est.components_)
-    with pytest.raises(ValueError, match="expected n_components"):
+    with pytest.raises(ValueError, match="n_components columns"):
         est.inverse_transform(W[:, :2])
 
 
