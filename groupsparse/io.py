@@ -75,6 +75,16 @@ def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _make_folder(path: Path) -> None:
+    """``path.parent`` made if missing; a file where a folder should be is named (mkdir says only "File exists")."""
+    for up in (path.parent, *path.parent.parents):
+        if os.path.lexists(up):
+            if not up.is_dir():
+                raise OSError(errno.ENOTDIR, f"cannot write {str(path)!r}: {str(up)!r} is a file, not a folder")
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def _temp_name(path: Path, suffix: str = "") -> Path:
     """A fresh temp name beside ``path`` that ``clean_stale_temps`` knows (``TMP_MARK``, this process's id)."""
     tail = f"{TMP_MARK}{os.getpid()}-{next(_counter)}{suffix}"
@@ -90,7 +100,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     first renamed aside, then removed: the old output is on disk until the new one is in place). On failure,
     or a kill (the next write into that folder removes the leftovers of dead processes), the temp folder goes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path)
     clean_stale_temps(path.parent)
     tmp = _temp_name(path)
     old = None
@@ -122,8 +132,8 @@ def atomic_path(path: str | os.PathLike, *, writer_errors: bool = False) -> Iter
         raise ValueError(f"cannot write {str(path)!r}: it is {what}; expected a regular file path")
     folder = path.parent
     tmp = _temp_name(path, path.suffix)
+    _make_folder(path)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(folder)
         # O_EXCL: never reuse a file; mode 0o666 lets the umask decide, as a plain open() would
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

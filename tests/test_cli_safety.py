@@ -70,6 +70,11 @@ def test_out_through_a_missing_folder_and_dotdot_is_refused(tmp_path, npy):
     assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "p.safetensors"))
 
 
+def test_out_under_a_file_names_the_file(tmp_path, npy):
+    line = one_error_line(run("project", npy, "-s", "0.8", "-o", tmp_path / "in.npy" / "x.npy"))
+    assert "is a file, not a folder" in line
+
+
 def test_prune_checkpoint_json_equal_to_input_or_out_is_refused(tmp_path):
     inp = tmp_path / "m.safetensors"
     save_state_dict({"fc.weight": torch.randn(6, 8)}, inp)

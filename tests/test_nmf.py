@@ -323,3 +323,6 @@ def test_cbcl_pipeline_on_user_matrix(tmp_path):
     res = CliRunner().invoke(main, ["nmf", "cbcl", "--data", str(tmp_path / "mine.npy"), "--out", str(out),
                                     "--image-shape", "5x5", "--rank", "2", "--iters", "2", "--no-progress"])
     assert res.exit_code != 0 and "expected a shape with 6 pixels" in res.output
+    res = CliRunner().invoke(main, ["nmf", "cbcl", "--data", str(tmp_path / "mine.npy"), "--out", str(out),
+                                    "--image-shape", "-2x-3", "--rank", "2", "--iters", "2", "--no-progress"])
+    assert res.exit_code != 0 and "expected positive H and W" in res.output  # (-2 x -3 has 6 pixels too)

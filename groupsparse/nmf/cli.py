@@ -44,6 +44,8 @@ def _shape(ctx, param, value):
         h, w = (int(v) for v in value.lower().split("x"))
     except ValueError as e:
         raise click.BadParameter(f"got {value!r}, expected HxW such as 19x19") from e
+    if h < 1 or w < 1:
+        raise click.BadParameter(f"got {value!r}, expected positive H and W such as 19x19")
     return h, w
 
 
