@@ -69,6 +69,12 @@ def prune_lm(model_dir, method, sparsity, pattern, group, refit, calibration, sp
         torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if quiet:  # (Hugging Face's own loading and saving bars and notices too)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
     # local folder only: nothing is downloaded, a missing file is an error
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     ids = None
