@@ -43,8 +43,9 @@ CODE = textwrap.dedent("""
 
 
 def test_threaded_projection_gives_serial_bits_and_keeps_torch_threads():
+    # (every thread count on the same paths: ragged groups leave the compiled serial solve from 1 thread too)
     env = dict(os.environ, GROUPSPARSE_PARALLEL_MIN_ENTRIES="1000", GROUPSPARSE_PARALLEL_MIN_THREADS="1",
-               NUMBA_NUM_THREADS="2")
+               GROUPSPARSE_RAGGED_MIN_THREADS="1", NUMBA_NUM_THREADS="2")
     env.pop("GROUPSPARSE_NUM_THREADS", None)
     res = subprocess.run([sys.executable, "-c", "import os\n" + CODE], env=env, capture_output=True, text=True,
                          timeout=600)
@@ -76,3 +77,38 @@ def test_threaded_projection_in_a_forked_child():
     res = subprocess.run([sys.executable, "-c", FORK], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[-2:] == ["child", "0"], res.stdout
+
+
+def test_a_stalled_pool_thread_does_not_hold_up_a_pass(monkeypatch):
+    """Every pool thread busy (as when another process holds the other cores): the calling thread claims every
+    block itself, finishes, and gets the serial bits. With one static range per thread this call waited for the
+    pool thread's range: forever here, a time slice per pass on a loaded machine."""
+    import threading
+
+    import numpy as np
+
+    import groupsparse as gs
+    from groupsparse.projection import _numba, _small, _threads
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 2000)).astype(np.float32)
+    ragged = [rng.normal(size=int(n)) for n in rng.integers(100, 5000, 300)]
+    monkeypatch.setattr(_small, "SMALL_MAX_ENTRIES", -1)  # ragged groups through the threaded general engine
+    want = [gs.project(x, 0.8, axis=1), *gs.project(ragged, 0.7)]  # serial: below the thresholds
+    monkeypatch.setenv("GROUPSPARSE_NUM_THREADS", "2")
+    monkeypatch.setattr(_numba, "PARALLEL_MIN_ENTRIES", 1000)
+    monkeypatch.setattr(_numba, "PARALLEL_MIN_THREADS", 1)
+    gate = threading.Event()
+    pool = _threads._executor(1)
+    blockers = [pool.submit(gate.wait) for _ in range(_threads._pool_size)]
+    got = []
+    worker = threading.Thread(target=lambda: got.extend([gs.project(x, 0.8, axis=1), *gs.project(ragged, 0.7)]))
+    worker.start()
+    worker.join(60)
+    stalled = worker.is_alive()
+    gate.set()
+    worker.join()
+    for b in blockers:
+        b.result()
+    assert not stalled, "the pass waited for a pool thread that never started"
+    assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))

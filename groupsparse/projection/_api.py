@@ -70,7 +70,7 @@ def _try_small(group: Group, engine: str, s: float, margin: float, tol: float, m
     # equal-length groups: always this path, so the thresholds never change the result's bits (they only decide
     # whether its parts run on threads)
     uniform = _uniform.UNIFORM and n is not None
-    if not uniform and threaded and size > SMALL_MAX_ENTRIES:
+    if not uniform and _numba.ragged_threaded(size) and size > SMALL_MAX_ENTRIES:
         return None
     back = None
     if group.backend == "torch":

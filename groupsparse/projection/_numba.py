@@ -23,12 +23,16 @@ from ._solver import Evaluation, h_and_slope
 from ._threads import threads
 
 CHUNK = 1 << 14
-# Threads pay off only on large groups and with enough cores. Measured: on a 2-core VM threads never beat the
-# serial vectorized loop (1e7 entries: 18-97 ms threaded vs 32 ms serial), while 16 cores ran 1e7 entries at
-# 0.9 ns/entry and the ResNet-50 benchmark at 3.1-3.7x copy with threads from 0.25-1M entries. Threads are Python
-# threads running the cached serial kernels on ranges of chunks (``_threads``): no Numba thread pool is started.
+# Threads pay off only on large groups. Threads are Python threads running the cached serial kernels on blocks of
+# chunks or parts that each thread claims when free (``_threads``): no Numba thread pool is started. Measured on
+# the 2-core VM (docs/projection.md §7): equal-length groups of 1e7 entries 55 -> 27 ms (length 9) and 24 -> 14 ms
+# (length 1000), the ResNet-50 layers 57 -> 42 ms; with another process busy on one core about the serial time
+# (one static range per thread made that 64-77 ms). Ragged groups are the exception on few cores: the general
+# engine on 2 threads (25 ms for 2.4M entries) loses to the compiled serial solve (20 ms), so they leave that
+# path only from RAGGED_MIN_THREADS threads (16 cores: 1e7 entries at 0.9 ns/entry).
 PARALLEL_MIN_ENTRIES = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_ENTRIES", 1 << 20))
-PARALLEL_MIN_THREADS = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_THREADS", 4))
+PARALLEL_MIN_THREADS = int(os.environ.get("GROUPSPARSE_PARALLEL_MIN_THREADS", 2))
+RAGGED_MIN_THREADS = int(os.environ.get("GROUPSPARSE_RAGGED_MIN_THREADS", 4))
 # A vectorized pass costs about half a copy, compacting ~1 cycle per entry: typical solves need 3-4 evaluations,
 # so compaction starts only on solves that keep going (ties, bisection, weighted brackets).
 COMPACT_AFTER = 4
@@ -38,6 +42,11 @@ _SAFE_SQ = (2.0**-800, 2.0**800)  # sums of squares in this range leave every re
 def threaded(n_entries: int) -> bool:
     """Whether a group of this size runs its passes on threads (a speed choice only: never changes a bit)."""
     return n_entries >= PARALLEL_MIN_ENTRIES and threads() >= PARALLEL_MIN_THREADS
+
+
+def ragged_threaded(n_entries: int) -> bool:
+    """Whether an unweighted ragged group leaves the compiled serial solve for the threaded general engine."""
+    return threaded(n_entries) and threads() >= RAGGED_MIN_THREADS
 
 
 def _reduce_rows(per_chunk, first):
