@@ -287,3 +287,15 @@ def test_out_tensor_of_every_dtype(engine, dtype):
     assert got is out and torch.equal(out.view(as_int), want.view(as_int))
     with pytest.raises(ValueError, match="overlapping"):
         gs.project(x, 0.7, axis=1, engine=engine, out=x)
+
+
+def test_out_whose_entries_share_memory_is_refused():
+    """A stride-0 ``out`` would receive every vector's values in one place (garbage): refused like an overlap."""
+    x = np.random.default_rng(0).normal(size=(4, 6))
+    flat = np.zeros(6)
+    out = np.lib.stride_tricks.as_strided(flat, shape=(4, 6), strides=(0, 8), writeable=True)
+    with pytest.raises(ValueError, match="out: got an array whose entries share memory"):
+        gs.project(x, 0.7, axis=1, out=out)
+    with pytest.raises(ValueError, match="out: got a tensor whose entries share memory"):
+        gs.project(torch.from_numpy(x), 0.7, axis=1, out=torch.zeros(1, 6, dtype=torch.float64).expand(4, 6))
+    assert not flat.any()

@@ -218,10 +218,13 @@ def _out_buffer(out: Any, vectors: Any, group: Group):
             raise ValueError(f"out: got a tensor on {out.device}, expected {vectors.device}")
         if out.requires_grad:
             raise ValueError("out: got a tensor that requires grad, expected a plain tensor (or use project_)")
-        if out.device.type != "cpu":
-            return None
         import torch
 
+        if torch._debug_has_internal_overlap(out) == 1:
+            raise ValueError("out: got a tensor whose entries share memory (expand, stride 0), expected one with "
+                             "its own memory per entry")
+        if out.device.type != "cpu":
+            return None
         if out.dtype == torch.bfloat16:  # (NumPy has no bfloat16: the same bytes as int16, for the overlap check)
             arr, src = (t.detach().view(torch.int16).numpy() for t in (out, vectors))
             if np.shares_memory(arr, src):
@@ -232,6 +235,9 @@ def _out_buffer(out: Any, vectors: Any, group: Group):
     else:
         if not out.flags.writeable:
             raise ValueError("out: got a read-only array, expected a writeable one")
+        if any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
+            raise ValueError("out: got an array whose entries share memory (stride 0), expected one with its own "
+                             "memory per entry")
         arr, src = out, vectors
     if np.shares_memory(arr, src):
         raise ValueError("out: got an array overlapping the vectors, expected separate memory (use project_)")
