@@ -83,6 +83,17 @@ def run_group(mats, s, engine="auto", sync=None, batched=False):
     return infos
 
 
+def best_interleaved(fns: dict, repeat: int) -> dict:
+    """Each function's best wall time over ``repeat`` rounds that call every function once, in turn."""
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(repeat):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
 def bench_resnet(rng, repeat, s=0.8):
     mats = resnet_layers(rng)
     run_group(mats, s)  # compile / warm caches
@@ -95,12 +106,7 @@ def bench_resnet(rng, repeat, s=0.8):
            "batched": lambda: run_group(mats, s, batched=True),
            "copy_into": lambda: [np.copyto(b, m) for b, m in zip(bufs, mats)],
            "ours_out": lambda: [gs.project(m, s, axis=1, out=b) for b, m in zip(bufs, mats)]}
-    best = dict.fromkeys(fns, math.inf)
-    for _ in range(repeat):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t0)
+    best = best_interleaved(fns, repeat)
     t_copy, t_ours, t_batched = best["copy"], best["ours"], best["batched"]
     infos = run_group(mats, s)
     outs = [gs.project(m, s, axis=1) for m in mats]
@@ -205,12 +211,7 @@ def bench_resnet_before(rng, repeat, baseline, s=0.8, init="normal"):
            "ours": lambda: [gs.project(m, s, axis=1) for m in mats],
            "before": lambda: [baseline.project(m, s, axis=1) for m in mats]}
     fns["ours"](), fns["before"]()
-    best = dict.fromkeys(fns, math.inf)
-    for _ in range(repeat):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t0)
+    best = best_interleaved(fns, repeat)
     row = {"init": init, "copy_s": best["copy"]} | {f"{k}_ratio_to_copy": best[k] / best["copy"] for k in ("ours", "before")}
     # steadier on a shared VM: each layer's best process time (outputs freed, so no fresh-page faults), interleaved
     # per layer, summed over the layers
