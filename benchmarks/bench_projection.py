@@ -234,7 +234,8 @@ def bench_resnet_before(rng, repeat, baseline, s=0.8, init="normal"):
     print(f"  resnet50 ({init}) per layer: ours {row['ours_ratio_to_copy']:.2f}x copy "
           f"({row['ours_evaluations_per_entry']:.2f} evaluations), before {row['before_ratio_to_copy']:.2f}x "
           f"({row['before_evaluations_per_entry']:.2f}); sum of per-layer best process times ours / before "
-          f"{row['ours_over_before_layer_best_cpu']:.3f}", flush=True)
+          f"{row['ours_over_before_layer_best_cpu']:.3f} (CPU of all threads: where one version threads and the "
+          f"other does not, that one spends more CPU for less wall time)", flush=True)
     return row
 
 
