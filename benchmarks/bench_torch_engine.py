@@ -4,6 +4,8 @@ in the same process (not a unit test).
     python benchmarks/bench_torch_engine.py --before /tmp/tb_base [--threads N] [--repeat 3] [--rounds 3]
 
 ``--before``: a checkout of the old code (``git worktree add /tmp/tb_base <rev>``), imported through PYTHONPATH.
+``--threads N`` gives torch and the numba engine N threads each (0: each library's default: torch's intra-op
+threads, numba threads from 2 cores since 5e8522d's round).
 Cases (float32, N(0, 0.02^2) for ResNet-50, N(0, 1) otherwise, s = 0.8, vectors = rows):
   resnet50     every ResNet-50 conv/fc weight its own group, one ``project(.., engine='torch')`` per layer
   groups       the same layers in one ``project_groups(.., engine='torch')``
@@ -60,6 +62,8 @@ def _rss():
 
 
 def worker_time(device, repeat, threads):
+    if threads:  # the numba engine with as many threads as torch (it threads from 2 cores by default)
+        os.environ["GROUPSPARSE_NUM_THREADS"] = str(threads)
     import torch
 
     import groupsparse as gs
