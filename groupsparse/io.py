@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import shutil
+import socket
 import stat
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,11 +19,14 @@ from typing import Any, Iterator, Mapping
 
 ARRAY_SUFFIXES = (".npy", ".npz", ".safetensors")
 
-# Temp files are named ".<target name>.groupsparse-tmp-<pid>-<n><suffix>" (the suffix keeps writers that pick a
-# format from the name working). A run killed mid-write leaves one behind; the next write into that folder removes
-# those whose process is gone.
+# Temp files are named ".<target name>.groupsparse-tmp-<host>-<pid>-<n><suffix>" (the suffix keeps writers that
+# pick a format from the name working; "-old" marks an output folder being replaced). A run killed mid-write leaves
+# one behind; the next write into that folder removes those of this host whose process is gone. The host: a
+# process id means nothing on another machine sharing the folder (NFS), whose live run's temp must stay; the end
+# of the name is matched exactly, so a user's ".x.groupsparse-tmp-...-rescued" copy is not ours.
 TMP_MARK = ".groupsparse-tmp-"
-_TMP_RE = re.compile(r"^\..+\.groupsparse-tmp-(\d+)-\d+")
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+_TMP_RE = re.compile(r"^\..+\.groupsparse-tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-\d+(?:-old|\.[A-Za-z0-9_]+)?$")
 _counter = itertools.count()
 
 
@@ -47,7 +51,7 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         return removed
     for e in entries:
         m = _TMP_RE.match(e.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and m["host"] == _HOST and not _pid_alive(int(m["pid"])):
             try:
                 if e.is_dir(follow_symlinks=False):  # (a folder of ``atomic_folder``)
                     shutil.rmtree(e.path)
@@ -80,14 +84,15 @@ def _make_folder(path: Path) -> None:
     for up in (path.parent, *path.parent.parents):
         if os.path.lexists(up):
             if not up.is_dir():
-                raise OSError(errno.ENOTDIR, f"cannot write {str(path)!r}: {str(up)!r} is a file, not a folder")
+                what = "a broken symbolic link" if up.is_symlink() else "a file"
+                raise OSError(errno.ENOTDIR, f"cannot write {str(path)!r}: {str(up)!r} is {what}, not a folder")
             break
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _temp_name(path: Path, suffix: str = "") -> Path:
     """A fresh temp name beside ``path`` that ``clean_stale_temps`` knows (``TMP_MARK``, this process's id)."""
-    tail = f"{TMP_MARK}{os.getpid()}-{next(_counter)}{suffix}"
+    tail = f"{TMP_MARK}{_HOST}-{os.getpid()}-{next(_counter)}{suffix}"
     head = path.name
     while len(os.fsencode(f".{head}{tail}")) > 255 and len(head) > 1:  # NAME_MAX: a long target name still fits
         head = head[: max(1, len(head) - 16)]
@@ -100,6 +105,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     first renamed aside, then removed: the old output is on disk until the new one is in place). On failure,
     or a kill (the next write into that folder removes the leftovers of dead processes), the temp folder goes."""
     path = Path(path)
+    if path.is_symlink():  # (the folder it names is the output: replaced where it is, the link kept)
+        path = Path(os.path.realpath(path))
     _make_folder(path)
     clean_stale_temps(path.parent)
     tmp = _temp_name(path)
@@ -114,6 +121,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(path.parent, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.lexists(path):  # the new one never took its place: the old one back
+            os.replace(old, path)
         raise
     if old is not None:
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()

@@ -236,7 +236,7 @@ def test_safetensors_output_refuses_the_reserved_metadata_name(tmp_path):
 
 
 def test_long_output_names_that_the_file_system_allows(tmp_path, npy):
-    # the temp name (".NAME.groupsparse-tmp-PID-N.npy") passed NAME_MAX where NAME itself did not
+    # the temp name (".NAME.groupsparse-tmp-HOST-PID-N.npy") passed NAME_MAX where NAME itself did not
     for name in ("x" * 250 + ".npy", "é" * 125 + ".npy"):
         r = run("project", npy, "-s", "0.8", "-o", tmp_path / name)
         assert r.exit_code == 0 and (tmp_path / name).is_file(), r.output

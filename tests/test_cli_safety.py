@@ -145,14 +145,53 @@ def test_output_suffix_is_checked_before_any_work(tmp_path, npy, monkeypatch):
 
 # ------------------------------------------------------------------------------------- atomic writes, temp files
 def test_stale_temp_of_a_killed_run_is_removed_by_the_next_run(tmp_path, npy):
-    stale = tmp_path / f".out.npy.groupsparse-tmp-{dead_pid()}-0.npy"
+    from groupsparse.io import _HOST
+
+    stale = tmp_path / f".out.npy.groupsparse-tmp-{_HOST}-{dead_pid()}-0.npy"
     stale.write_bytes(b"half a file")
-    live = tmp_path / f".out.npy.groupsparse-tmp-{os.getpid()}-99.npy"  # a writer still at work: kept
+    live = tmp_path / f".out.npy.groupsparse-tmp-{_HOST}-{os.getpid()}-99.npy"  # a writer still at work: kept
+    # another host's (a shared folder: its process id says nothing here) and a user's copy named like a temp: kept
+    remote = tmp_path / f".out.npy.groupsparse-tmp-otherhost-{dead_pid()}-0.npy"
+    rescued = tmp_path / f".out.npy.groupsparse-tmp-{_HOST}-{dead_pid()}-0-rescued"
+    for p in (remote, rescued):
+        p.write_bytes(b"keep")
     live.write_bytes(b"in progress")
     r = run("project", npy, "-s", "0.8", "-o", tmp_path / "out.npy")
     assert r.exit_code == 0, r.output
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and remote.exists() and rescued.exists()
     assert clean_stale_temps(tmp_path) == []
+
+
+def test_atomic_folder_keeps_the_old_output_until_the_new_one_is_in(tmp_path, monkeypatch):
+    """A failed final rename puts the old folder back (it was left under a temp name the next write deletes); a
+    symlinked output is replaced where the link points, the link kept."""
+    import groupsparse.io as gio
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "r.json").write_text("OLD")
+    real, n = os.replace, [0]
+
+    def flaky(a, b):
+        n[0] += 1
+        if n[0] == 2:  # the new folder into place
+            raise OSError(5, "simulated")
+        return real(a, b)
+
+    monkeypatch.setattr(gio.os, "replace", flaky)
+    with pytest.raises(OSError):
+        with gio.atomic_folder(out) as t:
+            (t / "r.json").write_text("NEW")
+    monkeypatch.setattr(gio.os, "replace", real)
+    assert (out / "r.json").read_text() == "OLD"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    target = tmp_path / "bigdisk"
+    target.mkdir()
+    (target / "r.json").write_text("OLD")
+    (tmp_path / "link").symlink_to(target, target_is_directory=True)
+    with gio.atomic_folder(tmp_path / "link") as t:
+        (t / "r.json").write_text("NEW")
+    assert (tmp_path / "link").is_symlink() and (target / "r.json").read_text() == "NEW"
 
 
 def test_killed_writer_leaves_a_temp_the_next_run_finds(tmp_path):

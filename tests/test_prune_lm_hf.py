@@ -210,7 +210,7 @@ def test_prune_lm_output_is_swapped_in_whole(model_dir, monkeypatch):
             "--seq-len", 16, "--quiet", "--out", out)
     assert _cli(*args).exit_code == 0
     first = (out / "sparsity_report.json").read_text()
-    stale = model_dir / f".swap{gio.TMP_MARK}{dead_pid()}-0"
+    stale = model_dir / f".swap{gio.TMP_MARK}{gio._HOST}-{dead_pid()}-0"
     (stale / "sub").mkdir(parents=True)  # what a killed run leaves: a half-written model folder
     real_replace = os.replace
 
