@@ -204,6 +204,19 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     return (res, info) if return_info else res
 
 
+def _may_overlap(shape, strides) -> bool:
+    """Whether two entries of a strided view can share memory: sorted by |stride|, each axis must step past the
+    whole extent of the faster ones (C, F, transposed and sliced views pass; expand and overlapping as_strided
+    views do not). Strides in elements; a stride that is not a whole number of elements counts as overlapping."""
+    dims = sorted((abs(int(st)), int(n)) for st, n in zip(strides, shape) if n > 1)
+    extent = 1  # elements spanned by the faster axes
+    for st, n in dims:
+        if st < extent:
+            return True
+        extent = st * (n - 1) + extent
+    return False
+
+
 def _out_buffer(out: Any, vectors: Any, group: Group):
     """Validate ``out``; return a flat NumPy view the CPU engine can write into, or None (copy at the end)."""
     if isinstance(vectors, (list, tuple)):
@@ -220,9 +233,9 @@ def _out_buffer(out: Any, vectors: Any, group: Group):
             raise ValueError("out: got a tensor that requires grad, expected a plain tensor (or use project_)")
         import torch
 
-        if torch._debug_has_internal_overlap(out) == 1:
-            raise ValueError("out: got a tensor whose entries share memory (expand, stride 0), expected one with "
-                             "its own memory per entry")
+        if _may_overlap(out.shape, out.stride()):
+            raise ValueError("out: got a tensor whose entries may share memory (expand, as_strided), expected one "
+                             "with its own memory per entry")
         if out.device.type != "cpu":
             return None
         if out.dtype == torch.bfloat16:  # (NumPy has no bfloat16: the same bytes as int16, for the overlap check)
@@ -235,9 +248,9 @@ def _out_buffer(out: Any, vectors: Any, group: Group):
     else:
         if not out.flags.writeable:
             raise ValueError("out: got a read-only array, expected a writeable one")
-        if any(st == 0 and n > 1 for st, n in zip(out.strides, out.shape)):
-            raise ValueError("out: got an array whose entries share memory (stride 0), expected one with its own "
-                             "memory per entry")
+        if _may_overlap(out.shape, [st // out.itemsize if st % out.itemsize == 0 else st for st in out.strides]):
+            raise ValueError("out: got an array whose entries may share memory (stride 0, as_strided), expected "
+                             "one with its own memory per entry")
         arr, src = out, vectors
     if np.shares_memory(arr, src):
         raise ValueError("out: got an array overlapping the vectors, expected separate memory (use project_)")
