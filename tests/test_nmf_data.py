@@ -182,6 +182,8 @@ def test_partial_fit_after_fit_goes_on_from_the_fit(low_rank):
     assert np.abs(est.components_ - H).max() <= 0.25 * np.abs(H).max()
     est.fit(X)
     assert not hasattr(est, "n_steps_")
+    with pytest.raises(ValueError, match="H: got starting components for a fitted estimator"):
+        est.partial_fit(X[:8], H=est.components_)  # (it was ignored in silence)
     with pytest.raises(ValueError, match="n_components: got 5, expected 4"):
         est.set_params(n_components=5).partial_fit(X[:8])
     torch = pytest.importorskip("torch")

@@ -236,3 +236,13 @@ def test_prune_lm_output_is_swapped_in_whole(model_dir, monkeypatch):
     assert r.exit_code != 0
     assert (out / "sparsity_report.json").read_text() == second  # an interrupted run leaves OUT as it was
     assert sorted(p.name for p in model_dir.iterdir() if gio.TMP_MARK in p.name) == []
+
+
+def test_prune_lm_quiet_restores_hugging_face_logging(model_dir):
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    r = _cli("prune-lm", model_dir / "model", "--method", "magnitude", "-s", "0.5", "--quiet", "--out",
+             model_dir / "q")
+    assert r.exit_code == 0, r.output
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before

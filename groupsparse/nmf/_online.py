@@ -35,6 +35,9 @@ def partial_fit(est, X, H=None, mask=None):
     rho = check_real("forget_factor", p["forget_factor"], 0, 1, lo_open=True)
     opts, r = _params(p, True, prep.D.n, prep.D.m)
     if not first:
+        if H is not None:
+            raise ValueError("H: got starting components for a fitted estimator, expected H only on the first "
+                             "partial_fit (components_ go on from the fit; clone the estimator to start over)")
         r_fit = est.components_.shape[0]
         if p["n_components"] is not None and r != r_fit:
             raise ValueError(f"n_components: got {p['n_components']}, expected {r_fit} (the fitted components_) "

@@ -43,7 +43,8 @@ def _check_dirs(model_dir: Path, calibration: Path | None, out: Path, force: boo
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="New folder for the pruned model, tokenizer and sparsity_report.json.")
 @click.option("--force", is_flag=True, help="Allow a non-empty --out folder (its files are replaced).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def prune_lm(model_dir, method, sparsity, pattern, group, refit, calibration, split, n_samples, seq_len, seed, exclude,
+@click.pass_context
+def prune_lm(ctx, model_dir, method, sparsity, pattern, group, refit, calibration, split, n_samples, seq_len, seed, exclude,
              owl_m, owl_lambda, threads, out, force, quiet):
     """Prune the decoder Linear layers of MODEL_DIR in one shot and save_pretrained the result to OUT."""
     import torch
@@ -69,11 +70,14 @@ def prune_lm(model_dir, method, sparsity, pattern, group, refit, calibration, sp
         torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if quiet:  # (Hugging Face's own loading and saving bars and notices too)
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
+    if quiet:  # (Hugging Face's own loading and saving bars and notices too, for this command only)
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+        ctx.call_on_close(lambda: (hf_logging.set_verbosity(verbosity),
+                                   hf_logging.enable_progress_bar() if bars else None))
 
     # local folder only: nothing is downloaded, a missing file is an error
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
