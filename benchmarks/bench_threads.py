@@ -9,6 +9,9 @@ workers (another job on the machine). Cases, float32 N(0, 1) unless said, s = 0.
   resnet50   every ResNet-50 weight its own group (N(0, 0.02^2)), one ``project`` call per layer
   1e7-9      one group of length-9 vectors; 1e7-1000: of length-1000 vectors
   ragged     one group of 1500 vectors of lengths 100..3000 (2.4M entries)
+  after_torch  the median of 40 projections of a 512 x 4608 layer, each right after three 512^2 matmuls on
+             torch's threads (their idle OpenMP threads spin for a while: the pruner's case); ``omp_passive``
+             runs every case with OMP_WAIT_POLICY=passive
 """
 
 from __future__ import annotations
@@ -24,7 +27,28 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SETTINGS = {"serial": {"GROUPSPARSE_NUM_THREADS": "1"}, "threaded": {},
             # ragged groups through the threaded general engine (the default keeps them on the serial solve)
-            "ragged_general": {"GROUPSPARSE_RAGGED_MIN_THREADS": "2"}}
+            "ragged_general": {"GROUPSPARSE_RAGGED_MIN_THREADS": "2"},
+            # torch's idle OpenMP threads sleep at once instead of spinning (the after_torch case)
+            "omp_passive": {"OMP_WAIT_POLICY": "passive"}}
+
+
+def _after_torch(gs, rng):
+    """A pruner's case: torch ops on torch's threads, then at once the projection of one 512 x 4608 layer (2.4M
+    entries), while torch's idle OpenMP threads may still spin; the median of 40 such steps."""
+    import numpy as np
+    import torch
+
+    a = torch.randn(512, 512)
+    w = rng.normal(size=(512, 4608)).astype(np.float32)
+    gs.project(w, 0.8, axis=1)
+    times = []
+    for _ in range(40):
+        for _ in range(3):
+            a @ a
+        t0 = time.perf_counter()
+        gs.project(w, 0.8, axis=1)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def worker():
@@ -40,7 +64,7 @@ def worker():
     for n in (9, 1000):
         cases[f"1e7-{n}"] = [rng.normal(size=(10**7 // n, n)).astype(np.float32)]
     cases["ragged"] = [[rng.normal(size=int(n)).astype(np.float32) for n in rng.integers(100, 3000, 1500)]]
-    res = {}
+    res = {"after_torch": _after_torch(gs, rng)}
     for name, groups in cases.items():
         axis = 0 if name == "ragged" else 1
         for g in groups:
@@ -81,8 +105,9 @@ def main():
     rows = {case: {**{f"{k}_ms": 1e3 * v for k, v in t.items()}, "threaded_over_serial": t["threaded"] / t["serial"]}
             for case, t in times.items()}
     for case, r in rows.items():
-        print(f"{case:9s} serial {r['serial_ms']:7.1f} ms  threaded {r['threaded_ms']:7.1f} ms  "
-              f"ratio {r['threaded_over_serial']:.2f}  (ragged on the general engine: {r['ragged_general_ms']:.1f})")
+        print(f"{case:11s} serial {r['serial_ms']:7.1f} ms  threaded {r['threaded_ms']:7.1f} ms  "
+              f"ratio {r['threaded_over_serial']:.2f}  (ragged on the general engine: {r['ragged_general_ms']:.1f}; "
+              f"OMP_WAIT_POLICY=passive: {r['omp_passive_ms']:.1f})")
     res = {"cpu_count": os.cpu_count(), "busy": a.busy, "rounds": a.rounds, "load_after": os.getloadavg(),
            "cases": rows}
     out = Path(a.out or HERE / "results" / f"threads-busy{a.busy}.json")
