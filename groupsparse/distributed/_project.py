@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..projection._api import ENGINES, _convert_back, _engine_for
 from ..projection._contract import _COARSER, _NUDGES, _check_solver_options, _margin, _measure, _precision
-from ..projection._group import _validate_axis, as_group, is_tensor, validate_sparsity
+from ..projection._group import _validate_axis, as_group, grouped_target, is_tensor, validate_sparsity
 from ..projection._solver import Evaluation, solve_shared
 
 
@@ -219,7 +219,7 @@ def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, a
     eng = back = grp = None
     r_loc = 0
     try:
-        s = validate_sparsity(sparsity)
+        s = grouped_target(validate_sparsity(sparsity))
         if not isinstance(engine, str) or engine not in ENGINES:
             raise ValueError(f"engine: got {engine!r}, expected one of {ENGINES}")
         _check_solver_options(tol, max_iter, "float64")  # format only; the dtype-dependent default comes later

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._group import Group, as_group, is_tensor, validate_sparsity
+from ._group import Group, as_group, grouped_target, is_tensor, validate_sparsity
 from ._batched import solve_each, solve_groups
 from ._contract import (_LARGEST, _check_solver_options, _margin, _precision, check_each_finite,
                         measured_sparsities, solve_contract)
@@ -172,7 +172,7 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     and accepted only with entries in float64's normal range. Results beyond the output dtype's largest finite
     value raise ``ValueError``.
     """
-    s = validate_sparsity(sparsity)
+    s = grouped_target(validate_sparsity(sparsity))
     group = as_group(vectors, axis=axis, weights=weights)
     tol, max_iter = _check_solver_options(tol, max_iter, _precision(group.out_dtypes))
     if mu0 is not None and (isinstance(mu0, bool) or not isinstance(mu0, (int, float, np.floating, np.integer))
@@ -354,9 +354,9 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
     if isinstance(sparsity, (list, tuple, np.ndarray)):
         if len(sparsity) != G:
             raise ValueError(f"sparsity: got {len(sparsity)} targets, expected one per group ({G}) or a single float")
-        targets = np.array([validate_sparsity(s) for s in sparsity])
+        targets = np.array([grouped_target(validate_sparsity(s)) for s in sparsity])
     else:
-        targets = np.full(G, validate_sparsity(sparsity))
+        targets = np.full(G, grouped_target(validate_sparsity(sparsity)))
     if weights is not None and (not isinstance(weights, (list, tuple)) or len(weights) != G):
         raise ValueError(f"weights: got {type(weights).__name__}, expected a list of {G} entries matching groups")
     blocks, wblocks, layout = [], [] if weights is not None else None, []
