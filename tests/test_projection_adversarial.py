@@ -167,7 +167,7 @@ def test_target_within_rounding_of_zero_returns_input():
 def test_targets_below_the_measures_rounding_return_the_group(path, n):
     """Equal entries (a tie, sparsity 0) at s = 8e-88: the paths decided "already there" from the sign of a
     rounding error in their own sums (one returned the group, another split the tie by 1.5e-10; found by
-    hypothesis on another CPU). A target at or below 2^-50 is 0: every path returns the group bit for bit."""
+    hypothesis in a CI run). A target at or below 2^-50 is 0: every path returns the group bit for bit."""
     from test_projection_uniform_attack import run
 
     x = np.ones((4, n)) * np.array([[1.0], [-2.0], [3e-300], [7e200]])
