@@ -301,7 +301,7 @@ def _check_tensor_target(t, where: str) -> None:
 
     if t.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{where}: got an inference tensor, expected one writable outside torch.inference_mode")
-    if torch._debug_has_internal_overlap(t) == 1:  # (1: entries share memory, e.g. expand)
+    if _may_overlap(t.shape, t.stride()):  # (the test ``out=`` gets: expand, overlapping as_strided)
         raise ValueError(f"{where}: got a tensor whose entries share memory (expand, stride 0), expected one "
                          "with its own memory per entry (clone it first)")
 
