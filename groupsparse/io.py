@@ -80,14 +80,18 @@ def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
 
 
 def _make_folder(path: Path) -> None:
-    """``path.parent`` made if missing; a file where a folder should be is named (mkdir says only "File exists")."""
+    """``path.parent`` made if missing; a file where a folder should be is named (mkdir says only "File exists"),
+    and any failure names ``path``, as the rest of a write's errors do."""
     for up in (path.parent, *path.parent.parents):
         if os.path.lexists(up):
             if not up.is_dir():
                 what = "a broken symbolic link" if up.is_symlink() else "a file"
                 raise OSError(errno.ENOTDIR, f"cannot write {str(path)!r}: {str(up)!r} is {what}, not a folder")
             break
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {str(path)!r}: {e.strerror or e}") from e
 
 
 def _temp_name(path: Path, suffix: str = "") -> Path:
