@@ -18,6 +18,11 @@ def is_torch(x) -> bool:
     return mod.startswith("torch")
 
 
+def to_numpy(a) -> np.ndarray:
+    """A tensor's values as a NumPy array (on the host), or ``a`` itself as an array."""
+    return a.detach().cpu().numpy() if is_torch(a) else np.asarray(a)
+
+
 class NumpyOps:
     """Array operations the generic (non-compiled) solver paths use, NumPy flavour."""
 

@@ -10,7 +10,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
 
-from ._data import is_torch
+from ._data import is_torch, to_numpy
 from ._frobenius import factorize
 from ._input import prepare, start_factor, to_output
 from ._kl import factorize_kl
@@ -255,15 +255,13 @@ class SparseNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
         r = self.components_.shape[0]
         if X.ndim != 2 or X.shape[1] != r:
             raise ValueError(f"X: got shape {tuple(X.shape)}, expected (n_samples, {r}) (n_components columns)")
-        H = self.components_
-        if is_torch(H) and not is_torch(X):  # (a model fitted on tensors maps NumPy W back in NumPy, and back)
-            H = H.detach().cpu().numpy()
-        elif is_torch(X) and not is_torch(H):
+        H = self.components_  # (W of either kind maps back in its own kind, whatever the model was fitted on)
+        if is_torch(X):
             import torch
 
             H = torch.as_tensor(H, dtype=X.dtype, device=X.device)
-        elif is_torch(X):
-            H = H.to(dtype=X.dtype, device=X.device)
+        else:
+            H = to_numpy(H)
         return X @ H
 
     @property

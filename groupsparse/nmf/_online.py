@@ -18,7 +18,7 @@ from sklearn.base import clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from ._data import is_torch
+from ._data import is_torch, to_numpy
 from ._estimator import _check_factor, _params, _run, _validated
 from ._frobenius import err2_from_products
 from ._input import start_factor, to_output
@@ -60,13 +60,13 @@ def partial_fit(est, X, H=None, mask=None):
         est.components_ = to_output(Hf.F, prep)
     state = est._online
     # (the components in this block's kind of array: blocks may alternate NumPy and torch)
-    H_cur = start_factor(_host(est.components_), prep)
+    H_cur = start_factor(to_numpy(est.components_), prep)
     W_b, _, _ = _run(prep, {**p, "tol": max(p["tol"], 1e-4)}, H=to_output(H_cur, prep), update_H=False,
                      estimator_name=type(est).__name__)
-    A, B = _stats(prep, start_factor(_host(W_b).T, prep), H_cur)
+    A, B = _stats(prep, start_factor(to_numpy(W_b).T, prep), H_cur)
     if state["A"] is not None:
         A, B = rho * ops.asarray(state["A"]) + A, rho * ops.asarray(state["B"]) + B
-    state["A"], state["B"] = _host(A), _host(B)  # (kept in NumPy: the next block may be a tensor, or not)
+    state["A"], state["B"] = to_numpy(A), to_numpy(B)  # (kept in NumPy: the next block may be a tensor, or not)
     Hf = Factor(H_cur, opts.sparsity_H, opts, ops)
     Hf.update(A, B)
     state["steps"] += 1
@@ -92,12 +92,8 @@ def seed_from_fit(est, prep, W, H) -> None:
     if est.get_params()["beta_loss"] != "frobenius":
         est._online = None
         return
-    A, B = _stats(prep, start_factor(_host(W).T, prep), start_factor(_host(H), prep))
-    est._online = dict(A=_host(A), B=_host(B), steps=0)
-
-
-def _host(a):
-    return a.detach().cpu().numpy() if is_torch(a) else np.asarray(a)
+    A, B = _stats(prep, start_factor(to_numpy(W).T, prep), start_factor(to_numpy(H), prep))
+    est._online = dict(A=to_numpy(A), B=to_numpy(B), steps=0)
 
 
 def _observed_error(X, W, H, M, beta_loss):
