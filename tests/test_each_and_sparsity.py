@@ -202,14 +202,16 @@ def test_hoyer_sparsity_of_a_list_with_axis_and_weights():
 
 
 @settings(max_examples=30, deadline=None)
-@given(k=st.integers(-1074 + 40, -1000), s=st.sampled_from([0.0, 0.3, 0.8]), seed=st.integers(0, 1000))
-def test_project_each_on_subnormal_vectors_keeps_the_norm(k, s, seed):
+@given(k=st.integers(-1074 + 40, -1000), s=st.sampled_from([0.0, 0.3, 0.8]), seed=st.integers(0, 1000),
+       weighted=st.booleans())
+def test_project_each_on_subnormal_vectors_keeps_the_norm(k, s, seed, weighted):
     """Vectors near 2^-1074: the numba write multiplied by a subnormal scale * 2^e (s = 0: scale ~ 1e-12, one or
     two bits left, the norm 1e-4 off); both engines now agree and keep the norm to the outputs' own precision."""
     rng = np.random.default_rng(seed)
     X = [rng.normal(size=n) * 2.0**k for n in rng.integers(2, 9, 5)]
-    a = gs.project_each(X, s, engine="numba")
-    b = gs.project_each(X, s, engine="torch")
+    w = [rng.random(len(x)) + 0.5 for x in X] if weighted else None  # (the weighted write takes the same path)
+    a = gs.project_each(X, s, engine="numba", weights=w)
+    b = gs.project_each(X, s, engine="torch", weights=w)
     for x, za, zb in zip(X, a, b):
         # the engines solve each t to the same tolerance by other sums: they agree to it (1e-4 off before)
         assert np.abs(za - zb).max() <= 1e-12 * np.abs(za).max() + 4 * 2.0**-1074
