@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -204,6 +204,7 @@ def test_hoyer_sparsity_of_a_list_with_axis_and_weights():
 @settings(max_examples=30, deadline=None)
 @given(k=st.integers(-1074 + 40, -1000), s=st.sampled_from([0.0, 0.3, 0.8]), seed=st.integers(0, 1000),
        weighted=st.booleans())
+@example(k=-1000, s=0.8, seed=668, weighted=False)  # found in CI: 1.09 tol apart, the old bound was 1.0 tol
 def test_project_each_on_subnormal_vectors_keeps_the_norm(k, s, seed, weighted):
     """Vectors near 2^-1074: the numba write multiplied by a subnormal scale * 2^e (s = 0: scale ~ 1e-12, one or
     two bits left, the norm 1e-4 off); both engines now agree and keep the norm to the outputs' own precision."""
@@ -213,8 +214,9 @@ def test_project_each_on_subnormal_vectors_keeps_the_norm(k, s, seed, weighted):
     a = gs.project_each(X, s, engine="numba", weights=w)
     b = gs.project_each(X, s, engine="torch", weights=w)
     for x, za, zb in zip(X, a, b):
-        # the engines solve each t to the same tolerance by other sums: they agree to it (1e-4 off before)
-        assert np.abs(za - zb).max() <= 1e-12 * np.abs(za).max() + 4 * 2.0**-1074
+        # Each engine lands within tol = 1e-12 of s by its own sums, so they agree to a few tol of the output (at
+        # normal scale over 6,000 random vectors: at most 4.9 tol * max|z|), plus the subnormal grid (1e-4 before).
+        assert np.abs(za - zb).max() <= 16 * 1e-12 * np.abs(za).max() + 4 * 2.0**-1074
         bits = min(52, 1074 + k)  # the outputs' significant bits (about)
         rel = np.linalg.norm(np.ldexp(za, -k)) / np.linalg.norm(np.ldexp(x, -k)) - 1  # (2^-k: exact)
         assert abs(rel) <= len(x) * 2.0 ** -(bits - 2)
