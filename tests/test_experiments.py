@@ -102,6 +102,13 @@ def test_missing_data_is_a_clear_error(tmp_path):
         load_dataset("mnist")
 
 
+def test_a_train_subset_larger_than_the_data_is_refused():
+    n = len(load_dataset("digits").y_train)
+    assert len(load_dataset("digits", train_subset=n).y_train) == n  # all of them, given as a number
+    with pytest.raises(ValueError, match=f"train_subset: got {n + 1}, expected at most {n}"):
+        load_dataset("digits", train_subset=n + 1)  # was taken as "all" in silence
+
+
 def test_random_crop_flip_moves_pixels_only():
     x = torch.arange(2 * 32 * 32 * 3, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(2, 32, 32, 3)
     y = random_crop_flip(x, padding=4, generator=torch.Generator().manual_seed(1))

@@ -160,6 +160,10 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, *, cache_dir:
                              "{train,test}/<class>/*.jpg, or a decoded .npz (nothing is downloaded)")
         ds = _cifar10(Path(path), Path(cache_dir) if cache_dir else default_cache_dir())
         _hold_out(ds, 5000)
+    if train_subset is not None and train_subset > len(ds.y_train):
+        # (taking all of them in silence would cache the same model under a second run key)
+        raise ValueError(f"train_subset: got {train_subset}, expected at most {len(ds.y_train)} (the training "
+                         f"images of {name} after the validation hold-out)")
     if train_subset is not None and train_subset < len(ds.y_train):
         # A fixed permutation (independent of the run's seed) so every run of a sweep sees the same subset.
         keep = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(1234))[:train_subset]

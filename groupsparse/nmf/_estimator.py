@@ -14,7 +14,7 @@ from ._data import is_torch, to_numpy
 from ._frobenius import factorize
 from ._input import prepare, start_factor, to_output
 from ._kl import factorize_kl
-from ._params import INITS, OBJECTIVE_DOC, PARAMS_DOC, check_choice, check_int, check_real, options
+from ._params import INITS, OBJECTIVE_DOC, PARAMS_DOC, check_choice, check_int, options
 from ._solvers import NMFInfo
 
 _DTYPES = [np.float64, np.float32]
