@@ -11,6 +11,7 @@ from ._group import Group, as_group, grouped_target, is_tensor, validate_sparsit
 from ._batched import solve_each, solve_groups
 from ._contract import (_LARGEST, _check_solver_options, _margin, _precision, check_each_finite,
                         measured_sparsities, solve_contract)
+from ._memory import check_separate_targets, check_tensor_target, host_view, self_overlapping, shares_memory
 from ._solver import ProjectionInfo, solve_shared
 
 ENGINES = ("auto", "numba", "torch")
@@ -204,19 +205,6 @@ def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None
     return (res, info) if return_info else res
 
 
-def _may_overlap(shape, strides) -> bool:
-    """Whether two entries of a strided view can share memory: sorted by |stride|, each axis must step past the
-    whole extent of the faster ones (C, F, transposed and sliced views pass; expand and overlapping as_strided
-    views do not). Strides in elements; a stride that is not a whole number of elements counts as overlapping."""
-    dims = sorted((abs(int(st)), int(n)) for st, n in zip(strides, shape) if n > 1)
-    extent = 1  # elements spanned by the faster axes
-    for st, n in dims:
-        if st < extent:
-            return True
-        extent = st * (n - 1) + extent
-    return False
-
-
 def _out_buffer(out: Any, vectors: Any, group: Group):
     """Validate ``out``; return a flat NumPy view the CPU engine can write into, or None (copy at the end)."""
     if isinstance(vectors, (list, tuple)):
@@ -231,29 +219,16 @@ def _out_buffer(out: Any, vectors: Any, group: Group):
             raise ValueError(f"out: got a tensor on {out.device}, expected {vectors.device}")
         if out.requires_grad:
             raise ValueError("out: got a tensor that requires grad, expected a plain tensor (or use project_)")
-        import torch
-
-        if _may_overlap(out.shape, out.stride()):
-            raise ValueError("out: got a tensor whose entries may share memory (expand, as_strided), expected one "
-                             "with its own memory per entry")
-        if out.device.type != "cpu":
-            return None
-        if out.dtype == torch.bfloat16:  # (NumPy has no bfloat16: the same bytes as int16, for the overlap check)
-            arr, src = (t.detach().view(torch.int16).numpy() for t in (out, vectors))
-            if np.shares_memory(arr, src):
-                raise ValueError("out: got an array overlapping the vectors, expected separate memory (use project_)")
-            return None
-        arr = out.detach().numpy()
-        src = vectors.detach().numpy()
-    else:
-        if not out.flags.writeable:
-            raise ValueError("out: got a read-only array, expected a writeable one")
-        if _may_overlap(out.shape, [st // out.itemsize if st % out.itemsize == 0 else st for st in out.strides]):
-            raise ValueError("out: got an array whose entries may share memory (stride 0, as_strided), expected "
-                             "one with its own memory per entry")
-        arr, src = out, vectors
-    if np.shares_memory(arr, src):
+    elif not out.flags.writeable:
+        raise ValueError("out: got a read-only array, expected a writeable one")
+    if self_overlapping(out):
+        raise ValueError(f"out: got {'a tensor' if is_tensor(out) else 'an array'} whose entries may share memory "
+                         "(expand, stride 0, as_strided), expected one with its own memory per entry")
+    if shares_memory(out, vectors):  # (None on a device: the result is copied into out at the end there)
         raise ValueError("out: got an array overlapping the vectors, expected separate memory (use project_)")
+    arr = host_view(out)
+    if arr is None or (is_tensor(out) and str(out.dtype) == "torch.bfloat16"):  # no NumPy bfloat16: copied at the end
+        return None
     if arr.flags.c_contiguous and arr.dtype == group.data.dtype and arr.dtype.isnative and group.vectors_last:
         return arr.reshape(-1)
     return None
@@ -277,10 +252,16 @@ def project_(vectors: Any, sparsity: float, **kwargs):
     """
     targets = list(vectors) if isinstance(vectors, (list, tuple)) else [vectors]
     for i, dst in enumerate(targets):  # all checks before the first write: a failure leaves every input as it was
-        if not is_tensor(dst) and isinstance(dst, np.ndarray) and not dst.flags.writeable:
-            raise ValueError("vectors: got a read-only array, expected a writeable one for project_")
+        where = f"vectors[{i}]" if isinstance(vectors, (list, tuple)) else "vectors"
+        if not is_tensor(dst) and isinstance(dst, np.ndarray):
+            if not dst.flags.writeable:
+                raise ValueError("vectors: got a read-only array, expected a writeable one for project_")
+            if self_overlapping(dst):
+                raise ValueError(f"{where}: got an array whose entries share memory (stride 0, as_strided), "
+                                 "expected one with its own memory per entry (copy it first)")
         if is_tensor(dst):
-            _check_tensor_target(dst, f"vectors[{i}]" if isinstance(vectors, (list, tuple)) else "vectors")
+            check_tensor_target(dst, where)
+    check_separate_targets(targets)
     res = project(vectors, sparsity, **kwargs)
     out, info = res if kwargs.get("return_info") else (res, None)
     results = out if isinstance(vectors, (list, tuple)) else [out]
@@ -293,17 +274,6 @@ def project_(vectors: Any, sparsity: float, **kwargs):
         else:
             dst[...] = src
     return (vectors, info) if info is not None else vectors
-
-
-def _check_tensor_target(t, where: str) -> None:
-    """What ``copy_`` into ``t`` would refuse, refused before any target is written."""
-    import torch
-
-    if t.is_inference() and not torch.is_inference_mode_enabled():
-        raise ValueError(f"{where}: got an inference tensor, expected one writable outside torch.inference_mode")
-    if _may_overlap(t.shape, t.stride()):  # (the test ``out=`` gets: expand, overlapping as_strided)
-        raise ValueError(f"{where}: got a tensor whose entries share memory (expand, stride 0), expected one "
-                         "with its own memory per entry (clone it first)")
 
 
 def project_each(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None, tol: float | None = None,

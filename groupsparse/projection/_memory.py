@@ -1,0 +1,89 @@
+"""Memory checks at the boundary: outputs and in-place targets whose entries share memory are refused before
+anything is written (``project(out=)``, ``project_``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._group import is_tensor
+
+
+def may_overlap(shape, strides) -> bool:
+    """Whether two entries of a strided view can share memory: sorted by |stride|, each axis must step past the
+    whole extent of the faster ones (C, F, transposed and sliced views pass; expand and overlapping as_strided
+    views do not). Strides in elements; a stride that is not a whole number of elements counts as overlapping."""
+    dims = sorted((abs(int(st)), int(n)) for st, n in zip(strides, shape) if n > 1)
+    extent = 1  # elements spanned by the faster axes
+    for st, n in dims:
+        if st < extent:
+            return True
+        extent = st * (n - 1) + extent
+    return False
+
+
+def self_overlapping(a) -> bool:
+    """Whether two entries of an array or tensor may share memory (``may_overlap`` in element strides)."""
+    if is_tensor(a):
+        return may_overlap(a.shape, a.stride())
+    return may_overlap(a.shape, [st // a.itemsize if st % a.itemsize == 0 else st for st in a.strides])
+
+
+def check_tensor_target(t, where: str) -> None:
+    """What ``copy_`` into ``t`` would refuse, refused before any target is written."""
+    import torch
+
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{where}: got an inference tensor, expected one writable outside torch.inference_mode")
+    if self_overlapping(t):  # (the test ``out=`` gets: expand, overlapping as_strided)
+        raise ValueError(f"{where}: got a tensor whose entries share memory (expand, stride 0), expected one "
+                         "with its own memory per entry (clone it first)")
+
+
+def check_separate_targets(targets) -> None:
+    """Two targets sharing memory would each be written with their own projection, the later write winning
+    (overlapping slices of one tensor came back short of the target): refused. Candidates are the pairs whose
+    byte ranges overlap (a sweep over sorted ranges); those are decided exactly where the memory is the host's
+    (interleaved slices such as ``t[0::2]`` and ``t[1::2]`` pass), conservatively on a device."""
+    spans = sorted(r + (i,) for i, r in enumerate(map(_byte_range, targets)) if r[1] > r[0])
+    for k, (lo, hi, i) in enumerate(spans):
+        for lo2, _, j in spans[k + 1:]:
+            if lo2 >= hi:
+                break
+            if shares_memory(targets[i], targets[j]) is not False:
+                a, b = sorted((i, j))
+                raise ValueError(f"vectors: got vectors[{a}] and vectors[{b}] sharing memory, expected targets "
+                                 "with separate memory for project_ (pass each tensor once; clone overlapping views)")
+
+
+def _byte_range(t) -> tuple:
+    """[first, last) byte addresses a strided array or tensor can touch (empty ones, and anything else the
+    projection will refuse on its own, e.g. sparse tensors: an empty range)."""
+    if is_tensor(t):
+        if t.numel() == 0 or str(t.layout) != "torch.strided":
+            return 0, 0
+        lo = t.data_ptr()
+        return lo, lo + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+    if not isinstance(t, np.ndarray) or t.size == 0:
+        return 0, 0
+    lo = t.__array_interface__["data"][0] + sum((n - 1) * st for n, st in zip(t.shape, t.strides) if st < 0)
+    return lo, lo + t.itemsize + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.strides))
+
+
+def shares_memory(a, b):
+    """Whether two host arrays or CPU tensors share an entry's bytes (exact), None for memory on a device."""
+    va, vb = host_view(a), host_view(b)
+    return None if va is None or vb is None else np.shares_memory(va, vb)
+
+
+def host_view(t):
+    """A NumPy view of a host array or CPU tensor's memory (bfloat16 as int16: the same bytes), None on a device."""
+    if not is_tensor(t):
+        return t
+    import torch
+
+    if t.device.type != "cpu":
+        return None
+    try:
+        return (t.detach().view(torch.int16) if t.dtype == torch.bfloat16 else t.detach()).numpy()
+    except (TypeError, RuntimeError):  # a dtype NumPy lacks (float8): undecided, like memory on a device
+        return None
