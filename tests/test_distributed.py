@@ -85,7 +85,7 @@ def _close(a, b, rel=1e-9):
     return float((a - b).abs().max()) <= rel * scale if a.numel() else True
 
 
-def _check_case(rank, world, name, vecs, s, weights=None, counts=None, rel=1e-9, **kw):
+def _check_case(rank, world, name, vecs, s, weights=None, counts=None, rel=1e-9, measured=False, **kw):
     ref, ref_info = groupsparse.project(vecs, s, weights=weights, return_info=True, **kw)
     mine = _split(vecs, world, counts)[rank]
     wmine = _split(weights, world, counts)[rank] if weights is not None else None
@@ -102,7 +102,7 @@ def _check_case(rank, world, name, vecs, s, weights=None, counts=None, rel=1e-9,
     assert abs(info.sparsity - ref_info.sparsity) <= 1e-9, (name, info.sparsity, ref_info.sparsity)
     # validation 1 + constants 2 + one per evaluation + up to 2 for a jump (1 when no rank has a jumper)
     extra = info.collectives - 3 - info.evaluations
-    assert extra == 0 or (info.discontinuity and extra in (1, 2)), (name, info.collectives, info.evaluations)
+    assert measured or extra == 0 or (info.discontinuity and extra in (1, 2)), (name, info.collectives, info.evaluations)
     return info
 
 
@@ -138,6 +138,16 @@ def _projection_cases(rank, world):
     _check_case(rank, world, "float32", r32, 0.7, rel=1e-5)
     mixed = [v.float() if i % 2 else v for i, v in enumerate(ragged)]
     _check_case(rank, world, "mixed-dtype", mixed, 0.7, rel=1e-6)
+    # half precision, alone and beside float32/float64: project's measured contract across ranks (it aimed by the
+    # provable margin and came back 2-10 % apart from project)
+    for name, conv in (("float16", lambda i, v: v.half()), ("bfloat16", lambda i, v: v.bfloat16()),
+                       ("f16-f32", lambda i, v: v.half() if i % 2 else v.float()),
+                       ("bf16-f64", lambda i, v: v.bfloat16() if i % 3 == 0 else v)):
+        _check_case(rank, world, name, [conv(i, v) for i, v in enumerate(ragged)], 0.7, rel=1e-12, measured=True)
+    # a result past the dtype's range raises on every rank (float16 came back as inf)
+    big = [torch.tensor([6e4] + [5e4] * 50, dtype=torch.float16) for _ in range(world)]
+    with pytest.raises(ValueError, match="beyond the largest finite float16"):
+        gd.project(_split(big, world)[rank], 0.3)
     # numpy inputs go through the same path
     _check_case(rank, world, "numpy", [v.numpy() for v in ragged], 0.7)
 
@@ -230,6 +240,19 @@ def _prune_cases(rank, world):
                     assert abs(a.sparsity - b.sparsity) < 1e-6 and a.n_vectors == b.n_vectors
     with pytest.raises(ValueError, match="strategy"):
         gd.project_params_(_weights(_small_cnn()), 0.7, scope="model", strategy="owner")
+    # layers of different dtypes in one sharded group: every rank gathers one dtype (gloo aborted on bf16 + f32,
+    # float64 + float32 read float32 bytes as float64), and the result is project_tensors'
+    for dt in (torch.float64, torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        a, b = torch.randn(12, 16).to(dt), torch.randn(4, 16)
+        ref, _ = project_tensors([a.clone(), b.clone()], 0.6, scope="model")
+        got = [a.clone(), b.clone()]
+        gd.project_params_(got, 0.6, scope="model", strategy="sharded")
+        rel = 1e-6 if dt == torch.float64 else 1e-2  # (sums in another order: a half ulp may round the other way)
+        assert all(g_.dtype == r.dtype and _close(g_, r, rel) for g_, r in zip(got, ref)), dt
+    scalar = torch.nn.Module()
+    scalar.fc, scalar.t = torch.nn.Linear(4, 4), torch.nn.Parameter(torch.tensor(1.0))  # a 0-dim parameter
+    assert gd.replicas_identical(scalar)
 
     assert gd.project_params_(_weights(_small_cnn()), 0.5, strategy="auto")[0].engine == "numba"  # gloo: local
     # DDP training with the pruner projecting every step; ranks see different data, replicas must stay equal
@@ -284,6 +307,14 @@ def _prune_cases(rank, world):
         assert all(i.sparsity >= 0.7 - 1e-6 for i in infos)
         # and the model still trains after the in-place write into the shards
         model(torch.randn(2, 3, 8, 8)).sum().backward()
+    # a rank whose shard is empty (2 rows over 2 ranks of a 3-rank job; here 1 row over 2 ranks) holds no vectors
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 1, 3), torch.nn.Linear(5, 1))
+    torch.manual_seed(1)
+    ref, _ = project_tensors([m.weight.detach().clone() for m in tiny], 0.5)
+    for m in tiny:
+        fully_shard(m)
+    gd.project_params_([m.weight for m in tiny], 0.5)
+    assert all(_close(m.weight.full_tensor(), r, 1e-6) for m, r in zip(tiny, ref))
     with pytest.raises(ValueError, match="fan_out"):
         gd.project_params_(ws, 0.7, vectors="fan_out")
 

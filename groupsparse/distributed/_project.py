@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ..projection._api import ENGINES, _convert_back, _engine_for
-from ..projection._contract import _COARSER, _NUDGES, _check_solver_options, _margin, _measure, _precision
+from ..projection._contract import (_COARSER, _FIRST_HALF, _LARGEST, _NUDGES, _check_solver_options, _margin,
+                                     _may_be_subnormal, _measure, _overflow_error, _precision, _rounded)
 from ..projection._group import _validate_axis, as_group, grouped_target, is_tensor, validate_sparsity
 from ..projection._solver import Evaluation, solve_shared
 
@@ -171,16 +172,25 @@ def _raise_agreed(comm: TorchDistComm, local_err: BaseException | None, flags: n
     raise cls(f"rank {bad}: {msg}")
 
 
-def _measured_subnormal(grp, eng, comm, flat, info, s, tol, max_iter):
-    """float64 outputs that may be subnormal (a vector below 2^-956 on any rank): measured after writing and
-    re-solved further inside while short, as in the single-process contract (docs/projection.md §4)."""
-    if not info.low < -956:  # the smallest vector exponent over all ranks (solve_shared)
-        return flat, info
+def _measured(grp, eng, comm, flat, info, s, tol, max_iter, precision):
+    """The single-process contract (docs/projection.md §4) across ranks: half precision, and outputs that may be
+    subnormal (a vector below 2^-956 for float64, 2^-60 for float32, on any rank), are measured after rounding to
+    the output dtype and re-solved further inside while short (the last resort: every vector one-hot); a result
+    past the dtype's range raises on every rank. Other groups: the overflow check where a norm nears the limit."""
     r_loc = grp.n_vectors if grp is not None else 0
-    margin = 0.0
+    if precision not in _FIRST_HALF and not _may_be_subnormal(info, precision):
+        if info.bound >= _LARGEST[precision]:  # (info.bound: the largest norm on any rank)
+            bad = grp is not None and not np.all(np.isfinite(_rounded(grp, flat)))
+            if comm.sum(np.array([float(bad)]))[0] > 0:
+                raise _overflow_error(precision)
+        return flat, info
+    margin = info.margin
     for attempt in range(_NUDGES + 1):
-        S_loc = _measure(grp, flat)[0] if r_loc else 0.0
-        info.sparsity = float(comm.sum(np.array([S_loc]))[0] / info.n_vectors)
+        S_loc, finite = _measure(grp, flat) if r_loc else (0.0, True)
+        S, bad = comm.sum(np.array([S_loc, float(not finite)]))
+        if bad > 0:
+            raise _overflow_error(precision)
+        info.sparsity = float(S / info.n_vectors)
         info.margin = margin
         if info.sparsity >= s or attempt == _NUDGES:
             break
@@ -261,21 +271,24 @@ def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, a
     group_f64 = bool(rows[:, _F_F64].any())
 
     promoted = False
+    measured = grp
     if grp is not None and group_f64 and grp.data.dtype not in (np.float64, torch.float64):
         # Single-process project computes a mixed float32/float64 group in float64: do the same here.
         promoted = True
+        measured = grp  # (the contract measures each vector rounded to its own dtype, as project does)
         grp = as_group(_promote(vectors), axis=axis, weights=_promote(weights))
         eng, back = _engine_for(grp, engine)
     if eng is None:
         eng = EmptyEngine(weighted)
     precision = _COARSER[int(rows[:, _F_PREC].max())]
     tol_, max_iter_ = _check_solver_options(tol, max_iter, precision)
-    # the provable rounding margin of the group's coarsest output dtype, from every rank's vectors (half
-    # precision included: no measuring here, so the provable bound is what the contract rests on)
-    local = _margin(grp, precision) * grp.n_vectors if grp is not None else 0.0
+    # the first aim of the single-process contract: half precision by its measured margin, float32 by the
+    # provable one of every rank's vectors (float64: none), then measured where rounding can fall short
+    first = _FIRST_HALF.get(precision)
+    local = ((first or _margin(grp, precision)) * grp.n_vectors) if grp is not None else 0.0
     flat, info = solve_shared(eng, s, margin_sum=local, tol=tol_, max_iter=max_iter_, comm=comm)
-    if precision == "float64" and not info.already_sparse:
-        flat, info = _measured_subnormal(grp, eng, comm, flat, info, s, tol_, max_iter_)
+    if not info.already_sparse:
+        flat, info = _measured(measured, eng, comm, flat, info, s, tol_, max_iter_, precision)
     info.target = s
     if grp is None:
         out = _empty_like(vectors)

@@ -26,6 +26,7 @@ gathering of weights. ``"fan_out"`` and ``"layer"`` vectors cross the shard boun
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -146,8 +147,11 @@ def _sharded_rows(rows: list[torch.Tensor], s, group, kw):
     b = _share_bounds([r.numel() for r in rows], world)
     mine = rows[b[rank] : b[rank + 1]]
     res, info = dist_project(mine, s, group=group, return_info=True, **kw)
-    dtype = rows[0].dtype
-    flat = torch.cat([r.reshape(-1) for r in res]) if res else torch.zeros(0, dtype=dtype, device=rows[0].device)
+    # one dtype on every rank (all hold every row): a rank's own rows alone would set it per rank, and gloo then
+    # gathers buffers of other byte sizes (an abort, or float32 rows read as float64 bytes)
+    dtype = rows[0].dtype if all(r.dtype == rows[0].dtype for r in rows) else torch.float64
+    flat = (torch.cat([r.reshape(-1).to(dtype) for r in res]) if res
+            else torch.zeros(0, dtype=dtype, device=rows[0].device))
     sizes = [sum(v.numel() for v in rows[b[r] : b[r + 1]]) for r in range(world)]
     parts = _all_gather_flat(flat, sizes, group, collective_device(group))
     out = []
@@ -207,7 +211,7 @@ def _local_rows(p, vectors):
     """The local shard as a matrix of whole vectors (a view: writing it writes the shard)."""
     local = p.to_local()
     if vectors == "filter":
-        return local, local.reshape(local.shape[0], -1)
+        return local, local.reshape(local.shape[0], math.prod(local.shape[1:]))  # (-1 fails on an empty shard)
     k = int(np.prod(local.shape[2:]))
     return local, local.reshape(-1, k)
 
@@ -357,7 +361,7 @@ def replicas_identical(model_or_tensors, group=None) -> bool:
     tensors = list(model_or_tensors.parameters()) if isinstance(model_or_tensors, nn.Module) else list(model_or_tensors)
     digest = hashlib.blake2b(digest_size=8)  # not hash(): str/bytes hashing is salted per process
     for t in tensors:
-        digest.update((t.to_local() if _is_dtensor(t) else t).detach().cpu().contiguous().view(torch.uint8).numpy())
+        digest.update((t.to_local() if _is_dtensor(t) else t).detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
     h = int.from_bytes(digest.digest(), "little")
     comm = TorchDistComm(group)
     # float64 holds 53 bits exactly: send the 64-bit digest as three 22-bit pieces

@@ -266,8 +266,11 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
     nzv = eng.cnorm_host > 0 if r_loc else np.zeros(0, dtype=bool)
     low_loc = int(eng.e_host[nzv].min()) if nzv.any() else 10**6
     # (the smallest vector exponent rides along: outputs near the subnormal range, _contract, all ranks)
-    mx = comm.max(np.array([top_key, float(-p_min), float(eng.weighted), float(-low_loc)]))
-    low = int(-mx[3])
+    with np.errstate(over="ignore"):
+        bound = float(np.max(np.ldexp(eng.cnorm_host, eng.e_host))) if r_loc else 0.0
+    # (the largest vector norm rides along too: the overflow check needs it over all ranks)
+    mx = comm.max(np.array([top_key, float(-p_min), float(eng.weighted), float(-low_loc), bound]))
+    low, bound = int(-mx[3]), float(mx[4])
     r_tot, weighted = int(round(r_tot)), bool(mx[2])
     margin = msum / r_tot
     p_top = math.floor(mx[0]) if math.isfinite(mx[0]) else 0
@@ -289,14 +292,11 @@ def solve_shared(eng, sparsity: float, *, margin: float = 0.0, tol: float, max_i
         ev.S, ev.dS = (float(v) for v in comm.sum(np.array([ev.S, ev.dS])))
         return ev
 
-    with np.errstate(over="ignore"):
-        bound = float(np.max(np.ldexp(eng.cnorm_host, eng.e_host))) if r_loc else 0.0
-
     def info(mu, S, it, **kw):
         res = ProjectionInfo(mu=float(np.ldexp(mu, E)), iterations=it, evaluations=evals, sparsity=float(S / r_tot),
                               target=sparsity, converged=kw.pop("conv", True), engine=eng.name,
                               n_vectors=r_tot, discontinuity=kw.pop("disc", False), margin=margin, **kw)
-        res.bound = bound  # the largest vector l2 norm in the group: no output entry exceeds it
+        res.bound = bound  # the largest vector l2 norm in the group (all ranks): no output entry exceeds it
         res.low = low  # the smallest vector exponent over all ranks (outputs near the subnormal range: _contract)
         return res
 

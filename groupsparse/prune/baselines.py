@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -24,8 +25,8 @@ class MagnitudePruner(Pruner):
         if (zero_fraction is None) == (threshold is None):
             raise ValueError(f"got zero_fraction={zero_fraction!r} and threshold={threshold!r}, expected exactly one")
         if threshold is not None:
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
-                raise ValueError(f"threshold: got {threshold!r}, expected a non-negative float")
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+                raise ValueError(f"threshold: got {threshold!r}, expected a non-negative finite float")
             masks = {t.name: t.param.detach().abs() > threshold for t in self.targets}
             for t in self.targets:
                 m = self.mask(t)
@@ -81,10 +82,10 @@ class RandomPruner(Pruner):
               generator: torch.Generator | None = None, style: str = "buffer") -> dict[str, torch.Tensor]:
         check_fraction(zero_fraction, "zero_fraction")
         check_prune_scope(scope)
-        if generator is None:
-            generator = torch.Generator()
-            if seed is not None:
-                generator.manual_seed(int(seed))
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(int(seed))
+        # (no seed, no generator: torch's global generator, so torch.manual_seed sets the draw; a fresh Generator
+        # started from one fixed seed and gave every run the same "random" mask)
         scores = {t.name: torch.rand(t.shape, generator=generator) for t in self.targets}
         masks = self._magnitude_masks(zero_fraction, scope, keep_zeros=False, scores=scores)
         self.set_masks(masks, style=style)
