@@ -39,23 +39,36 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def pruned_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Plain state_dict with real zeros: ``x_orig * x_mask`` folded into ``x``, ``*_mask`` buffers applied and
-    dropped, parametrizations flattened. Works on models pruned by this module or by torch.nn.utils.prune."""
-    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else dict(model_or_state)
+    dropped, parametrizations flattened. Works on models pruned by this module or by torch.nn.utils.prune.
+
+    From a model every parametrized weight is exported as the module computes it (a mask times the original,
+    but also spectral_norm or orthogonal ones); from a bare state_dict only mask parametrizations can be folded
+    (their ``original`` and ``0.mask``), other parametrizations keep their entries."""
+    model = model_or_state if isinstance(model_or_state, nn.Module) else None
+    sd = model.state_dict() if model is not None else dict(model_or_state)
     out: dict[str, torch.Tensor] = {}
     masks = {k[: -len("_mask")]: v for k, v in sd.items() if k.endswith("_mask") and isinstance(v, torch.Tensor)}
+    computed = _parametrized_weights(model) if model is not None else {}
     for k, v in sd.items():
         if k.endswith("_mask") and k[: -len("_mask")] in masks and (
                 k[: -len("_mask")] in sd or k[: -len("_mask")] + "_orig" in sd):
             continue
-        if ".parametrizations." in k:
-            head, rest = k.split(".parametrizations.", 1)
+        if k.startswith("parametrizations.") or ".parametrizations." in k:
+            head, _, rest = k.rpartition("parametrizations.")
             pname, leaf = rest.split(".", 1)
-            if leaf == "original":
-                m = sd.get(f"{head}.parametrizations.{pname}.0.mask")
-                w = v.detach().clone()
-                if m is not None:
-                    w = w.masked_fill(~m.bool(), 0)
-                out[f"{head}.{pname}"] = w
+            name = head + pname
+            if name in computed:
+                out[name] = computed[name]
+                continue
+            group = {q[len(head) + len("parametrizations.") + len(pname) + 1:] for q in sd
+                     if q.startswith(f"{head}parametrizations.{pname}.")}
+            if group <= {"original", "0.mask"}:  # a mask parametrization of this library: fold it
+                if leaf == "original":
+                    m = sd.get(f"{head}parametrizations.{pname}.0.mask")
+                    w = v.detach().clone()
+                    out[name] = w if m is None else w.masked_fill(~m.bool(), 0)
+                continue
+            out[k] = v  # (another parametrization: its tensors, unchanged)
             continue
         name = k[: -len("_orig")] if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in sd else k
         w = v.detach().clone() if isinstance(v, torch.Tensor) else v
@@ -63,4 +76,16 @@ def pruned_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) ->
         if m is not None and isinstance(w, torch.Tensor) and m.shape == w.shape:
             w = w.masked_fill(~m.bool(), 0)
         out[name] = w
+    return out
+
+
+def _parametrized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parametrized tensor of ``model`` as its module computes it, by its plain state_dict name."""
+    out = {}
+    with torch.no_grad():
+        for mname, mod in model.named_modules():
+            plist = getattr(mod, "parametrizations", None)
+            if isinstance(plist, nn.ModuleDict):
+                for pname in plist.keys():
+                    out[f"{mname}.{pname}" if mname else pname] = getattr(mod, pname).detach().clone()
     return out

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from ._layouts import pruned_state_dict, smallest_k  # noqa: F401 (public through this module too)
-from .selection import Target, select_parameters
+from .selection import Target, _stored_weight, select_parameters
 
 MASK_STYLES = ("buffer", "torch_prune", "parametrize")
 _SCOPES = {"model": "model", "global": "model", "layer": "layer"}
@@ -36,6 +36,8 @@ _SCOPES = {"model": "model", "global": "model", "layer": "layer"}
 
 class _MaskParametrization(nn.Module):
     """``weight = original * mask`` (the mask is a buffer, so it follows ``.to(device)`` and ``state_dict``)."""
+
+    groupsparse_mask = True  # (selection tells it from parametrizations it must not prune through)
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
@@ -63,10 +65,16 @@ def check_prune_scope(scope: Any) -> str:
 class _Enforcement(NamedTuple):
     """The masks of the masked targets in their parameters' dtype, valid while ``key`` matches the buffers."""
 
-    key: tuple                              # (id, _version) of every mask buffer, in target order
+    key: tuple                              # _state of every masked target, in target order
     pairs: list                             # (parameter, mask) for the multi-tensor multiply
     masks: dict[str, torch.Tensor]          # target name -> mask, for its gradient hook
-    versions: dict[str, tuple]              # target name -> (id, _version) of its buffer
+    versions: dict[str, tuple]              # target name -> its _state
+
+
+def _state(t: Target, buf: torch.Tensor) -> tuple:
+    """What the cached mask of ``t`` depends on: its buffer (a write moves ``_version``) and its parameter (a
+    replaced one, or one moved to another dtype or device by ``model.half()``/``.to()``)."""
+    return id(buf), buf._version, id(t.param), t.param.dtype, t.param.device
 
 
 class Pruner:
@@ -105,12 +113,14 @@ class Pruner:
         # model.load_state_dict() of a masked state_dict (a resume, Lightning's ckpt_path) installs the saved masks
         # first, so its *_mask entries match instead of failing as unexpected keys.
         self._load_hook = model.register_load_state_dict_pre_hook(self._masks_from_loaded)
+        # load_state_dict(assign=True) puts new Parameter objects in the modules: follow them
+        self._load_post_hook = model.register_load_state_dict_post_hook(lambda *_: self._refresh_targets())
 
     def _adopt_existing(self) -> None:
         """Pick up masks already on the model (from another pruner, a reload, or torch.nn.utils.prune)."""
         for t in self.targets:
             plist = getattr(t.module, "parametrizations", None)
-            if plist is not None and t.param_name in plist and plist[t.param_name].original is t.param:
+            if plist is not None and t.param_name in plist and getattr(plist[t.param_name], "original", None) is t.param:
                 if any(isinstance(p, _MaskParametrization) for p in plist[t.param_name]):
                     self._styles[t.name] = "parametrize"
             elif t.module._parameters.get(t.param_name + "_orig") is t.param \
@@ -137,7 +147,7 @@ class Pruner:
         """The bool keep-mask of ``target`` (True = kept), or ``None`` when it is not masked."""
         t = self.target(target) if isinstance(target, str) else target
         buf = self._mask_buffer(t)
-        return None if buf is None else buf.bool()
+        return None if buf is None else buf.to(torch.bool, copy=True)  # a copy: writing it must not change ours
 
     def _mask_buffer(self, t: Target) -> torch.Tensor | None:
         style = self._styles.get(t.name)
@@ -170,7 +180,9 @@ class Pruner:
                 raise TypeError(f"masks[{name!r}]: got {type(m).__name__}, expected a tensor")
             if tuple(m.shape) != t.shape:
                 raise ValueError(f"masks[{name!r}]: got shape {tuple(m.shape)}, expected {t.shape}")
-            checked[name] = m.detach().to(device=t.param.device, dtype=torch.bool)
+            # our own copy: the caller's tensor (or another model's buffer, via load_state_dict) must not become
+            # the buffer later updates write into
+            checked[name] = m.detach().to(device=t.param.device, dtype=torch.bool, copy=True)
         for name, m in checked.items():
             t = self.target(name)
             old = self._styles.get(name)
@@ -202,7 +214,15 @@ class Pruner:
             buf.copy_(m.to(buf.dtype))
 
     def _hook_grad(self, t: Target) -> None:
-        if t.name in self._grad_handles or not t.param.requires_grad:
+        """Zero the pruned entries' gradients (a frozen parameter gets its hook once it requires grad: at the next
+        ``attach``/``apply_masks``)."""
+        h = self._grad_handles.get(t.name)
+        if h is not None and h[0] is t.param:
+            return
+        if h is not None:
+            h[1].remove()  # (a replaced parameter: load_state_dict(assign=True))
+            del self._grad_handles[t.name]
+        if not t.param.requires_grad:
             return
 
         def hook(grad, t=t):
@@ -210,11 +230,21 @@ class Pruner:
             if buf is None:
                 return grad
             enf = self._enf  # checking this target's own buffer keeps a backward pass O(targets)
-            if enf is None or enf.versions.get(t.name) != (id(buf), buf._version):
+            if enf is None or enf.versions.get(t.name) != _state(t, buf):
                 enf = self._enforcement()
             return grad * enf.masks[t.name]
 
-        self._grad_handles[t.name] = t.param.register_hook(hook)
+        self._grad_handles[t.name] = (t.param, t.param.register_hook(hook))
+
+    def _refresh_targets(self) -> None:
+        """Follow parameters replaced in their modules, and hook masked ones that were frozen when masked."""
+        for t in self.targets:
+            p = _stored_weight(t.module, t.param_name)[0]
+            if p is not None and p is not t.param:
+                t.param = p
+                self._enf = None
+            if t.name in self._styles:
+                self._hook_grad(t)
 
     def _unmask(self, t: Target, *, bake: bool) -> None:
         m = self.mask(t)
@@ -244,7 +274,7 @@ class Pruner:
             parametrize.remove_parametrizations(t.module, t.param_name, leave_parametrized=False)
         h = self._grad_handles.pop(t.name, None)
         if h is not None:
-            h.remove()
+            h[1].remove()
 
     def load_masks(self, state_dict: Mapping[str, torch.Tensor], *, style: str = "buffer") -> dict[str, torch.Tensor]:
         """Install the masks saved in a state_dict (``<param>_mask`` entries, e.g. from ``model.state_dict()`` of a
@@ -279,12 +309,12 @@ class Pruner:
     def _enforcement(self) -> _Enforcement:
         """The masked targets' masks in their parameters' dtype, cached while no mask buffer changes."""
         bufs = [(t, b) for t in self.targets if (b := self._mask_buffer(t)) is not None]
-        key = tuple((id(b), b._version) for _, b in bufs)
+        key = tuple(_state(t, b) for t, b in bufs)
         if self._enf is None or self._enf.key != key:
             with torch.no_grad():
                 masks = {t.name: b.to(device=t.param.device, dtype=t.param.dtype) for t, b in bufs}
             self._enf = _Enforcement(key, [(t.param, masks[t.name]) for t, _ in bufs], masks,
-                                     {t.name: (id(b), b._version) for t, b in bufs})
+                                     {t.name: k for (t, _), k in zip(bufs, key)})
             self._enf_opt.clear()
         return self._enf
 
@@ -312,6 +342,7 @@ class Pruner:
         the parameters' dtype: about one pass over the masked weights, no per-tensor kernel launches. (A weight
         that is inf or NaN at a pruned position would stay NaN: pruned weights are zero, so this cannot arise.)
         """
+        self._refresh_targets()
         opts = list(self._optimizers)
         if optimizers is not None:
             extra = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
@@ -355,9 +386,11 @@ class Pruner:
         """
         self.detach()
         self._load_hook.remove()
+        self._load_post_hook.remove()
+        self._refresh_targets()
         for t in self.targets:
             self._unmask(t, bake=True)
-        for h in self._grad_handles.values():
+        for _, h in self._grad_handles.values():
             h.remove()
         self._grad_handles.clear()
         return self.model

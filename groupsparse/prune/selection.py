@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -146,13 +147,7 @@ def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] 
         head = not prune_lm_head and mname.rsplit(".", 1)[-1] in LM_HEAD_NAMES
         transposed = type(module).__name__ == "Conv1D" or isinstance(module, nn.modules.conv._ConvTransposeNd)
         for pname in (param_names + _MHA_PARAMS) if mha else param_names:
-            p = module._parameters.get(pname)
-            if p is None:
-                # already masked: torch.nn.utils.prune keeps it as "<name>_orig", parametrize as ".original"
-                p = module._parameters.get(pname + "_orig")
-                plist = getattr(module, "parametrizations", None)
-                if p is None and plist is not None and pname in plist:
-                    p = plist[pname].original
+            p, foreign = _stored_weight(module, pname)
             if p is None or id(p) in seen:
                 continue
             full = f"{mname}.{pname}" if mname else pname
@@ -164,9 +159,34 @@ def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] 
                 continue
             if not p.dtype.is_floating_point or p.dim() < min_ndim:
                 continue
+            if foreign:
+                # a mask on the stored tensor would not be a mask on the weight the module uses (orthogonal maps a
+                # sparse original to a dense weight); removing the mask would remove the user's parametrization
+                warnings.warn(f"{full}: skipped, it is computed by {foreign} from other tensors; expected a plain "
+                              "weight (remove that parametrization to prune it)", stacklevel=2)
+                continue
             seen.add(id(p))
             out.append(Target(full, mname, module, pname, p, transposed))
     return out
+
+
+def _stored_weight(module: nn.Module, pname: str):
+    """(the tensor that holds ``pname``, the name of a foreign reparametrization computing it or ''). Masks of
+    this library: torch.nn.utils.prune keeps the weight as "<name>_orig", a mask parametrization as ".original"."""
+    p = module._parameters.get(pname)
+    if p is not None:
+        return p, ""
+    if isinstance(module._buffers.get(pname + "_mask"), torch.Tensor) and pname + "_orig" in module._parameters:
+        return module._parameters[pname + "_orig"], ""
+    plist = getattr(module, "parametrizations", None)
+    if plist is not None and pname in plist:
+        kinds = [type(q).__name__ for q in plist[pname]]
+        ours = all(getattr(q, "groupsparse_mask", False) for q in plist[pname]) and hasattr(plist[pname], "original")
+        return (plist[pname].original, "") if ours else (next(iter(plist[pname].parameters()), None),
+                                                         "a parametrization (" + ", ".join(kinds) + ")")
+    if pname + "_orig" in module._parameters:  # a hook-based reparametrization (torch.nn.utils.spectral_norm)
+        return module._parameters[pname + "_orig"], "a forward pre-hook (" + pname + "_orig)"
+    return None, ""
 
 
 _NORM_AND_EMBEDDING = (nn.Embedding, nn.EmbeddingBag, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,

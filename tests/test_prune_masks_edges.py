@@ -1,0 +1,134 @@
+"""Masks against what users do to a model after pruning it: change its dtype, reload it with ``assign=True``,
+freeze and unfreeze weights, reuse mask tensors, carry foreign parametrizations (review of 2026-12-05)."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from groupsparse.prune import MagnitudePruner, RandomPruner, pruned_state_dict
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def _train(model, opt, steps=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(5, 8, generator=g).to(dtype)).square().sum().backward()
+        opt.step()
+
+
+def _pruned_alive(pruner):
+    """Pruned entries that are not zero (weights) over every masked target."""
+    return sum(int((t.param[~pruner.mask(t)] != 0).sum()) for t in pruner.targets)
+
+
+@pytest.mark.parametrize("style", ["buffer", "parametrize", "torch_prune"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_masks_follow_a_dtype_change_after_pruning(style, dtype):
+    """The cached masks kept float32 after ``model.half()``: the gradient hook turned half gradients into
+    float32 ones and backward raised."""
+    m = _mlp()
+    p = MagnitudePruner(m)
+    p.prune(0.5, style=style)
+    m.to(dtype)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    p.attach(opt)
+    _train(m, opt, dtype=dtype)
+    assert _pruned_alive(p) == 0
+    assert all(t.param.grad is None or t.param.grad.dtype == dtype for t in p.targets)
+
+
+def test_masks_follow_parameters_replaced_by_load_state_dict_assign():
+    """``load_state_dict(sd, assign=True)`` puts new Parameter objects in the modules; the pruner kept masking
+    the old ones and every pruned weight of the new ones came back."""
+    src = _mlp()
+    MagnitudePruner(src).prune(0.5)
+    sd = src.state_dict()
+    m = _mlp(1)
+    p = MagnitudePruner(m)
+    m.load_state_dict(sd, assign=True)
+    assert all(t.param is t.module.weight for t in p.targets)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    p.attach(opt)
+    _train(m, opt)
+    assert _pruned_alive(p) == 0 and p.zero_fraction() == 0.5
+
+
+def test_a_weight_masked_while_frozen_gets_its_gradient_hook_when_unfrozen():
+    m = _mlp()
+    m[0].weight.requires_grad_(False)
+    p = MagnitudePruner(m)
+    p.prune(0.5)
+    m[0].weight.requires_grad_(True)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    p.attach(opt)
+    m(torch.randn(5, 8)).square().sum().backward()
+    assert int((m[0].weight.grad[~p.mask("0.weight")] != 0).sum()) == 0  # clipping sees the pruned model
+
+
+@pytest.mark.parametrize("style", ["buffer", "parametrize", "torch_prune"])
+def test_masks_never_share_memory_with_the_callers_tensors(style):
+    """The caller's bool masks became the module's buffers, and later prunes wrote into them: a mask returned
+    earlier changed, and one dict installed on two models pruned the second when the first was pruned."""
+    a, b = _mlp(), _mlp(1)
+    pa = MagnitudePruner(a)
+    first = pa.prune(0.3, style=style)
+    snapshot = {k: v.clone() for k, v in first.items()}
+    got = pa.mask("0.weight")
+    pb = MagnitudePruner(b)
+    pb.set_masks(first, style=style)
+    pa.prune(0.6, style=style)
+    assert all(torch.equal(first[k], snapshot[k]) for k in first)  # the caller's dict is unchanged
+    assert torch.equal(got, snapshot["0.weight"])  # an earlier mask() result too
+    assert abs(pb.zero_fraction() - 0.3) < 0.02  # b keeps its own masks
+    got[:] = False  # writing a returned mask changes nothing in the pruner
+    assert pa.mask("0.weight").any()
+    c = _mlp(2)
+    MagnitudePruner(c)
+    c.load_state_dict(a.state_dict())  # the load hook installs a's masks into c: copies, not a's buffers
+    pa.prune(0.9, style=style)
+    assert all(t.module._buffers.get("weight_mask") is None or t.module.weight_mask.data_ptr() !=
+               a.get_submodule(t.module_name).weight_mask.data_ptr() for t in MagnitudePruner(c).targets)
+
+
+@pytest.mark.parametrize("wrap", ["spectral_norm", "orthogonal", "weight_norm"])
+def test_weights_under_a_foreign_parametrization_are_skipped_and_exported_as_computed(wrap):
+    """A mask on ``original`` is no mask on the weight such a parametrization computes (orthogonal: 0 zeros of
+    36 for a reported 0.625); weight_norm crashed selection; remove() stripped the user's parametrization; the
+    export wrote ``original`` (even unpruned, the model computed something else)."""
+    m = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    getattr(parametrizations, wrap)(m[0])
+    x = torch.randn(4, 6)
+    with pytest.warns(UserWarning, match=r"0\.weight: skipped, it is computed by a parametrization"):
+        p = MagnitudePruner(m)
+    assert [t.name for t in p.targets] == ["2.weight"]
+    p.prune(0.5, style="parametrize")
+    want = m(x)
+    plain = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    plain.load_state_dict(pruned_state_dict(m))
+    torch.testing.assert_close(plain(x), want)
+    p.remove()
+    assert type(m[0].parametrizations.weight[0]).__name__.lower().lstrip("_").startswith(wrap.split("_")[0][:5])
+    torch.testing.assert_close(m(x), want)
+
+
+def test_random_pruner_follows_torch_manual_seed_and_bad_thresholds_are_refused():
+    masks = []
+    for seed in (1, 1, 2):
+        pruner = RandomPruner(_mlp())
+        torch.manual_seed(seed)
+        masks.append(pruner.prune(0.5)["0.weight"])
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])  # one fixed mask before
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="threshold: got"):
+            MagnitudePruner(_mlp()).prune(threshold=bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MagnitudePruner(_mlp()).prune(threshold=0.1)
