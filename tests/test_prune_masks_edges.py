@@ -132,3 +132,39 @@ def test_random_pruner_follows_torch_manual_seed_and_bad_thresholds_are_refused(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MagnitudePruner(_mlp()).prune(threshold=0.1)
+
+
+def test_finalize_checks_every_reference_before_writing_any_weight():
+    from groupsparse.prune import GSPPruner
+
+    m = _mlp()
+    p = GSPPruner(m, 0.7)
+    p.project()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for ref, match in (({"0.weight": torch.randn(8, 8), "2.weight": torch.randn(4, 7)}, r"reference\['2.weight'\]"),
+                       ({"0.weight": torch.ones(1, 8), "2.weight": torch.ones(4, 8)}, r"got shape \(1, 8\)")):
+        with pytest.raises(ValueError, match=match):  # (the first target was rewritten; (1, 8) was broadcast)
+            p.finalize(values="dense", reference=ref)
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items()) and not p.finalized
+    with pytest.raises(ValueError, match="style: got 'nope'"):
+        p.finalize(values="dense", reference={t.name: t.param.detach().clone() for t in p.targets}, style="nope")
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_rescaled_values_of_a_float16_layer_stay_finite():
+    """The least-squares factor's sums ran in float16: a layer-mode vector of 131k entries overflowed to NaN."""
+    from groupsparse.prune import GSPPruner
+
+    torch.manual_seed(0)
+    m = nn.Linear(512, 256, bias=False)
+    with torch.no_grad():
+        m.weight.normal_()  # the vector's sum of squares is ~131k: past float16's 65504
+    m.half()
+    p = GSPPruner(m, 0.5, vectors="layer", keep_pre_projection=True)
+    p.project()
+    p.finalize(values="rescaled")
+    w, ref = m.weight.detach().float(), p.pre_projection["weight"].float()
+    assert torch.isfinite(w).all() and m.weight.dtype == torch.float16
+    kept = w != 0
+    alpha = (w[kept] * ref[kept]).sum() / (w[kept] * w[kept]).sum()
+    assert abs(float(alpha) - 1) < 1e-2  # the kept values are the best single-factor fit to the reference

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .masks import Pruner, check_fraction
+from .masks import MASK_STYLES, Pruner, check_fraction
 from .schedule import Schedule
 from .vectors import as_vectors, check_mode, check_normalize, check_scope, from_vectors, project_tensors, vector_shape
 
@@ -171,6 +171,13 @@ class GSPPruner(Pruner):
             missing = [t.name for t in self.targets if t.name not in reference]
             if missing:
                 raise ValueError(f"reference: got no tensor for {missing[:4]}, expected one per target")
+            for t in self.targets:  # (all checked before any weight is written; a broadcastable shape was taken)
+                r = reference[t.name]
+                if not isinstance(r, torch.Tensor) or tuple(r.shape) != t.shape:
+                    got = f"shape {tuple(r.shape)}" if isinstance(r, torch.Tensor) else type(r).__name__
+                    raise ValueError(f"reference[{t.name!r}]: got {got}, expected a tensor of shape {t.shape}")
+        if style not in MASK_STYLES:
+            raise ValueError(f"style: got {style!r}, expected one of {MASK_STYLES}")
         if zero_fraction is None:
             masks = {t.name: (t.param.detach() != 0) for t in self.targets}
             for t in self.targets:
@@ -181,17 +188,20 @@ class GSPPruner(Pruner):
             masks = self._magnitude_masks(zero_fraction, scope, keep_zeros=keep_zeros)
         if values != "projected":
             with torch.no_grad():
-                for t in self.targets:
-                    t.param.copy_(self._restored(t, masks[t.name], reference[t.name], values))
+                restored = [self._restored(t, masks[t.name], reference[t.name], values) for t in self.targets]
+                for t, v in zip(self.targets, restored):
+                    t.param.copy_(v)
         self.set_masks(masks, style=style)
         self.finalized = True
         return masks
 
     def _restored(self, t, mask: torch.Tensor, ref: torch.Tensor, values: str) -> torch.Tensor:
-        ref = ref.to(device=t.param.device, dtype=t.param.dtype)
         if values == "dense":
-            return ref * mask
-        p, ref = t.canonical(t.param.detach() * mask), t.canonical(ref)
+            return ref.to(device=t.param.device, dtype=t.param.dtype) * mask
+        # the fit's sums in float32 at least: in float16 a layer's sum of squares overflows (NaN weights)
+        work = torch.promote_types(t.param.dtype, torch.float32)
+        ref = ref.to(device=t.param.device, dtype=work)
+        p, ref = t.canonical(t.param.detach().to(work) * mask), t.canonical(ref)
         try:
             pv, wv = as_vectors(p, self.vectors), as_vectors(ref, self.vectors)
         except ValueError:  # no vectors of this mode in this tensor ("kernel" on a Linear): one factor
@@ -200,4 +210,4 @@ class GSPPruner(Pruner):
         alpha = torch.where(den > 0, (pv * wv).sum(1, keepdim=True) / den.clamp_min(1e-30), torch.ones_like(den))
         out = (pv * alpha).reshape(p.shape) if pv.shape == (1, p.numel()) else from_vectors(pv * alpha, p.shape,
                                                                                                self.vectors)
-        return t.canonical(out)
+        return t.canonical(out).to(t.param.dtype)
