@@ -168,3 +168,19 @@ def test_rescaled_values_of_a_float16_layer_stay_finite():
     kept = w != 0
     alpha = (w[kept] * ref[kept]).sum() / (w[kept] * w[kept]).sum()
     assert abs(float(alpha) - 1) < 1e-2  # the kept values are the best single-factor fit to the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hoyer_square_of_half_precision_weights_is_finite(dtype):
+    from groupsparse.prune import HoyerSquareRegularizer, hoyer_square
+
+    torch.manual_seed(0)
+    w = nn.Linear(512, 512).weight.detach()
+    for vectors in (None, "filter"):
+        want = hoyer_square(w, vectors=vectors)
+        got = hoyer_square(w.to(dtype), vectors=vectors)  # inf before (l1^2 ~ 4e7)
+        assert got.dtype == torch.float32 and abs(float(got / want) - 1) < 1e-2
+    m = nn.Sequential(nn.Linear(512, 512)).to(dtype)
+    loss = HoyerSquareRegularizer(m, 1e-4)()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(m[0].weight.grad.float()).all()

@@ -98,12 +98,14 @@ def hoyer_square(tensors: torch.Tensor | Sequence[torch.Tensor], *, vectors: str
 
     ``vectors=None`` is the element-wise regularizer; a vector mode (e.g. ``"filter"``) gives DeepHoyer's group
     form :math:`(\sum_g \|w_g\|_2)^2 / \|w\|_2^2`, which pushes whole vectors to zero. It is scale invariant and
-    lies in [1, N]; ``eps`` guards all-zero tensors.
+    lies in [1, N], computed in float32 at least (for half weights it exceeds 65504 from N ~ 1e5); ``eps`` guards all-zero tensors.
     """
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     total = None
     for w in tensors:
+        # in float32 at least: the value itself is about N (for N entries), past float16's range from 65504
+        w = w.to(torch.promote_types(w.dtype, torch.float32))
         if vectors is None:
             l1 = w.abs().sum()
         else:
