@@ -184,3 +184,27 @@ def test_hoyer_square_of_half_precision_weights_is_finite(dtype):
     loss = HoyerSquareRegularizer(m, 1e-4)()
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(m[0].weight.grad.float()).all()
+
+
+@pytest.mark.parametrize("style", ["buffer", "parametrize", "torch_prune"])
+def test_no_hooks_are_left_by_a_failed_constructor_or_a_second_pruners_remove(style):
+    from groupsparse.prune import GSPPruner, Pruner
+
+    m = _mlp()
+    a = MagnitudePruner(m)
+    a.prune(0.5, style=style)
+    for bad in (dict(vectors="filters"), dict(sparsity=1.5)):
+        with pytest.raises(ValueError):
+            GSPPruner(m, **{"sparsity": 0.8, **bad})  # raised after its hooks were on the model
+    b = Pruner(m)  # adopts a's masks
+    b.remove()
+    m(torch.randn(2, 8)).square().sum().backward()  # a's gradient hooks pass through (AttributeError before)
+    a.remove()  # and a's remove finds nothing left to undo
+    assert not any(k.endswith("_mask") or "parametrizations" in k for k in m.state_dict())
+    fresh = _mlp(3)
+    src = _mlp(4)
+    MagnitudePruner(src).prune(0.5)
+    with pytest.raises(ValueError):
+        GSPPruner(fresh, 1.5)
+    fresh.load_state_dict(src.state_dict(), strict=False)  # no load hook of the failed pruner installs masks
+    assert not hasattr(fresh[0], "weight_mask")

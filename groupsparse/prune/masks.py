@@ -19,6 +19,7 @@ and a gradient hook that zeros their gradients (so gradient clipping and norms s
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -116,6 +117,34 @@ class Pruner:
         # load_state_dict(assign=True) puts new Parameter objects in the modules: follow them
         self._load_post_hook = model.register_load_state_dict_post_hook(lambda *_: self._refresh_targets())
 
+    def __init_subclass__(cls, **kwargs):
+        # A subclass checks its own options after this constructor registered hooks on the model: if it raises,
+        # the half-made pruner must leave none behind (they broke backward after another pruner's remove()).
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def guarded(self, *args, **kw):
+            try:
+                init(self, *args, **kw)
+            except BaseException:
+                if "_load_hook" in self.__dict__:
+                    self._release()
+                raise
+
+        cls.__init__ = guarded
+
+    def _release(self) -> None:
+        """Remove every hook this pruner put on the model and its optimizers (masks stay as they are)."""
+        self.detach()
+        self._load_hook.remove()
+        self._load_post_hook.remove()
+        for _, h in self._grad_handles.values():
+            h.remove()
+        self._grad_handles.clear()
+
     def _adopt_existing(self) -> None:
         """Pick up masks already on the model (from another pruner, a reload, or torch.nn.utils.prune)."""
         for t in self.targets:
@@ -153,9 +182,13 @@ class Pruner:
         style = self._styles.get(t.name)
         if style is None:
             return None
+        # (None where another pruner on the same model removed the mask since: its hooks then pass through)
         if style == "parametrize":
-            return next(p for p in t.module.parametrizations[t.param_name] if isinstance(p, _MaskParametrization)).mask
-        return getattr(t.module, t.param_name + "_mask")
+            plist = getattr(t.module, "parametrizations", None)
+            if plist is None or t.param_name not in plist:
+                return None
+            return next((p.mask for p in plist[t.param_name] if isinstance(p, _MaskParametrization)), None)
+        return t.module._buffers.get(t.param_name + "_mask")
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -251,6 +284,8 @@ class Pruner:
         style = self._styles.pop(t.name, None)
         if style is None:
             return
+        if m is None:  # another pruner on this model removed the mask already
+            style = None
         if style == "buffer":
             m = t.module._buffers.pop(t.param_name + "_mask")
             if bake:
@@ -267,7 +302,7 @@ class Pruner:
                 del t.module._buffers[t.param_name + "_mask"]
                 del t.module._parameters[t.param_name + "_orig"]
                 t.module.register_parameter(t.param_name, t.param)
-        else:
+        elif style == "parametrize":
             if bake:
                 with torch.no_grad():
                     t.param.masked_fill_(~m, 0)
@@ -384,15 +419,10 @@ class Pruner:
 
         Like :func:`torch.nn.utils.prune.remove`; the parameter objects stay the same. Returns the model.
         """
-        self.detach()
-        self._load_hook.remove()
-        self._load_post_hook.remove()
         self._refresh_targets()
         for t in self.targets:
             self._unmask(t, bake=True)
-        for _, h in self._grad_handles.values():
-            h.remove()
-        self._grad_handles.clear()
+        self._release()
         return self.model
 
     def pruned_state_dict(self) -> dict[str, torch.Tensor]:
