@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from ._layouts import pruned_state_dict, smallest_k  # noqa: F401 (public through this module too)
-from .selection import Target, _stored_weight, select_parameters
+from ._enforce import Enforcement
+from .selection import Target, select_parameters
 
 MASK_STYLES = ("buffer", "torch_prune", "parametrize")
 _SCOPES = {"model": "model", "global": "model", "layer": "layer"}
@@ -63,22 +64,7 @@ def check_prune_scope(scope: Any) -> str:
     return _SCOPES[scope]
 
 
-class _Enforcement(NamedTuple):
-    """The masks of the masked targets in their parameters' dtype, valid while ``key`` matches the buffers."""
-
-    key: tuple                              # _state of every masked target, in target order
-    pairs: list                             # (parameter, mask) for the multi-tensor multiply
-    masks: dict[str, torch.Tensor]          # target name -> mask, for its gradient hook
-    versions: dict[str, tuple]              # target name -> its _state
-
-
-def _state(t: Target, buf: torch.Tensor) -> tuple:
-    """What the cached mask of ``t`` depends on: its buffer (a write moves ``_version``) and its parameter (a
-    replaced one, or one moved to another dtype or device by ``model.half()``/``.to()``)."""
-    return id(buf), buf._version, id(t.param), t.param.dtype, t.param.device
-
-
-class Pruner:
+class Pruner(Enforcement):
     """Base class: a selection of parameters with optional keep-masks.
 
     Parameters
@@ -108,7 +94,7 @@ class Pruner:
         self._grad_handles: dict[str, Any] = {}
         # Enforcement cache: the masks in each parameter's dtype, rebuilt when a mask buffer changes (its
         # _version moves on any in-place write, load_state_dict included) and per optimizer its state tensors.
-        self._enf: _Enforcement | None = None
+        self._enf = None  # (an _enforce._Enforcement)
         self._enf_opt: dict[int, tuple] = {}
         self._adopt_existing()
         # model.load_state_dict() of a masked state_dict (a resume, Lightning's ckpt_path) installs the saved masks
@@ -246,39 +232,6 @@ class Pruner:
         with torch.no_grad():
             buf.copy_(m.to(buf.dtype))
 
-    def _hook_grad(self, t: Target) -> None:
-        """Zero the pruned entries' gradients (a frozen parameter gets its hook once it requires grad: at the next
-        ``attach``/``apply_masks``)."""
-        h = self._grad_handles.get(t.name)
-        if h is not None and h[0] is t.param:
-            return
-        if h is not None:
-            h[1].remove()  # (a replaced parameter: load_state_dict(assign=True))
-            del self._grad_handles[t.name]
-        if not t.param.requires_grad:
-            return
-
-        def hook(grad, t=t):
-            buf = self._mask_buffer(t)
-            if buf is None:
-                return grad
-            enf = self._enf  # checking this target's own buffer keeps a backward pass O(targets)
-            if enf is None or enf.versions.get(t.name) != _state(t, buf):
-                enf = self._enforcement()
-            return grad * enf.masks[t.name]
-
-        self._grad_handles[t.name] = (t.param, t.param.register_hook(hook))
-
-    def _refresh_targets(self) -> None:
-        """Follow parameters replaced in their modules, and hook masked ones that were frozen when masked."""
-        for t in self.targets:
-            p = _stored_weight(t.module, t.param_name)[0]
-            if p is not None and p is not t.param:
-                t.param = p
-                self._enf = None
-            if t.name in self._styles:
-                self._hook_grad(t)
-
     def _unmask(self, t: Target, *, bake: bool) -> None:
         m = self.mask(t)
         style = self._styles.pop(t.name, None)
@@ -339,79 +292,6 @@ class Pruner:
                 by_style.setdefault("parametrize", {})[t.name] = state_dict[par]
         for style, masks in by_style.items():
             self.set_masks(masks, style=style)
-
-    # ------------------------------------------------------------ enforcement
-    def _enforcement(self) -> _Enforcement:
-        """The masked targets' masks in their parameters' dtype, cached while no mask buffer changes."""
-        bufs = [(t, b) for t in self.targets if (b := self._mask_buffer(t)) is not None]
-        key = tuple(_state(t, b) for t, b in bufs)
-        if self._enf is None or self._enf.key != key:
-            with torch.no_grad():
-                masks = {t.name: b.to(device=t.param.device, dtype=t.param.dtype) for t, b in bufs}
-            self._enf = _Enforcement(key, [(t.param, masks[t.name]) for t, _ in bufs], masks,
-                                     {t.name: k for (t, _), k in zip(bufs, key)})
-            self._enf_opt.clear()
-        return self._enf
-
-    def _state_tensors(self, opt: torch.optim.Optimizer, pairs) -> tuple[list, list]:
-        """Optimizer state tensors shaped like a masked parameter (momentum, Adam moments) and their masks; cached
-        per optimizer until its state dict is replaced or grows (states appear at the first step)."""
-        key = (id(opt.state), len(opt.state), self._enf.key)
-        hit = self._enf_opt.get(id(opt))
-        if hit is not None and hit[0] == key:
-            return hit[1], hit[2]
-        ts, ms = [], []
-        for p, m in pairs:
-            for v in (opt.state.get(p) or {}).values():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                    ts.append(v)
-                    ms.append(m)
-        self._enf_opt[id(opt)] = (key, ts, ms)
-        return ts, ms
-
-    @torch.no_grad()
-    def apply_masks(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None) -> None:
-        """Zero pruned weights, and their gradients and optimizer state (attached optimizers and ``optimizers``).
-
-        One multi-tensor multiply per kind of tensor (weights, gradients, optimizer states) with masks cached in
-        the parameters' dtype: about one pass over the masked weights, no per-tensor kernel launches. (A weight
-        that is inf or NaN at a pruned position would stay NaN: pruned weights are zero, so this cannot arise.)
-        """
-        self._refresh_targets()
-        opts = list(self._optimizers)
-        if optimizers is not None:
-            extra = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
-            opts += [o for o in extra if all(o is not a for a in opts)]
-        pairs = self._enforcement().pairs
-        if not pairs:
-            return
-        torch._foreach_mul_([p.data for p, _ in pairs], [m for _, m in pairs])
-        grads = [(p.grad, m) for p, m in pairs if p.grad is not None]
-        if grads:
-            torch._foreach_mul_([g for g, _ in grads], [m for _, m in grads])
-        for opt in opts:
-            ts, ms = self._state_tensors(opt, pairs)
-            if ts:
-                torch._foreach_mul_(ts, ms)
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> "Pruner":
-        """Re-apply the masks after every ``optimizer.step()`` (weights and optimizer state). Returns ``self``."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer: got {type(optimizer).__name__}, expected a torch.optim.Optimizer")
-        if any(o is optimizer for o in self._optimizers):
-            return self
-        self._optimizers.append(optimizer)
-        self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply_masks()))
-        if self._styles:  # momentum gathered before the masks were fixed must not revive pruned weights
-            self.apply_masks()
-        return self
-
-    def detach(self) -> None:
-        """Stop enforcing masks on optimizer steps (masks stay installed)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._optimizers.clear()
 
     # ---------------------------------------------------------------- finish
     def remove(self) -> nn.Module:
