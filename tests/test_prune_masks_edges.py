@@ -208,3 +208,32 @@ def test_no_hooks_are_left_by_a_failed_constructor_or_a_second_pruners_remove(st
         GSPPruner(fresh, 1.5)
     fresh.load_state_dict(src.state_dict(), strict=False)  # no load hook of the failed pruner installs masks
     assert not hasattr(fresh[0], "weight_mask")
+
+
+def test_a_model_with_an_attached_pruner_saves_whole_and_keeps_enforcing(tmp_path):
+    import numpy as np
+
+    m = _mlp()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    MagnitudePruner(m).attach(opt).prune(np.float32(0.5))  # (NumPy scalars as fractions: a TypeError before)
+    _train(m, opt, steps=1)
+    torch.save(m, tmp_path / "m.pt")  # the hooks were lambdas and closures: "Can't pickle local object"
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    p = MagnitudePruner(back)  # torch does not pickle gradient hooks: a pruner made after loading adopts the masks
+    assert torch.equal(p.mask("0.weight"), m[0].weight_mask)
+    back(torch.randn(3, 8)).square().sum().backward()
+    assert int((back[0].weight.grad[~back[0].weight_mask] != 0).sum()) == 0
+
+
+def test_selection_edges_multihead_attention_bad_regex_and_a_prefix_mismatch():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    names = [t.name for t in MagnitudePruner(layer, module_types=nn.Module).targets]
+    assert "self_attn.in_proj_weight" in names  # dropped before when module_types was given
+    for where in ("include", "exclude"):
+        with pytest.raises(ValueError, match=f"{where}: got 're:\\[', expected a valid regular expression"):
+            MagnitudePruner(_mlp(), **{where: "re:["})
+    src = _mlp()
+    MagnitudePruner(src).prune(0.5)
+    prefixed = {"model." + k: v for k, v in src.state_dict().items()}
+    with pytest.raises(ValueError, match=r"none for this pruner's targets, expected names like '0.weight_mask'"):
+        MagnitudePruner(_mlp(1)).load_masks(prefixed)

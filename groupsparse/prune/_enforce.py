@@ -26,6 +26,23 @@ def _state(t: Target, buf: torch.Tensor) -> tuple:
     return id(buf), buf._version, id(t.param), t.param.dtype, t.param.device
 
 
+class _GradMask:
+    """A masked parameter's gradient hook (an object, not a closure: ``torch.save(model)`` pickles the hooks)."""
+
+    def __init__(self, pruner, target: Target):
+        self.pruner, self.target = pruner, target
+
+    def __call__(self, grad):
+        pr, t = self.pruner, self.target
+        buf = pr._mask_buffer(t)
+        if buf is None:
+            return grad
+        enf = pr._enf  # checking this target's own buffer keeps a backward pass O(targets)
+        if enf is None or enf.versions.get(t.name) != _state(t, buf):
+            enf = pr._enforcement()
+        return grad * enf.masks[t.name]
+
+
 class Enforcement:
     """Mixin of :class:`~groupsparse.prune.Pruner` (it provides ``targets``, ``_styles``, ``_mask_buffer``)."""
 
@@ -40,17 +57,7 @@ class Enforcement:
             del self._grad_handles[t.name]
         if not t.param.requires_grad:
             return
-
-        def hook(grad, t=t):
-            buf = self._mask_buffer(t)
-            if buf is None:
-                return grad
-            enf = self._enf  # checking this target's own buffer keeps a backward pass O(targets)
-            if enf is None or enf.versions.get(t.name) != _state(t, buf):
-                enf = self._enforcement()
-            return grad * enf.masks[t.name]
-
-        self._grad_handles[t.name] = (t.param, t.param.register_hook(hook))
+        self._grad_handles[t.name] = (t.param, t.param.register_hook(_GradMask(self, t)))
 
     def _refresh_targets(self) -> None:
         """Follow parameters replaced in their modules, and hook masked ones that were frozen when masked."""
@@ -116,6 +123,9 @@ class Enforcement:
             if ts:
                 torch._foreach_mul_(ts, ms)
 
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.apply_masks()  # (a method, not a lambda: torch.save(model) pickles the hooks with the model)
+
     def attach(self, optimizer: torch.optim.Optimizer):
         """Re-apply the masks after every ``optimizer.step()`` (weights and optimizer state). Returns ``self``."""
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -123,7 +133,7 @@ class Enforcement:
         if any(o is optimizer for o in self._optimizers):
             return self
         self._optimizers.append(optimizer)
-        self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply_masks()))
+        self._handles.append(optimizer.register_step_post_hook(self._after_step))
         if self._styles:  # momentum gathered before the masks were fixed must not revive pruned weights
             self.apply_masks()
         return self

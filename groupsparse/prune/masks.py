@@ -20,6 +20,7 @@ and a gradient hook that zeros their gradients (so gradient clipping and norms s
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -50,7 +51,7 @@ class _MaskParametrization(nn.Module):
 
 
 def check_fraction(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (NumPy scalars too, as the projection)
         raise TypeError(f"{what}: got {type(value).__name__}, expected a float in [0, 1]")
     v = float(value)
     if not 0.0 <= v <= 1.0:
@@ -101,7 +102,7 @@ class Pruner(Enforcement):
         # first, so its *_mask entries match instead of failing as unexpected keys.
         self._load_hook = model.register_load_state_dict_pre_hook(self._masks_from_loaded)
         # load_state_dict(assign=True) puts new Parameter objects in the modules: follow them
-        self._load_post_hook = model.register_load_state_dict_post_hook(lambda *_: self._refresh_targets())
+        self._load_post_hook = model.register_load_state_dict_post_hook(self._after_load)
 
     def __init_subclass__(cls, **kwargs):
         # A subclass checks its own options after this constructor registered hooks on the model: if it raises,
@@ -274,8 +275,16 @@ class Pruner(Enforcement):
                 m = state_dict.get(f"{t.module_name}.parametrizations.{t.param_name}.0.mask".lstrip("."))
             if isinstance(m, torch.Tensor):
                 found[t.name] = m
+        saved = [k for k in state_dict if k.endswith("_mask") or k.endswith(".0.mask")]
+        if saved and not found:  # (a key prefix such as "model." found nothing, in silence)
+            raise ValueError(f"state_dict: got {len(saved)} mask entries (e.g. {saved[0]!r}) and none for this "
+                             f"pruner's targets, expected names like {self.targets[0].name + '_mask'!r} (strip or "
+                             "add the prefix)")
         self.set_masks(found, style=style)
         return found
+
+    def _after_load(self, module, incompatible_keys) -> None:
+        self._refresh_targets()
 
     def _masks_from_loaded(self, module, state_dict, prefix, *args) -> None:
         self._adopt_existing()  # masks another pruner installed since: adopt them, do not install twice

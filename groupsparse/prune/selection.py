@@ -72,7 +72,10 @@ def _compile(patterns: Pattern | Sequence[Pattern] | None, what: str) -> list[Ca
         elif isinstance(p, str):
             # "re:" prefix for regular expressions, anything else is a shell-style glob on the full name
             if p.startswith("re:"):
-                rx = re.compile(p[3:])
+                try:
+                    rx = re.compile(p[3:])
+                except re.error as e:
+                    raise ValueError(f"{what}: got {p!r}, expected a valid regular expression after 're:' ({e})") from e
                 out.append(lambda s, rx=rx: rx.search(s) is not None)
             else:
                 out.append(lambda s, p=p: fnmatch.fnmatchcase(s, p))
@@ -141,7 +144,9 @@ def select_parameters(model: nn.Module, *, include: Pattern | Sequence[Pattern] 
     for mname, module in model.named_modules():
         if never and isinstance(module, never):
             continue
-        mha = isinstance(module, nn.MultiheadAttention) and not custom_types and "weight" in param_names
+        # (MHA keeps Q/K/V outside "weight": also when module_types names it or a base class, e.g. nn.Module)
+        mha = isinstance(module, nn.MultiheadAttention) and "weight" in param_names and (
+            not custom_types or isinstance(module, types))
         if not (mha or isinstance(module, types) or type(module).__name__ in names_by_class):
             continue
         head = not prune_lm_head and mname.rsplit(".", 1)[-1] in LM_HEAD_NAMES
