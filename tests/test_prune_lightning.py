@@ -49,3 +49,19 @@ def test_callback_projects_and_finalizes(tmp_path):
     trainer.fit(model, loader)
     assert pruner.history and cb.finalized
     assert pruner.zero_fraction() == pytest.approx(0.8, abs=1e-2)
+
+
+@pytest.mark.skipif(not HAVE_LIGHTNING, reason="Lightning not installed (optional extra 'lightning')")
+def test_callback_options_are_checked_at_construction():
+    """Bad finalize options failed only when finalize_epoch came, hours into a run."""
+    from groupsparse.prune import GSPCallback, GSPPruner
+
+    p = GSPPruner(nn.Linear(8, 8), 0.7)
+    for kw, match in ((dict(finalize_epoch=5, finalize_scope="globl"), "scope: got 'globl'"),
+                      (dict(finalize_epoch=5, zero_fraction=1.5), "zero_fraction: got 1.5"),
+                      (dict(finalize_epoch="5"), "finalize_epoch: got '5'"),
+                      (dict(finalize_epoch=-1), "finalize_epoch: got -1"),
+                      (dict(zero_fraction=0.9), "zero_fraction: got 0.9 with finalize_epoch=None")):
+        with pytest.raises(ValueError, match=match):
+            GSPCallback(p, **kw)
+    GSPCallback(p, finalize_epoch=3, zero_fraction=0.9, finalize_scope="layer")

@@ -10,6 +10,7 @@ except ImportError:  # the older package name
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("groupsparse.prune.lightning needs Lightning: pip install 'groupsparse[lightning]'") from e
 
+from .masks import check_fraction, check_prune_scope
 from .pruner import GSPPruner
 
 
@@ -25,6 +26,16 @@ class GSPCallback(pl.Callback):
         super().__init__()
         if not isinstance(pruner, GSPPruner):
             raise TypeError(f"pruner: got {type(pruner).__name__}, expected a GSPPruner")
+        # checked now, not at finalize_epoch (hours into a run)
+        if finalize_epoch is not None and (isinstance(finalize_epoch, bool) or not isinstance(finalize_epoch, int)
+                                           or finalize_epoch < 0):
+            raise ValueError(f"finalize_epoch: got {finalize_epoch!r}, expected a non-negative int or None")
+        if zero_fraction is not None:
+            if finalize_epoch is None:
+                raise ValueError(f"zero_fraction: got {zero_fraction!r} with finalize_epoch=None, expected "
+                                 "finalize_epoch (the masks are fixed then)")
+            check_fraction(zero_fraction, "zero_fraction")
+        check_prune_scope(finalize_scope)
         self.pruner = pruner
         self.finalize_epoch = finalize_epoch
         self.zero_fraction = zero_fraction
