@@ -237,3 +237,17 @@ def test_selection_edges_multihead_attention_bad_regex_and_a_prefix_mismatch():
     prefixed = {"model." + k: v for k, v in src.state_dict().items()}
     with pytest.raises(ValueError, match=r"none for this pruner's targets, expected names like '0.weight_mask'"):
         MagnitudePruner(_mlp(1)).load_masks(prefixed)
+
+
+def test_any_tensor_rule_never_projects_the_masks_of_a_pruned_checkpoint():
+    from groupsparse.prune import prune_state_dict
+
+    for style in ("buffer", "torch_prune", "parametrize"):
+        m = _mlp()
+        MagnitudePruner(m).prune(0.5, style=style)
+        sd = m.state_dict()
+        out, names, _ = prune_state_dict(sd, 0.7, rule=lambda n, t: True)  # the CLI's --any-tensor
+        assert not any(n.endswith("mask") for n in names), (style, names)
+        for k, v in sd.items():
+            if k.endswith("mask"):
+                assert torch.equal(out[k], v), (style, k)  # float 0/1 masks were projected to other values

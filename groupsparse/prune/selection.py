@@ -217,6 +217,8 @@ def select_state_dict_keys(state_dict: dict[str, Any], *, include: Pattern | Seq
     for k, v in state_dict.items():
         if not isinstance(v, torch.Tensor) or not v.dtype.is_floating_point:
             continue
+        if _is_mask_key(k, state_dict):  # (whatever the rule: projecting torch_prune's float masks broke them)
+            continue
         if inc and not any(f(k) for f in inc):
             continue
         if any(f(k) for f in exc):
@@ -224,6 +226,13 @@ def select_state_dict_keys(state_dict: dict[str, Any], *, include: Pattern | Seq
         if rule(k, v):
             out.append(k)
     return out
+
+
+def _is_mask_key(k: str, state_dict) -> bool:
+    """A mask of a pruned layout: ``x_mask`` beside ``x``/``x_orig``, or a mask parametrization's ``.0.mask``."""
+    if k.endswith("_mask") and (k[: -len("_mask")] in state_dict or k[: -len("_mask")] + "_orig" in state_dict):
+        return True
+    return ".parametrizations." in "." + k and k.endswith(".0.mask")
 
 
 _NOT_LAYER = re.compile(r"(norm|(^|[._])(bn|ln)\d*([._]|$)|embed|(^|[._])(wte|wpe)([._]|$)|cls_token|mask_token)",
