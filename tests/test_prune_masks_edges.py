@@ -251,3 +251,17 @@ def test_any_tensor_rule_never_projects_the_masks_of_a_pruned_checkpoint():
         for k, v in sd.items():
             if k.endswith("mask"):
                 assert torch.equal(out[k], v), (style, k)  # float 0/1 masks were projected to other values
+
+
+@pytest.mark.parametrize("saved", ["buffer", "torch_prune", "parametrize"])
+@pytest.mark.parametrize("held", ["buffer", "torch_prune", "parametrize"])
+def test_a_masked_state_dict_loads_into_a_model_masked_in_another_layout(saved, held):
+    src = _mlp()
+    MagnitudePruner(src).prune(0.5, style=saved)
+    dst = _mlp(1)
+    p = MagnitudePruner(dst)
+    p.prune(0.3, style=held)
+    dst.load_state_dict(src.state_dict())  # missing/unexpected keys before, for every pair of layouts
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(dst(x), src(x))
+    assert torch.equal(p.mask("0.weight"), MagnitudePruner(src).mask("0.weight"))

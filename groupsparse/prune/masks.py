@@ -290,15 +290,18 @@ class Pruner(Enforcement):
         self._adopt_existing()  # masks another pruner installed since: adopt them, do not install twice
         by_style: dict[str, dict[str, torch.Tensor]] = {}
         for t in self.targets:
-            if t.name in self._styles:
-                continue
             key = prefix + t.name
             par = f"{prefix}{t.module_name + '.' if t.module_name else ''}parametrizations.{t.param_name}.0.mask"
             if isinstance(state_dict.get(key + "_mask"), torch.Tensor):
-                style = "torch_prune" if key + "_orig" in state_dict else "buffer"
-                by_style.setdefault(style, {})[t.name] = state_dict[key + "_mask"]
+                style, m = ("torch_prune" if key + "_orig" in state_dict else "buffer"), state_dict[key + "_mask"]
             elif isinstance(state_dict.get(par), torch.Tensor):
-                by_style.setdefault("parametrize", {})[t.name] = state_dict[par]
+                style, m = "parametrize", state_dict[par]
+            else:
+                continue
+            # a target masked in another layout than the keys show is converted to theirs (they failed to load);
+            # in the same layout the load itself copies the mask
+            if self._styles.get(t.name) != style:
+                by_style.setdefault(style, {})[t.name] = m
         for style, masks in by_style.items():
             self.set_masks(masks, style=style)
 
