@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from ..masks import check_fraction
+from ..selection import LM_HEAD_NAMES
 from .gsp import gsp_allocation, gsp_masks
 from .methods import layer_mask, nm_mask, parse_pattern, row_mask, sparsegpt, wanda_scores
 from .owl import outlier_ratio, owl_sparsities
-from .walker import find_blocks, linear_layers, set_weight_matrix, walk, weight_matrix
+from .walker import find_blocks, is_language_model, linear_layers, set_weight_matrix, walk, weight_matrix
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "gsp", "owl")
 GROUPS = ("row", "layer", "model")
@@ -43,8 +44,28 @@ class PruneResult:
                 "blocks": self.blocks, "layers": self.layers}
 
 
-def _selected(block: nn.Module, exclude) -> dict[str, nn.Module]:
-    return {n: m for n, m in linear_layers(block).items() if not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+def _selected(block: nn.Module, exclude, heads=frozenset()) -> dict[str, nn.Module]:
+    return {n: m for n, m in linear_layers(block).items()
+            if n not in heads and not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+
+
+def _heads(model: nn.Module) -> frozenset[str]:
+    """Linears of a block-less model that are an output head: named as one, or sharing an embedding's weight.
+    Dense by policy, as the LM head is when the model has blocks (the head is then outside them)."""
+    emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return frozenset(n for n, m in linear_layers(model).items()
+                     if n.rsplit(".", 1)[-1] in LM_HEAD_NAMES or id(m.weight) in emb)
+
+
+def _blocks(model: nn.Module) -> tuple[list[nn.Module], frozenset[str]]:
+    blocks, _ = find_blocks(model)
+    if blocks is not None:
+        return list(blocks), frozenset()
+    if is_language_model(model):
+        # one block would prune the LM head and skip the block-by-block propagation, in silence
+        raise ValueError(f"got a {type(model).__name__} with no decoder blocks (no nn.ModuleList of identical "
+                         "modules holding Linear layers), expected a model whose blocks can be walked")
+    return [model], _heads(model)
 
 
 def _check(method, sparsity, pattern, group, refit):
@@ -84,7 +105,9 @@ def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sp
     (default; the rows of a layer share the projection's μ) or "model" (all layers share it: a layer
     allocation). ``refit`` re-solves the kept weights by the SparseGPT sweep with the mask fixed. Embeddings,
     the LM head and anything outside the blocks stay dense; ``exclude`` adds globs of block-relative names
-    (e.g. ``"*.o_proj"``). Plain modules without decoder blocks are one block.
+    (e.g. ``"*.o_proj"``). Blocks are found by :func:`find_blocks` (known layouts, else the largest ModuleList of
+    identical blocks); a Hugging Face model without them is a ValueError. Plain modules without blocks are one
+    block, whose ``lm_head``/``embed_out`` and embedding-tied Linears stay dense.
     """
     sparsity, nm = _check(method, sparsity, pattern, group, refit)
     if method == "gsp" and group is None:
@@ -95,20 +118,19 @@ def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sp
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    blocks, _ = find_blocks(model)
-    block_list = list(blocks) if blocks is not None else [model]
+    block_list, heads = _blocks(model)
     targets: dict[tuple[int, str], float] = {}
     if method == "magnitude":
         for b, block in enumerate(block_list):
-            _prune_block(b, block, None, method, sparsity, nm, None, refit, exclude, blocksize, damp, {}, res)
+            _prune_block(b, block, None, method, sparsity, nm, None, refit, exclude, heads, blocksize, damp, {}, res)
     else:
         if nm is None and (method == "owl" or group == "model"):
             targets = _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda, exclude,
-                                batch_size, progress, res)
+                                heads, batch_size, progress, res)
         gram = method == "sparsegpt" or refit
 
         def on_block(b, block, stats):
-            _prune_block(b, block, stats, method, sparsity, nm, group, refit, exclude, blocksize, damp,
+            _prune_block(b, block, stats, method, sparsity, nm, group, refit, exclude, heads, blocksize, damp,
                          targets, res)
 
         walk(model, calibration, on_block, gram=gram, batch_size=batch_size, progress=progress,
@@ -118,12 +140,13 @@ def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sp
     return res
 
 
-def _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda, exclude, batch_size, progress, res):
+def _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda, exclude, heads, batch_size, progress,
+              res):
     """Dense pass: Wanda scores of every layer from the unpruned model, then OWL's or GSP's per-layer budget."""
     scores: dict[tuple[int, str], torch.Tensor] = {}
 
     def on_block(b, block, stats):
-        for name, mod in _selected(block, exclude).items():
+        for name, mod in _selected(block, exclude, heads).items():
             scores[(b, name)] = wanda_scores(weight_matrix(mod), stats[name].col_norm)
 
     walk(model, calibration, on_block, gram=False, batch_size=batch_size, progress=progress, description="allocation")
@@ -143,8 +166,8 @@ def _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda
     return targets
 
 
-def _prune_block(b, block, stats, method, sparsity, nm, group, refit, exclude, blocksize, damp, targets, res):
-    layers = _selected(block, exclude)
+def _prune_block(b, block, stats, method, sparsity, nm, group, refit, exclude, heads, blocksize, damp, targets, res):
+    layers = _selected(block, exclude, heads)
     for name, mod in layers.items():
         w = weight_matrix(mod)
         st = stats[name] if stats else None

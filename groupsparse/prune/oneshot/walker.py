@@ -48,18 +48,45 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     module.weight.data.copy_(w.to(module.weight.dtype))
 
 
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _block_list(obj) -> bool:
+    """A run of decoder blocks: a non-empty ModuleList of one module type that holds Linears but is none itself
+    (a list of bare Linears is usually chained through activations the walk would skip)."""
+    return (isinstance(obj, nn.ModuleList) and len(obj) > 0 and len({type(b) for b in obj}) == 1
+            and not _is_linear(obj[0]) and bool(linear_layers(obj[0])))
+
+
 def find_blocks(model: nn.Module) -> tuple[nn.ModuleList | None, str]:
-    """The decoder blocks of a Llama/Mistral/Qwen (``model.layers``), GPT-2 (``transformer.h``) or OPT
-    (``model.decoder.layers``) model, and their path; ``(None, "")`` for a plain module (one block: itself)."""
+    """The decoder blocks of ``model`` and their path; ``(None, "")`` when it has none (a plain module).
+
+    Known layouts first (Llama/Mistral/Qwen ``model.layers``, GPT-2 ``transformer.h``, OPT
+    ``model.decoder.layers``); otherwise the ModuleList of identical blocks holding the most parameters
+    (GPT-NeoX/Pythia ``gpt_neox.layers``, MPT ``transformer.blocks``, nanoGPT-style models, ...). The largest
+    list wins so that per-block lists nested inside the blocks (MoE experts) are never taken for the blocks.
+    """
     for path in ("model.layers", "transformer.h", "model.decoder.layers", "decoder.layers", "layers", "h"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
             if obj is None:
                 break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0 and linear_layers(obj[0]):
+        if _block_list(obj):
             return obj, path
-    return None, ""
+    best, best_key = None, None
+    for name, mod in model.named_modules():
+        if name and _block_list(mod):
+            key = (sum(p.numel() for p in mod.parameters()), -name.count("."))
+            if best_key is None or key > best_key:
+                best, best_key = (mod, name), key
+    return best if best is not None else (None, "")
+
+
+def is_language_model(model: nn.Module) -> bool:
+    """A Hugging Face model (config + input embeddings): one the one-block fallback must never be applied to."""
+    return hasattr(model, "config") and callable(getattr(model, "get_input_embeddings", None))
 
 
 def _batches(calibration, batch_size: int):

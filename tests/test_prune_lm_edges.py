@@ -1,0 +1,94 @@
+"""prune_model at its edges: block discovery beyond the known layouts, all-or-nothing writes, option checks,
+OWL's allocation bounds, devices, and LMs called with positional token ids."""
+
+import pytest
+import torch
+from torch import nn
+
+from groupsparse.prune.oneshot import find_blocks, linear_layers, prune_model
+
+
+def _ids(n=4, length=12, vocab=64, seed=3):
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _neox():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.GPTNeoXForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_gpt_neox_blocks_found_and_head_dense(method):
+    model = _neox()
+    head0 = model.embed_out.weight.clone() if hasattr(model, "embed_out") else model.lm_head.weight.clone()
+    blocks, path = find_blocks(model)
+    assert path == "gpt_neox.layers" and len(blocks) == 2
+    res = prune_model(model, _ids(), method=method, sparsity=0.5, progress=False)
+    head = model.get_output_embeddings().weight
+    assert torch.equal(head, head0)
+    assert int((model.get_input_embeddings().weight == 0).sum()) == 0
+    assert sorted({e["block"] for e in res.layers}) == [0, 1]
+    per_block = len(linear_layers(blocks[0]))
+    assert len(res.layers) == 2 * per_block
+    assert all(e["zeros"] == round(0.5 * e["numel"]) or method == "wanda" for e in res.layers)
+
+
+class _Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.proj(torch.relu(self.fc(x)))
+
+
+class _Stack(nn.Module):
+    """Blocks at an unknown path (``trunk.stages``), inside a ModuleDict, with an untied head."""
+
+    def __init__(self, v=32, d=16, n=3):
+        super().__init__()
+        self.emb = nn.Embedding(v, d)
+        self.trunk = nn.ModuleDict(dict(stages=nn.ModuleList([_Block(d) for _ in range(n)]),
+                                    experts=nn.ModuleList([nn.Linear(d, d) for _ in range(2)])))
+        self.lm_head = nn.Linear(d, v, bias=False)
+
+    def forward(self, input_ids, use_cache=None):
+        x = self.emb(input_ids)
+        for b in self.trunk.stages:
+            x = b(x)
+        return self.lm_head(x)
+
+
+def test_unknown_layout_largest_module_list_of_blocks():
+    torch.manual_seed(0)
+    model = _Stack()
+    blocks, path = find_blocks(model)
+    assert path == "trunk.stages" and len(blocks) == 3   # not the list of bare Linears
+    head0 = model.lm_head.weight.clone()
+    res = prune_model(model, _ids(vocab=32), method="wanda", sparsity=0.5, progress=False)
+    assert torch.equal(model.lm_head.weight, head0)
+    assert {e["name"] for e in res.layers} == {"fc", "proj"} and len(res.layers) == 6
+
+
+def test_plain_module_keeps_its_head_dense():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+    model = nn.Module()
+    model.body, model.lm_head = seq, nn.Linear(16, 4)
+    model.forward = lambda x: model.lm_head(model.body(x))
+    head0 = model.lm_head.weight.clone()
+    res = prune_model(model, torch.randn(16, 8), method="wanda", sparsity=0.5, progress=False)
+    assert torch.equal(model.lm_head.weight, head0)
+    assert [e["name"] for e in res.layers] == ["body.0"]
+
+
+def test_hf_model_without_blocks_is_refused():
+    model = _neox()
+    model.gpt_neox.layers = nn.ModuleList()   # nothing walkable left
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no decoder blocks.*expected"):
+        prune_model(model, _ids(), method="magnitude", sparsity=0.5, progress=False)
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
