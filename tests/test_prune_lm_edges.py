@@ -92,3 +92,42 @@ def test_hf_model_without_blocks_is_refused():
     with pytest.raises(ValueError, match="no decoder blocks.*expected"):
         prune_model(model, _ids(), method="magnitude", sparsity=0.5, progress=False)
     assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+
+
+def _narrow_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 2))
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(method="wanda", pattern="2:4"), "in_features=6 for layer '4'"),
+                                    (dict(method="magnitude", pattern="2:4"), "expected a multiple of M=4"),
+                                    (dict(method="gsp", sparsity=0.9), r"expected at most 0\.8333"),
+                                    (dict(method="gsp", sparsity=0.97, group="model"), "expected at most"),
+                                    (dict(method="owl", sparsity=0.9), r"expected at most 0\.8333 for OWL")])
+def test_infeasible_layer_is_refused_before_any_write(kw, msg):
+    model = _narrow_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=msg):
+        prune_model(model, torch.randn(32, 16), progress=False, **kw)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_failure_part_way_restores_the_written_weights(monkeypatch):
+    from groupsparse.prune.oneshot import pruner
+
+    real, calls = pruner.sparsegpt, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("cholesky failed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pruner, "sparsegpt", flaky)
+    model = _narrow_mlp()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="cholesky"):
+        prune_model(model, torch.randn(32, 16), method="sparsegpt", sparsity=0.5, progress=False)
+    assert len(calls) == 3 and model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -90,7 +90,8 @@ def prune_lm(ctx, model_dir, method, sparsity, pattern, group, refit, calibratio
         ids = sample_windows(stream, n_samples, seq_len, seed=seed)
     t0 = time.perf_counter()
     res = prune_model(model, ids, method=method, sparsity=sparsity, pattern=pattern, group=group, refit=refit,
-                      owl_m=owl_m, owl_lambda=owl_lambda, exclude=tuple(exclude), progress=not quiet)
+                      owl_m=owl_m, owl_lambda=owl_lambda, exclude=tuple(exclude), progress=not quiet,
+                      restore_on_error=False)  # nothing is saved on error: no CPU copy of the weights needed
     report = res.to_dict()
     report.update(model_dir=str(model_dir), calibration=str(cal) if cal else None, split=split, n_samples=n_samples,
                   seq_len=seq_len, seed=seed, wall_seconds=time.perf_counter() - t0,

@@ -96,7 +96,7 @@ def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sp
                 pattern: str | tuple | None = None, group: str | None = None, refit: bool = False,
                 normalize: str | None = "layer", owl_m: float = 5.0, owl_lambda: float = 0.08,
                 exclude: tuple[str, ...] = (), batch_size: int = 8, blocksize: int = 128, damp: float = 0.01,
-                progress: bool = True) -> PruneResult:
+                progress: bool = True, restore_on_error: bool = True) -> PruneResult:
     """Prune every Linear inside the decoder blocks of ``model`` in place (real zeros) and return a report.
 
     ``calibration``: (n, L) token ids for HF models, an (n, ...) input tensor for plain modules, or a list of
@@ -108,56 +108,114 @@ def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sp
     (e.g. ``"*.o_proj"``). Blocks are found by :func:`find_blocks` (known layouts, else the largest ModuleList of
     identical blocks); a Hugging Face model without them is a ValueError. Plain modules without blocks are one
     block, whose ``lm_head``/``embed_out`` and embedding-tied Linears stay dense.
+
+    All or nothing: every selected Linear is checked (N:M divisibility, GSP's and OWL's maximum sparsity)
+    before any weight is written, and if pruning still fails part way (a non-finite Hessian, an interrupt) the
+    weights written so far are restored from a CPU copy; ``restore_on_error=False`` skips that copy (memory of
+    the pruned weights) for callers that discard the model on error.
     """
     sparsity, nm = _check(method, sparsity, pattern, group, refit)
     if method == "gsp" and group is None:
         group = "layer"
     if calibration is None and method != "magnitude":
         raise ValueError(f"calibration: got None for method {method!r}, expected calibration inputs")
+    block_list, heads = _blocks(model)
+    plan = [_selected(block, exclude, heads) for block in block_list]
+    max_owl = _check_feasible(plan, method, sparsity, nm, group)
     res = PruneResult(method, "unstructured" if nm is None else f"{nm[0]}:{nm[1]}", sparsity, group, refit)
+    job = _Job(method, sparsity, nm, group, refit, exclude, heads, blocksize, damp, res,
+               backups=[] if restore_on_error else None)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    block_list, heads = _blocks(model)
-    targets: dict[tuple[int, str], float] = {}
-    if method == "magnitude":
-        for b, block in enumerate(block_list):
-            _prune_block(b, block, None, method, sparsity, nm, None, refit, exclude, heads, blocksize, damp, {}, res)
-    else:
-        if nm is None and (method == "owl" or group == "model"):
-            targets = _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda, exclude,
-                                heads, batch_size, progress, res)
-        gram = method == "sparsegpt" or refit
+    try:
+        if method == "magnitude":
+            for b, block in enumerate(block_list):
+                _prune_block(b, block, None, job)
+        else:
+            if nm is None and (method == "owl" or group == "model"):
+                job.targets = _allocate(model, calibration, job, normalize, owl_m, owl_lambda, max_owl, batch_size,
+                                        progress)
 
-        def on_block(b, block, stats):
-            _prune_block(b, block, stats, method, sparsity, nm, group, refit, exclude, heads, blocksize, damp,
-                         targets, res)
+            def on_block(b, block, stats):
+                _prune_block(b, block, stats, job)
 
-        walk(model, calibration, on_block, gram=gram, batch_size=batch_size, progress=progress,
-             description=f"{method} {res.pattern if nm else sparsity}")
+            walk(model, calibration, on_block, gram=method == "sparsegpt" or refit, batch_size=batch_size,
+                 progress=progress, description=f"{method} {res.pattern if nm else sparsity}")
+    except BaseException:
+        for mod, w in reversed(job.backups or []):
+            mod.weight.data.copy_(w)
+        raise
+    finally:
+        model.train(was_training)
     res.seconds = time.perf_counter() - t0
-    model.train(was_training)
     return res
 
 
-def _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda, exclude, heads, batch_size, progress,
-              res):
+@dataclass
+class _Job:
+    method: str
+    sparsity: float | None
+    nm: tuple[int, int] | None
+    group: str | None
+    refit: bool
+    exclude: tuple
+    heads: frozenset
+    blocksize: int
+    damp: float
+    res: PruneResult
+    targets: dict = field(default_factory=dict)
+    backups: list | None = None       # (module, original weight on the CPU) of every layer written so far
+
+
+def _check_feasible(plan, method, sparsity, nm, group) -> float:
+    """Raise before any write if a selected Linear cannot be pruned as asked; return OWL's largest block sparsity."""
+    max_owl = 1.0
+    for b, layers in enumerate(plan):
+        for name, mod in layers.items():
+            out_f, in_f = weight_matrix(mod).shape
+            where = f"layer {name!r} of block {b}"
+            if nm is not None and in_f % nm[1]:
+                raise ValueError(f"N:M pattern: got in_features={in_f} for {where}, expected a multiple of M={nm[1]}")
+            if nm is not None or method not in ("gsp", "owl") or group == "row":
+                continue
+            if in_f < 2:
+                raise ValueError(f"{method}: got in_features={in_f} for {where}, expected >= 2 (every row keeps one)")
+            # GSP keeps every row's largest entry; OWL's blocks are kept as far from empty rows
+            top = (out_f * in_f - out_f) / (out_f * in_f)
+            max_owl = min(max_owl, top)
+            if method == "gsp" and group == "layer" and round(sparsity * out_f * in_f) > out_f * in_f - out_f:
+                raise ValueError(f"sparsity: got {sparsity}, expected at most {top:.4f} for GSP on {where} "
+                                 "(the projection keeps the largest entry of every row)")
+    if method == "gsp" and group == "model" and nm is None:
+        total = sum(weight_matrix(m).numel() for layers in plan for m in layers.values())
+        rows = sum(weight_matrix(m).shape[0] for layers in plan for m in layers.values())
+        if total and round(sparsity * total) > total - rows:
+            raise ValueError(f"sparsity: got {sparsity}, expected at most {(total - rows) / total:.4f} for GSP "
+                             "(the projection keeps the largest entry of every row)")
+    if method == "owl" and nm is None and sparsity > max_owl:
+        raise ValueError(f"sparsity: got {sparsity}, expected at most {max_owl:.4f} for OWL (every row keeps one weight)")
+    return max_owl
+
+
+def _allocate(model, calibration, job, normalize, owl_m, owl_lambda, max_owl, batch_size, progress):
     """Dense pass: Wanda scores of every layer from the unpruned model, then OWL's or GSP's per-layer budget."""
     scores: dict[tuple[int, str], torch.Tensor] = {}
+    res = job.res
 
     def on_block(b, block, stats):
-        for name, mod in _selected(block, exclude, heads).items():
+        for name, mod in _selected(block, job.exclude, job.heads).items():
             scores[(b, name)] = wanda_scores(weight_matrix(mod), stats[name].col_norm)
 
     walk(model, calibration, on_block, gram=False, batch_size=batch_size, progress=progress, description="allocation")
     n_blocks = 1 + max(b for b, _ in scores)
-    if method == "owl":
+    if job.method == "owl":
         ratios = [outlier_ratio([s for (b, _), s in scores.items() if b == i], owl_m) for i in range(n_blocks)]
-        sp = owl_sparsities(ratios, sparsity, owl_lambda)
+        sp = owl_sparsities(ratios, job.sparsity, owl_lambda)
         res.blocks = [{"block": i, "outlier_ratio": r, "sparsity": s} for i, r, s in zip(range(n_blocks), ratios, sp)]
         return {key: sp[key[0]] for key in scores}
     keys = list(scores)
-    alloc = gsp_allocation({f"{b}/{n}": scores[(b, n)] for b, n in keys}, sparsity, normalize)
+    alloc = gsp_allocation({f"{b}/{n}": scores[(b, n)] for b, n in keys}, job.sparsity, normalize)
     targets = {key: alloc[f"{key[0]}/{key[1]}"] for key in keys}
     for i in range(n_blocks):
         ks = [k for k in keys if k[0] == i]
@@ -166,26 +224,28 @@ def _allocate(model, calibration, method, sparsity, normalize, owl_m, owl_lambda
     return targets
 
 
-def _prune_block(b, block, stats, method, sparsity, nm, group, refit, exclude, heads, blocksize, damp, targets, res):
-    layers = _selected(block, exclude, heads)
-    for name, mod in layers.items():
+def _prune_block(b, block, stats, job):
+    method, nm, blocksize, damp = job.method, job.nm, job.blocksize, job.damp
+    for name, mod in _selected(block, job.exclude, job.heads).items():
         w = weight_matrix(mod)
         st = stats[name] if stats else None
-        frac = targets.get((b, name), sparsity)
+        frac = job.targets.get((b, name), job.sparsity)
         new_w = None
         if method == "sparsegpt":             # scores by its own OBS saliency inside the sweep
             new_w, mask = sparsegpt(w, st.gram, fraction=frac or 0.0, nm=nm, blocksize=blocksize, damp=damp)
         else:
             mask = _score_mask(w.abs().double() if method == "magnitude" else wanda_scores(w, st.col_norm),
-                               method, frac, nm, group)
-        if refit:
+                               method, frac, nm, job.group)
+        if job.refit:
             new_w, mask = sparsegpt(w, st.gram, mask=mask, blocksize=blocksize, damp=damp)
         if new_w is None:
             new_w = w.masked_fill(mask, 0.0)
+        if job.backups is not None:
+            job.backups.append((mod, mod.weight.data.to("cpu", copy=True)))
         set_weight_matrix(mod, new_w)
         zeros = int((weight_matrix(mod) == 0).sum())
-        res.layers.append({"block": b, "name": name, "shape": list(w.shape), "numel": w.numel(), "target": frac,
-                           "zeros": zeros, "zero_fraction": zeros / w.numel()})
+        job.res.layers.append({"block": b, "name": name, "shape": list(w.shape), "numel": w.numel(), "target": frac,
+                               "zeros": zeros, "zero_fraction": zeros / w.numel()})
 
 
 def _score_mask(sc, method, frac, nm, group):
