@@ -131,3 +131,34 @@ def test_failure_part_way_restores_the_written_weights(monkeypatch):
         prune_model(model, torch.randn(32, 16), method="sparsegpt", sparsity=0.5, progress=False)
     assert len(calls) == 3 and model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("kw", [dict(method="owl", sparsity=0.5), dict(method="gsp", group="model", sparsity=0.5),
+                                dict(method="wanda", sparsity=0.5), dict(method="magnitude", pattern="2:4")], ids=str)
+def test_exclude_that_removes_every_layer_is_refused(kw):
+    with pytest.raises(ValueError, match=r"exclude: got \('\*',\), which leaves none of the 2 Linear.*expected"):
+        prune_model(_mlp(), torch.randn(16, 8), exclude=("*",), progress=False, **kw)
+
+
+@pytest.mark.parametrize("kw,err,msg", [
+    (dict(batch_size=0), ValueError, "batch_size: got 0, expected a positive integer"),
+    (dict(batch_size=2.0), ValueError, "batch_size: got 2.0"),
+    (dict(blocksize=0), ValueError, "blocksize: got 0"),
+    (dict(damp=-0.1), ValueError, "damp: got -0.1, expected a finite number >= 0"),
+    (dict(damp=float("nan")), ValueError, "damp: got nan"),
+    (dict(owl_m=0.0), ValueError, "owl_m: got 0.0, expected a finite number > 0"),
+    (dict(owl_lambda=float("inf")), ValueError, "owl_lambda: got inf"),
+    (dict(normalize="global"), ValueError, "normalize: got 'global'"),
+    (dict(exclude="0"), TypeError, "exclude: got '0', expected a tuple of glob strings"),
+], ids=lambda v: str(v) if not isinstance(v, type) else "")
+def test_numeric_options_are_checked_at_the_boundary(kw, err, msg):
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(err, match=msg.replace(".", r"\.").replace("(", r"\(")):
+        prune_model(model, torch.randn(16, 8), method="sparsegpt", sparsity=0.5, progress=False, **kw)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

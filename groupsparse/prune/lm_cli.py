@@ -63,7 +63,7 @@ def prune_lm(ctx, model_dir, method, sparsity, pattern, group, refit, calibratio
     if threads is not None and threads < 1:
         raise click.UsageError(f"--threads: got {threads}, expected a positive integer")
     try:  # before the model loads (minutes for a large one)
-        check_options(method, sparsity, pattern, group, refit)
+        check_options(method, sparsity, pattern, group, refit, exclude=tuple(exclude), owl_m=owl_m, owl_lambda=owl_lambda)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if threads:

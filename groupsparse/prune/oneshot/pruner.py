@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -86,10 +87,29 @@ def _check(method, sparsity, pattern, group, refit):
     return sparsity, nm
 
 
+def _check_settings(exclude, batch_size, blocksize, damp, owl_m, owl_lambda, normalize):
+    if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
+        # a bare string would be iterated as one glob per character ("*" alone excludes everything)
+        raise TypeError(f"exclude: got {exclude!r}, expected a tuple of glob strings such as ('*.o_proj',)")
+    for name, v in (("batch_size", batch_size), ("blocksize", blocksize)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: got {v!r}, expected a positive integer")
+    for name, v, lo, strict in (("damp", damp, 0.0, False), ("owl_m", owl_m, 0.0, True),
+                                ("owl_lambda", owl_lambda, 0.0, False)):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if strict else v >= lo)
+        if not ok:
+            raise ValueError(f"{name}: got {v!r}, expected a finite number {'>' if strict else '>='} {lo}")
+    if normalize not in ("layer", None):
+        raise ValueError(f"normalize: got {normalize!r}, expected 'layer' or None")
+
+
 def check_options(method: str, sparsity: float | None = None, pattern: str | tuple | None = None,
-                  group: str | None = None, refit: bool = False) -> None:
+                  group: str | None = None, refit: bool = False, *, exclude=(), batch_size: int = 8,
+                  blocksize: int = 128, damp: float = 0.01, owl_m: float = 5.0, owl_lambda: float = 0.08,
+                  normalize: str | None = "layer") -> None:
     """``prune_model``'s checks of its options, without a model (the CLI runs them before loading one)."""
     _check(method, sparsity, pattern, group, refit)
+    _check_settings(exclude, batch_size, blocksize, damp, owl_m, owl_lambda, normalize)
 
 
 def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sparsity: float | None = None,
@@ -115,12 +135,18 @@ def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sp
     the pruned weights) for callers that discard the model on error.
     """
     sparsity, nm = _check(method, sparsity, pattern, group, refit)
+    _check_settings(exclude, batch_size, blocksize, damp, owl_m, owl_lambda, normalize)
+    exclude = tuple(exclude)
     if method == "gsp" and group is None:
         group = "layer"
     if calibration is None and method != "magnitude":
         raise ValueError(f"calibration: got None for method {method!r}, expected calibration inputs")
     block_list, heads = _blocks(model)
     plan = [_selected(block, exclude, heads) for block in block_list]
+    if not any(plan):
+        n = sum(len(linear_layers(block)) for block in block_list)
+        raise ValueError(f"exclude: got {exclude!r}, which leaves none of the {n} Linear layers of the "
+                         f"{len(block_list)} block(s) to prune; expected at least one")
     max_owl = _check_feasible(plan, method, sparsity, nm, group)
     res = PruneResult(method, "unstructured" if nm is None else f"{nm[0]}:{nm[1]}", sparsity, group, refit)
     job = _Job(method, sparsity, nm, group, refit, exclude, heads, blocksize, damp, res,
