@@ -162,3 +162,47 @@ def test_numeric_options_are_checked_at_the_boundary(kw, err, msg):
     with pytest.raises(err, match=msg.replace(".", r"\.").replace("(", r"\(")):
         prune_model(model, torch.randn(16, 8), method="sparsegpt", sparsity=0.5, progress=False, **kw)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("p,top", [(0.03, 1.0), (0.95, 1.0), (0.9, 0.9375), (0.0, 1.0), (0.6, 1.0)])
+def test_owl_allocation_keeps_mean_and_bounds(p, top):
+    from groupsparse.prune.oneshot import owl_sparsities
+
+    ratios = [0.01, 0.02, 0.05, 0.08]
+    sp = owl_sparsities(ratios, p, 0.08, **({} if top == 1.0 else dict(max_sparsity=top)))
+    assert sum(sp) / 4 == pytest.approx(p, abs=1e-12)
+    assert all(0.0 <= s <= top for s in sp)
+    assert sp == sorted(sp, reverse=True)              # more outliers, fewer zeros, still
+    assert max(sp) - min(sp) <= 0.16 + 1e-12
+    if 0.08 <= p <= top - 0.08:
+        assert max(sp) - min(sp) == pytest.approx(0.16)  # the full spread wherever it fits
+
+
+def test_owl_allocation_refuses_an_infeasible_mean():
+    from groupsparse.prune.oneshot import owl_sparsities
+
+    with pytest.raises(ValueError, match=r"fraction: got 0.95, expected in \[0, 0.9000\]"):
+        owl_sparsities([0.01, 0.02], 0.95, max_sparsity=0.9)
+
+
+class _Chain(nn.Module):
+    def __init__(self, d=16, n=3):
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(d) for _ in range(n)])
+
+    def forward(self, x):
+        for b in self.layers:
+            x = b(x)
+        return x
+
+
+def test_owl_prune_model_keeps_the_mean_and_never_empties_a_row():
+    torch.manual_seed(0)
+    model = _Chain()
+    x = torch.randn(64, 16) * torch.logspace(-1, 1, 16)
+    res = prune_model(model, x, method="owl", sparsity=0.85, owl_lambda=0.3, progress=False)
+    sp = [b["sparsity"] for b in res.blocks]
+    assert len(sp) == 3 and max(sp) > min(sp)
+    assert sum(sp) / 3 == pytest.approx(0.85, abs=1e-12) and max(sp) <= 1 - 1 / 16
+    for m in linear_layers(model).values():
+        assert ((m.weight != 0).sum(1) >= 1).all()

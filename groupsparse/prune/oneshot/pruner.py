@@ -237,7 +237,7 @@ def _allocate(model, calibration, job, normalize, owl_m, owl_lambda, max_owl, ba
     n_blocks = 1 + max(b for b, _ in scores)
     if job.method == "owl":
         ratios = [outlier_ratio([s for (b, _), s in scores.items() if b == i], owl_m) for i in range(n_blocks)]
-        sp = owl_sparsities(ratios, job.sparsity, owl_lambda)
+        sp = owl_sparsities(ratios, job.sparsity, owl_lambda, max_sparsity=max_owl)
         res.blocks = [{"block": i, "outlier_ratio": r, "sparsity": s} for i, r, s in zip(range(n_blocks), ratios, sp)]
         return {key: sp[key[0]] for key in scores}
     keys = list(scores)
