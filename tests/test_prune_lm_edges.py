@@ -206,3 +206,46 @@ def test_owl_prune_model_keeps_the_mean_and_never_empties_a_row():
     assert sum(sp) / 3 == pytest.approx(0.85, abs=1e-12) and max(sp) <= 1 - 1 / 16
     for m in linear_layers(model).values():
         assert ((m.weight != 0).sum(1) >= 1).all()
+
+
+def test_statistics_live_on_the_layer_device():
+    """The meta device stands in for an accelerator: statistics must be allocated where the layer is, since
+    its inputs arrive there (a CPU accumulator is 'Expected all tensors to be on the same device' on CUDA)."""
+    from groupsparse.prune.oneshot import collect_stats
+    from groupsparse.prune.oneshot.walker import _batches, _input_device
+
+    block = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to("meta")
+    x = torch.randn(6, 8, device="meta")
+    stats = collect_stats(block, [((x,), {})], gram=True)
+    assert all(st.sumsq.device.type == "meta" and st.gram.device.type == "meta" for st in stats.values())
+    assert _input_device(block).type == "meta"
+    assert all(b.device.type == "meta" for b in _batches(torch.zeros(5, 8), 2, torch.device("meta")))
+    dict_batch = _batches([{"input_ids": torch.zeros(2, 3, dtype=torch.long)}], 1, torch.device("meta"))[0]
+    assert dict_batch["input_ids"].device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kw", [dict(method="wanda", sparsity=0.5), dict(method="sparsegpt", sparsity=0.5),
+                                dict(method="owl", sparsity=0.5), dict(method="gsp", sparsity=0.5, group="model"),
+                                dict(method="gsp", pattern="2:4", refit=True), dict(method="magnitude", sparsity=0.5)],
+                         ids=str)
+def test_cuda_model_with_cpu_calibration(kw):
+    ref, model = _chain_pair()
+    x = torch.randn(64, 16) * torch.logspace(-1, 1, 16)
+    prune_model(ref, x, progress=False, **kw)
+    model.cuda()
+    res = prune_model(model, x, progress=False, **kw)
+    assert all(m.weight.device.type == "cuda" for m in linear_layers(model).values())
+    zeros = sum(int((m.weight == 0).sum()) for m in linear_layers(model).values())
+    assert zeros == sum(e["zeros"] for e in res.layers) > 0
+    same = [float(((a.weight == 0) == (b.weight.cpu() == 0)).float().mean())
+            for a, b in zip(linear_layers(ref).values(), linear_layers(model).values())]
+    assert min(same) > 0.97    # float32 sums in another order may swap near-tied entries
+
+
+def _chain_pair():
+    torch.manual_seed(0)
+    a = _Chain()
+    b = _Chain()
+    b.load_state_dict(a.state_dict())
+    return a, b

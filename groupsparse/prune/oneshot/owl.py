@@ -17,7 +17,7 @@ import torch
 
 
 def outlier_ratio(scores: list[torch.Tensor], m: float = 5.0) -> float:
-    flat = torch.cat([s.reshape(-1).double() for s in scores])
+    flat = torch.cat([s.reshape(-1).to(scores[0].device, torch.float64) for s in scores])
     return float((flat > m * flat.mean()).double().mean())
 
 

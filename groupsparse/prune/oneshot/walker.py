@@ -89,10 +89,35 @@ def is_language_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and callable(getattr(model, "get_input_embeddings", None))
 
 
-def _batches(calibration, batch_size: int):
+def _input_device(model: nn.Module) -> torch.device | None:
+    """Where the model reads its inputs: the input embedding's device for HF models (the first device of a
+    model spread over several), else the first parameter's."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return w.device
+    p = next(model.parameters(), None)
+    return p.device if p is not None else None
+
+
+def _to(b, device):
+    if device is None:
+        return b
+    if torch.is_tensor(b):
+        return b.to(device)
+    if isinstance(b, dict):
+        return {k: _to(v, device) for k, v in b.items()}
+    if isinstance(b, (tuple, list)):
+        return type(b)(_to(v, device) for v in b)
+    return b
+
+
+def _batches(calibration, batch_size: int, device=None):
+    """Calibration batches on the model's input device (calibration ids usually live on the CPU)."""
     if isinstance(calibration, torch.Tensor):
-        return [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
-    return list(calibration)
+        return [_to(calibration[i : i + batch_size], device) for i in range(0, len(calibration), batch_size)]
+    return [_to(b, device) for b in calibration]
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> list[tuple[tuple, dict]]:
@@ -141,9 +166,10 @@ def collect_stats(block: nn.Module, inputs, *, gram: bool, names=None) -> dict[s
     stats: dict[str, InputStats] = {}
     handles = []
     for name, mod in layers.items():
-        n_in = weight_matrix(mod).shape[1]
-        st = InputStats(torch.zeros(n_in, dtype=torch.float64),
-                        torch.zeros(n_in, n_in, dtype=torch.float32) if gram else None)
+        n_in, dev = weight_matrix(mod).shape[1], mod.weight.device
+        # on the layer's device: its inputs arrive there (a CUDA model, or one spread over several devices)
+        st = InputStats(torch.zeros(n_in, dtype=torch.float64, device=dev),
+                        torch.zeros(n_in, n_in, dtype=torch.float32, device=dev) if gram else None)
         stats[name] = st
 
         def hook(_m, args, _out, st=st):
@@ -183,7 +209,7 @@ def walk(model: nn.Module, calibration, on_block, *, gram: bool, batch_size: int
     list of ready batches. A plain module without decoder blocks is one block whose input is the batch itself.
     """
     blocks, _ = find_blocks(model)
-    batches = _batches(calibration, batch_size)
+    batches = _batches(calibration, batch_size, _input_device(model))
     if not batches:
         raise ValueError("calibration: got no batches, expected at least one")
     with torch.no_grad():
