@@ -249,3 +249,30 @@ def _chain_pair():
     b = _Chain()
     b.load_state_dict(a.state_dict())
     return a, b
+
+
+class _NanoGPT(nn.Module):
+    """nanoGPT's calling convention: ``forward(idx, targets=None)``, no ``input_ids``/``use_cache``."""
+
+    def __init__(self, v=32, d=16, n=2):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(v, d), h=nn.ModuleList([_Block(d) for _ in range(n)])))
+        self.lm_head = nn.Linear(d, v, bias=False)
+
+    def forward(self, idx, targets=None):
+        x = self.transformer.wte(idx)
+        for b in self.transformer.h:
+            x = b(x)
+        return self.lm_head(x)
+
+
+@pytest.mark.parametrize("form", ["tensor", "list", "dict"])
+def test_positional_token_ids_model_is_calibrated(form):
+    torch.manual_seed(0)
+    model = _NanoGPT()
+    ids = _ids(n=8, vocab=32)
+    cal = {"tensor": ids, "list": [ids[:4], ids[4:]], "dict": [{"idx": ids[:4]}, {"idx": ids[4:]}]}[form]
+    head0 = model.lm_head.weight.clone()
+    res = prune_model(model, cal, method="wanda", sparsity=0.5, progress=False)
+    assert len(res.layers) == 4 and res.zero_fraction == pytest.approx(0.5)
+    assert torch.equal(model.lm_head.weight, head0)

@@ -9,6 +9,7 @@ the pruned weights and feed them to the next block. Memory holds one block's act
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -120,6 +121,24 @@ def _batches(calibration, batch_size: int, device=None):
     return [_to(b, device) for b in calibration]
 
 
+def _call(model: nn.Module, b) -> None:
+    """Run ``model`` on one calibration batch the way its forward takes it: HF models get ``input_ids=`` and
+    ``use_cache=False`` (no cache to build), models with ``forward(idx)`` (nanoGPT style) the ids positionally."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no inspectable signature: the Hugging Face convention
+        params = None
+    named = params is None or "input_ids" in params
+    cache = {"use_cache": False} if params is None or "use_cache" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else {}
+    if torch.is_tensor(b) and not torch.is_floating_point(b):
+        model(input_ids=b, **cache) if named else model(b)
+    elif isinstance(b, dict):
+        model(**b, **cache)
+    else:
+        model(b)
+
+
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> list[tuple[tuple, dict]]:
     """(args, kwargs) the first block receives for each calibration batch (token ids or input tensors)."""
     captured: list[tuple[tuple, dict]] = []
@@ -132,12 +151,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> li
     try:
         for b in batches:
             try:
-                if torch.is_tensor(b) and not torch.is_floating_point(b):
-                    model(input_ids=b, use_cache=False)
-                elif isinstance(b, dict):
-                    model(**b, use_cache=False)
-                else:
-                    model(b)
+                _call(model, b)
             except _Stop:
                 pass
     finally:
@@ -206,7 +220,9 @@ def walk(model: nn.Module, calibration, on_block, *, gram: bool, batch_size: int
     """Call ``on_block(index, block, stats)`` for every block in order, stats from the (pruned) preceding blocks.
 
     ``calibration`` is an (n, L) tensor of token ids (HF models), an (n, ...) float tensor (plain modules) or a
-    list of ready batches. A plain module without decoder blocks is one block whose input is the batch itself.
+    list of ready batches (tensors or keyword dicts). Token ids go in as ``input_ids=`` when the forward has that
+    parameter, positionally otherwise. A plain module without decoder blocks is one block whose input is the
+    batch itself.
     """
     blocks, _ = find_blocks(model)
     batches = _batches(calibration, batch_size, _input_device(model))
