@@ -276,3 +276,16 @@ def test_positional_token_ids_model_is_calibrated(form):
     res = prune_model(model, cal, method="wanda", sparsity=0.5, progress=False)
     assert len(res.layers) == 4 and res.zero_fraction == pytest.approx(0.5)
     assert torch.equal(model.lm_head.weight, head0)
+
+
+class _Wide(_Block):
+    pass
+
+
+def test_known_path_accepts_mixed_block_types():
+    """Hybrid models (attention and other blocks in one model.layers) keep being walked at their known path."""
+    torch.manual_seed(0)
+    model = _Chain()
+    model.layers[1] = _Wide(16)
+    blocks, path = find_blocks(model)
+    assert path == "layers" and len(blocks) == 3

@@ -53,10 +53,11 @@ def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
-def _block_list(obj) -> bool:
-    """A run of decoder blocks: a non-empty ModuleList of one module type that holds Linears but is none itself
-    (a list of bare Linears is usually chained through activations the walk would skip)."""
-    return (isinstance(obj, nn.ModuleList) and len(obj) > 0 and len({type(b) for b in obj}) == 1
+def _block_list(obj, same_type: bool = True) -> bool:
+    """A run of decoder blocks: a non-empty ModuleList (of one module type, unless found at a known path, where
+    hybrid models mix block types) that holds Linears but is none itself (a list of bare Linears is usually
+    chained through activations the walk would skip)."""
+    return (isinstance(obj, nn.ModuleList) and len(obj) > 0 and (not same_type or len({type(b) for b in obj}) == 1)
             and not _is_linear(obj[0]) and bool(linear_layers(obj[0])))
 
 
@@ -74,7 +75,7 @@ def find_blocks(model: nn.Module) -> tuple[nn.ModuleList | None, str]:
             obj = getattr(obj, part, None)
             if obj is None:
                 break
-        if _block_list(obj):
+        if _block_list(obj, same_type=False):
             return obj, path
     best, best_key = None, None
     for name, mod in model.named_modules():
