@@ -289,3 +289,37 @@ def test_known_path_accepts_mixed_block_types():
     model.layers[1] = _Wide(16)
     blocks, path = find_blocks(model)
     assert path == "layers" and len(blocks) == 3
+
+
+def test_hf_blocks_are_recognised_as_a_chain():
+    from groupsparse.prune.oneshot.walker import is_chain
+
+    model = _neox()
+    blocks, _ = find_blocks(model)
+    assert is_chain(model, blocks, _ids(n=2))
+
+
+class _Branches(nn.Module):
+    """A ModuleList of identical modules that are parallel branches, not a chain: each reads the input."""
+
+    def __init__(self, d=8, n=3):
+        super().__init__()
+        self.branches = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)) for _ in range(n)])
+
+    def forward(self, x):
+        return sum(b(x) for b in self.branches)
+
+
+def test_parallel_branches_get_statistics_of_their_true_inputs():
+    """Feeding branch i's output to branch i+1 would give wrong statistics in silence; the walk must notice
+    the list is no chain and take each block's statistics from whole-model forwards."""
+    from groupsparse.prune.oneshot import row_mask, wanda_scores
+
+    torch.manual_seed(0)
+    model = _Branches()
+    x = torch.randn(32, 8) * torch.logspace(-1, 1, 8)
+    norm = (x.double() ** 2).sum(0).sqrt()        # every branch's first Linear reads x itself
+    firsts = [b[0].weight.detach().clone() for b in model.branches]
+    prune_model(model, x, method="wanda", sparsity=0.5, progress=False)
+    for w0, b in zip(firsts, model.branches):
+        assert torch.equal(b[0].weight == 0, row_mask(wanda_scores(w0, norm), 0.5) | (w0 == 0))

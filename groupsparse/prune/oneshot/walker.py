@@ -169,12 +169,38 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> li
     return captured
 
 
+def is_chain(model: nn.Module, blocks, batch) -> bool:
+    """Whether each block's first input is the previous block's output on ``batch`` (the premise of feeding the
+    blocks their predecessors' outputs). A ModuleList found by its shape alone may hold parallel branches."""
+    ins: dict[int, torch.Tensor] = {}
+    outs: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(
+            lambda _m, args, kwargs, i=i: ins.__setitem__(i, args[0] if args else kwargs.get("hidden_states")),
+            with_kwargs=True))
+        handles.append(block.register_forward_hook(lambda _m, _a, out, i=i: outs.__setitem__(i, _first(out))))
+    try:
+        with torch.no_grad():
+            _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for i in range(len(blocks) - 1):
+        a, b = outs.get(i), ins.get(i + 1)
+        if not (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a.to(b.device), b)):
+            return False
+    return True
+
+
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def collect_stats(block: nn.Module, inputs, *, gram: bool, names=None) -> dict[str, InputStats]:
-    """Run ``block`` on every (args, kwargs) of ``inputs`` and accumulate each Linear's input statistics."""
+def collect_stats(block: nn.Module, inputs, *, gram: bool, names=None, model: nn.Module | None = None
+                  ) -> dict[str, InputStats]:
+    """Run ``block`` on every (args, kwargs) of ``inputs`` and accumulate each Linear's input statistics; with
+    ``model``, ``inputs`` are calibration batches run through the whole model instead."""
     layers = linear_layers(block)
     if names is not None:
         layers = {n: layers[n] for n in names}
@@ -198,8 +224,11 @@ def collect_stats(block: nn.Module, inputs, *, gram: bool, names=None) -> dict[s
         handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
+            for item in inputs:
+                if model is None:
+                    block(*item[0], **item[1])
+                else:
+                    _call(model, item)
     finally:
         for h in handles:
             h.remove()
@@ -230,18 +259,21 @@ def walk(model: nn.Module, calibration, on_block, *, gram: bool, batch_size: int
     if not batches:
         raise ValueError("calibration: got no batches, expected at least one")
     with torch.no_grad():
+        chained = True
         if blocks is None:
             blocks = [model]
             inputs = [((b,), {}) for b in batches]
-        else:
+        elif is_chain(model, blocks, batches[0]):
             inputs = capture_block_inputs(model, blocks, batches)
+        else:  # each block's statistics from whole-model forwards: slower (n_blocks passes), never wrong
+            chained, inputs = False, batches
         bar = _progress(progress)
         with bar:
             task = bar.add_task(description, total=len(blocks)) if bar is not None and hasattr(bar, "add_task") else None
             for i, block in enumerate(blocks):
-                stats = collect_stats(block, inputs, gram=gram)
+                stats = collect_stats(block, inputs, gram=gram, model=None if chained else model)
                 on_block(i, block, stats)
-                if i + 1 < len(blocks):
+                if chained and i + 1 < len(blocks):
                     inputs = run_block(block, inputs)
                 if task is not None:
                     bar.update(task, advance=1)
