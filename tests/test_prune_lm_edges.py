@@ -141,7 +141,7 @@ def _mlp():
 @pytest.mark.parametrize("kw", [dict(method="owl", sparsity=0.5), dict(method="gsp", group="model", sparsity=0.5),
                                 dict(method="wanda", sparsity=0.5), dict(method="magnitude", pattern="2:4")], ids=str)
 def test_exclude_that_removes_every_layer_is_refused(kw):
-    with pytest.raises(ValueError, match=r"exclude: got \('\*',\), which leaves none of the 2 Linear.*expected"):
+    with pytest.raises(ValueError, match=r"no Linear layer to prune: exclude=\('\*',\) leave none of the 2 Linear.*expected"):
         prune_model(_mlp(), torch.randn(16, 8), exclude=("*",), progress=False, **kw)
 
 
@@ -323,3 +323,11 @@ def test_parallel_branches_get_statistics_of_their_true_inputs():
     prune_model(model, x, method="wanda", sparsity=0.5, progress=False)
     for w0, b in zip(firsts, model.branches):
         assert torch.equal(b[0].weight == 0, row_mask(wanda_scores(w0, norm), 0.5) | (w0 == 0))
+
+
+def test_model_with_only_a_head_is_refused():
+    model = nn.Module()
+    model.lm_head = nn.Linear(8, 4)
+    model.forward = model.lm_head
+    with pytest.raises(ValueError, match=r"exclude=\(\) and 1 output head\(s\) kept dense by policy"):
+        prune_model(model, torch.randn(4, 8), method="wanda", sparsity=0.5, progress=False)

@@ -145,8 +145,9 @@ def prune_model(model: nn.Module, calibration=None, *, method: str = "wanda", sp
     plan = [_selected(block, exclude, heads) for block in block_list]
     if not any(plan):
         n = sum(len(linear_layers(block)) for block in block_list)
-        raise ValueError(f"exclude: got {exclude!r}, which leaves none of the {n} Linear layers of the "
-                         f"{len(block_list)} block(s) to prune; expected at least one")
+        kept = f" and {len(heads)} output head(s) kept dense by policy" if heads else ""
+        raise ValueError(f"got no Linear layer to prune: exclude={exclude!r}{kept} leave none of the {n} Linear "
+                         f"layers of the {len(block_list)} block(s); expected at least one")
     max_owl = _check_feasible(plan, method, sparsity, nm, group)
     res = PruneResult(method, "unstructured" if nm is None else f"{nm[0]}:{nm[1]}", sparsity, group, refit)
     job = _Job(method, sparsity, nm, group, refit, exclude, heads, blocksize, damp, res,
