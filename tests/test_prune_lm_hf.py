@@ -187,7 +187,8 @@ def test_prune_lm_checks_options_before_loading_the_model(model_dir, monkeypatch
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
     m, cal = model_dir / "model", model_dir / "calib.txt"
     for args, msg in ((["-s", "1.5"], "sparsity"), (["-s", "0.5", "--threads", "-3"], "--threads: got -3"),
-                      (["-s", "0.5", "--group", "row"], "only with method='gsp'")):
+                      (["-s", "0.5", "--group", "row"], "only with method='gsp'"),
+                      (["-s", "0.5", "--owl-lambda", "-1"], "owl_lambda: got -1.0")):
         r = _cli("prune-lm", m, "--method", "wanda", *args, "--calibration", cal, "--out", model_dir / "o")
         assert r.exit_code != 0 and msg in r.output, r.output
     assert not (model_dir / "o").exists()

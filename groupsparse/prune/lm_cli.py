@@ -63,7 +63,7 @@ def prune_lm(ctx, model_dir, method, sparsity, pattern, group, refit, calibratio
     if threads is not None and threads < 1:
         raise click.UsageError(f"--threads: got {threads}, expected a positive integer")
     try:  # before the model loads (minutes for a large one)
-        check_options(method, sparsity, pattern, group, refit)
+        check_options(method, sparsity, pattern, group, refit, exclude=tuple(exclude), owl_m=owl_m, owl_lambda=owl_lambda)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if threads:
@@ -90,7 +90,8 @@ def prune_lm(ctx, model_dir, method, sparsity, pattern, group, refit, calibratio
         ids = sample_windows(stream, n_samples, seq_len, seed=seed)
     t0 = time.perf_counter()
     res = prune_model(model, ids, method=method, sparsity=sparsity, pattern=pattern, group=group, refit=refit,
-                      owl_m=owl_m, owl_lambda=owl_lambda, exclude=tuple(exclude), progress=not quiet)
+                      owl_m=owl_m, owl_lambda=owl_lambda, exclude=tuple(exclude), progress=not quiet,
+                      restore_on_error=False)  # nothing is saved on error: no CPU copy of the weights needed
     report = res.to_dict()
     report.update(model_dir=str(model_dir), calibration=str(cal) if cal else None, split=split, n_samples=n_samples,
                   seq_len=seq_len, seed=seed, wall_seconds=time.perf_counter() - t0,

@@ -58,7 +58,8 @@ def gsp_masks(scores: list[torch.Tensor], fraction: float, *, scope: str = "laye
         key = c * (c.shape[1] ** 0.5 - 1)
         # the projection never empties a vector: its largest entry survives every μ
         key.scatter_(1, c.argmax(dim=1, keepdim=True), float("inf"))
-        keys.append(key.reshape(-1))
+        # one ranking over layers that may sit on different devices (a model spread over several)
+        keys.append(key.reshape(-1).to(keys[0].device if keys else key.device))
     total = sum(k.numel() for k in keys)
     k = round(fraction * total)
     rows = sum(s.shape[0] for s in scores)
@@ -68,7 +69,7 @@ def gsp_masks(scores: list[torch.Tensor], fraction: float, *, scope: str = "laye
     flat = smallest_k(torch.cat(keys), k)
     out, i = [], 0
     for c in scores:
-        out.append(flat[i : i + c.numel()].reshape(c.shape))
+        out.append(flat[i : i + c.numel()].reshape(c.shape).to(c.device))
         i += c.numel()
     return out
 

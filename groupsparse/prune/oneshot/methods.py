@@ -29,7 +29,7 @@ def parse_pattern(pattern) -> tuple[int, int] | None:
 
 def wanda_scores(w: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
     """S_ij = |W_ij| · ‖X_j‖₂ (Sun et al. 2023): the error of removing W_ij under a diagonal Hessian, square-rooted."""
-    return w.abs().double() * col_norm.double().unsqueeze(0)
+    return w.abs().double() * col_norm.to(w.device, torch.float64).unsqueeze(0)
 
 
 def row_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -72,11 +72,11 @@ def sparsegpt(w: torch.Tensor, gram: torch.Tensor, *, fraction: float = 0.0, nm:
     """
     out_f, in_f = w.shape
     W = w.detach().double().clone()
-    H = gram.detach().double().clone()
+    H = gram.detach().to(w.device, torch.float64, copy=True)
     dead = torch.diag(H) == 0          # inputs never active: their weights cannot matter, prune them first
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype, device=H.device)
     L = torch.linalg.cholesky(H)
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     prune = torch.zeros_like(W, dtype=torch.bool)

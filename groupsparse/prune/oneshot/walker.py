@@ -9,6 +9,7 @@ the pruned weights and feed them to the next block. Memory holds one block's act
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -48,24 +49,95 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     module.weight.data.copy_(w.to(module.weight.dtype))
 
 
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _block_list(obj, same_type: bool = True) -> bool:
+    """A run of decoder blocks: a non-empty ModuleList (of one module type, unless found at a known path, where
+    hybrid models mix block types) that holds Linears but is none itself (a list of bare Linears is usually
+    chained through activations the walk would skip)."""
+    return (isinstance(obj, nn.ModuleList) and len(obj) > 0 and (not same_type or len({type(b) for b in obj}) == 1)
+            and not _is_linear(obj[0]) and bool(linear_layers(obj[0])))
+
+
 def find_blocks(model: nn.Module) -> tuple[nn.ModuleList | None, str]:
-    """The decoder blocks of a Llama/Mistral/Qwen (``model.layers``), GPT-2 (``transformer.h``) or OPT
-    (``model.decoder.layers``) model, and their path; ``(None, "")`` for a plain module (one block: itself)."""
+    """The decoder blocks of ``model`` and their path; ``(None, "")`` when it has none (a plain module).
+
+    Known layouts first (Llama/Mistral/Qwen ``model.layers``, GPT-2 ``transformer.h``, OPT
+    ``model.decoder.layers``); otherwise the ModuleList of identical blocks holding the most parameters
+    (GPT-NeoX/Pythia ``gpt_neox.layers``, MPT ``transformer.blocks``, nanoGPT-style models, ...). The largest
+    list wins so that per-block lists nested inside the blocks (MoE experts) are never taken for the blocks.
+    """
     for path in ("model.layers", "transformer.h", "model.decoder.layers", "decoder.layers", "layers", "h"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
             if obj is None:
                 break
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0 and linear_layers(obj[0]):
+        if _block_list(obj, same_type=False):
             return obj, path
-    return None, ""
+    best, best_key = None, None
+    for name, mod in model.named_modules():
+        if name and _block_list(mod):
+            key = (sum(p.numel() for p in mod.parameters()), -name.count("."))
+            if best_key is None or key > best_key:
+                best, best_key = (mod, name), key
+    return best if best is not None else (None, "")
 
 
-def _batches(calibration, batch_size: int):
+def is_language_model(model: nn.Module) -> bool:
+    """A Hugging Face model (config + input embeddings): one the one-block fallback must never be applied to."""
+    return hasattr(model, "config") and callable(getattr(model, "get_input_embeddings", None))
+
+
+def _input_device(model: nn.Module) -> torch.device | None:
+    """Where the model reads its inputs: the input embedding's device for HF models (the first device of a
+    model spread over several), else the first parameter's."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return w.device
+    p = next(model.parameters(), None)
+    return p.device if p is not None else None
+
+
+def _to(b, device):
+    if device is None:
+        return b
+    if torch.is_tensor(b):
+        return b.to(device)
+    if isinstance(b, dict):
+        return {k: _to(v, device) for k, v in b.items()}
+    if isinstance(b, (tuple, list)):
+        return type(b)(_to(v, device) for v in b)
+    return b
+
+
+def _batches(calibration, batch_size: int, device=None):
+    """Calibration batches on the model's input device (calibration ids usually live on the CPU)."""
     if isinstance(calibration, torch.Tensor):
-        return [calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)]
-    return list(calibration)
+        return [_to(calibration[i : i + batch_size], device) for i in range(0, len(calibration), batch_size)]
+    return [_to(b, device) for b in calibration]
+
+
+def _call(model: nn.Module, b) -> None:
+    """Run ``model`` on one calibration batch the way its forward takes it: HF models get ``input_ids=`` and
+    ``use_cache=False`` (no cache to build), models with ``forward(idx)`` (nanoGPT style) the ids positionally."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no inspectable signature: the Hugging Face convention
+        params = None
+    named = params is None or "input_ids" in params
+    cache = {"use_cache": False} if params is None or "use_cache" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else {}
+    if torch.is_tensor(b) and not torch.is_floating_point(b):
+        model(input_ids=b, **cache) if named else model(b)
+    elif isinstance(b, dict):
+        model(**b, **cache)
+    else:
+        model(b)
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> list[tuple[tuple, dict]]:
@@ -80,12 +152,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> li
     try:
         for b in batches:
             try:
-                if torch.is_tensor(b) and not torch.is_floating_point(b):
-                    model(input_ids=b, use_cache=False)
-                elif isinstance(b, dict):
-                    model(**b, use_cache=False)
-                else:
-                    model(b)
+                _call(model, b)
             except _Stop:
                 pass
     finally:
@@ -102,21 +169,48 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> li
     return captured
 
 
+def is_chain(model: nn.Module, blocks, batch) -> bool:
+    """Whether each block's first input is the previous block's output on ``batch`` (the premise of feeding the
+    blocks their predecessors' outputs). A ModuleList found by its shape alone may hold parallel branches."""
+    ins: dict[int, torch.Tensor] = {}
+    outs: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(
+            lambda _m, args, kwargs, i=i: ins.__setitem__(i, args[0] if args else kwargs.get("hidden_states")),
+            with_kwargs=True))
+        handles.append(block.register_forward_hook(lambda _m, _a, out, i=i: outs.__setitem__(i, _first(out))))
+    try:
+        with torch.no_grad():
+            _call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for i in range(len(blocks) - 1):
+        a, b = outs.get(i), ins.get(i + 1)
+        if not (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a.to(b.device), b)):
+            return False
+    return True
+
+
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def collect_stats(block: nn.Module, inputs, *, gram: bool, names=None) -> dict[str, InputStats]:
-    """Run ``block`` on every (args, kwargs) of ``inputs`` and accumulate each Linear's input statistics."""
+def collect_stats(block: nn.Module, inputs, *, gram: bool, names=None, model: nn.Module | None = None
+                  ) -> dict[str, InputStats]:
+    """Run ``block`` on every (args, kwargs) of ``inputs`` and accumulate each Linear's input statistics; with
+    ``model``, ``inputs`` are calibration batches run through the whole model instead."""
     layers = linear_layers(block)
     if names is not None:
         layers = {n: layers[n] for n in names}
     stats: dict[str, InputStats] = {}
     handles = []
     for name, mod in layers.items():
-        n_in = weight_matrix(mod).shape[1]
-        st = InputStats(torch.zeros(n_in, dtype=torch.float64),
-                        torch.zeros(n_in, n_in, dtype=torch.float32) if gram else None)
+        n_in, dev = weight_matrix(mod).shape[1], mod.weight.device
+        # on the layer's device: its inputs arrive there (a CUDA model, or one spread over several devices)
+        st = InputStats(torch.zeros(n_in, dtype=torch.float64, device=dev),
+                        torch.zeros(n_in, n_in, dtype=torch.float32, device=dev) if gram else None)
         stats[name] = st
 
         def hook(_m, args, _out, st=st):
@@ -130,8 +224,11 @@ def collect_stats(block: nn.Module, inputs, *, gram: bool, names=None) -> dict[s
         handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
+            for item in inputs:
+                if model is None:
+                    block(*item[0], **item[1])
+                else:
+                    _call(model, item)
     finally:
         for h in handles:
             h.remove()
@@ -153,25 +250,30 @@ def walk(model: nn.Module, calibration, on_block, *, gram: bool, batch_size: int
     """Call ``on_block(index, block, stats)`` for every block in order, stats from the (pruned) preceding blocks.
 
     ``calibration`` is an (n, L) tensor of token ids (HF models), an (n, ...) float tensor (plain modules) or a
-    list of ready batches. A plain module without decoder blocks is one block whose input is the batch itself.
+    list of ready batches (tensors or keyword dicts). Token ids go in as ``input_ids=`` when the forward has that
+    parameter, positionally otherwise. A plain module without decoder blocks is one block whose input is the
+    batch itself.
     """
     blocks, _ = find_blocks(model)
-    batches = _batches(calibration, batch_size)
+    batches = _batches(calibration, batch_size, _input_device(model))
     if not batches:
         raise ValueError("calibration: got no batches, expected at least one")
     with torch.no_grad():
+        chained = True
         if blocks is None:
             blocks = [model]
             inputs = [((b,), {}) for b in batches]
-        else:
+        elif is_chain(model, blocks, batches[0]):
             inputs = capture_block_inputs(model, blocks, batches)
+        else:  # each block's statistics from whole-model forwards: slower (n_blocks passes), never wrong
+            chained, inputs = False, batches
         bar = _progress(progress)
         with bar:
             task = bar.add_task(description, total=len(blocks)) if bar is not None and hasattr(bar, "add_task") else None
             for i, block in enumerate(blocks):
-                stats = collect_stats(block, inputs, gram=gram)
+                stats = collect_stats(block, inputs, gram=gram, model=None if chained else model)
                 on_block(i, block, stats)
-                if i + 1 < len(blocks):
+                if chained and i + 1 < len(blocks):
                     inputs = run_block(block, inputs)
                 if task is not None:
                     bar.update(task, advance=1)
