@@ -40,3 +40,41 @@ def _agreed_error_cases(rank, world):
 
 def test_owner_error_raised_on_every_rank_3_ranks(tmp_path):
     run_group(3, _agreed_error_cases, tmp_path, timeout=HANG_S)
+
+
+def _layer_normalize_cases(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    from groupsparse.prune import GSPPruner, project_tensors
+
+    # layer scope with normalize: every strategy equals the single-process project_tensors (it raised at the
+    # first project(), although GSPPruner and project_tensors take it)
+    for normalize in ("vector", "layer"):
+        for vectors in ("filter", "fan_out"):
+            ref, ref_infos = project_tensors(_weights(_small_cnn()), 0.7, vectors=vectors, normalize=normalize)
+            for strategy in ("replicated", "owner", "sharded"):
+                ws = _weights(_small_cnn())
+                infos = gd.project_params_(ws, 0.7, vectors=vectors, normalize=normalize, strategy=strategy)
+                exact = strategy != "sharded"  # the same single-process computation
+                for w, r in zip(ws, ref):
+                    assert torch.equal(w, r) if exact else _close(w, r, 1e-5), (normalize, vectors, strategy)
+                assert [i.n_vectors for i in infos] == [i.n_vectors for i in ref_infos]
+        a, b = _small_cnn(), _small_cnn()
+        gd.DistributedGSPPruner(a, 0.7, normalize=normalize).project()
+        GSPPruner(b, 0.7, normalize=normalize).project()
+        assert all(torch.equal(p, q) for p, q in zip(_weights(a), _weights(b))), normalize
+        # FSDP2 shards (uneven: 8, 12 and 10 rows over 2 ranks)
+        for vectors in ("filter", "kernel"):
+            pick = slice(0, 2) if vectors == "kernel" else slice(None)
+            ref, _ = project_tensors(_weights(_small_cnn())[pick], 0.7, vectors=vectors, normalize=normalize)
+            model = _small_cnn()
+            for m in model:
+                if hasattr(m, "weight"):
+                    fully_shard(m)
+            ws = _weights(model)[pick]
+            gd.project_params_(ws, 0.7, vectors=vectors, normalize=normalize)
+            assert all(_close(w.full_tensor(), r, 1e-5) for w, r in zip(ws, ref)), (normalize, vectors)
+
+
+def test_layer_scope_normalize_matches_project_tensors_2_ranks(tmp_path):
+    run_group(2, _layer_normalize_cases, tmp_path, timeout=HANG_S * 2)

@@ -46,6 +46,23 @@ def _local_rows(p, vectors):
     return local, local.reshape(-1, k)
 
 
+def _scales(mats, normalize, group):
+    """Per-row divisors of local shards, as :func:`~groupsparse.prune.vectors.scale_factors` of the full tensors."""
+    if normalize != "layer":
+        return scale_factors(mats, normalize)  # per row: a row lies in one shard
+    # the RMS row norm of a tensor spans all its shards: sum squares and counts over the group (1 collective)
+    loc = []
+    for m in mats:
+        norms = torch.linalg.vector_norm(m.double(), dim=1)
+        loc += [float((norms * norms).sum()), float(m.shape[0])]
+    tot = TorchDistComm(group).sum(np.array(loc)).reshape(-1, 2)
+    scales = []
+    for m, (ss, cnt) in zip(mats, tot):
+        rms = float(np.sqrt(ss / cnt)) if cnt else 1.0
+        scales.append(torch.full((m.shape[0], 1), rms if rms > 0 else 1.0, dtype=m.dtype, device=m.device))
+    return scales
+
+
 def _project_fsdp_(params, s, *, vectors, scope, normalize, kw):
     if vectors not in FSDP_MODES:
         raise ValueError(f"vectors: got {vectors!r} for FSDP-sharded weights, expected one of {FSDP_MODES} "
@@ -55,27 +72,16 @@ def _project_fsdp_(params, s, *, vectors, scope, normalize, kw):
     if scope == "layer":
         infos = []
         for (local, m), g in zip(mats, groups):
-            res, info = dist_project(m, s, axis=1, group=g, return_info=True, **kw)
-            m.copy_(res)
+            f = _scales([m], normalize, g)[0]
+            res, info = dist_project(m if f is None else m / f, s, axis=1, group=g, return_info=True, **kw)
+            m.copy_(res if f is None else res * f)
             infos.append(info)
         return infos
     g = groups[0]
     if any(x is not g and x != g for x in groups[1:]):
         raise ValueError("parameters: got FSDP shards over different process groups, expected one group for "
                          "scope='model'")
-    scales = scale_factors([m for _, m in mats], normalize)
-    if normalize == "layer":
-        # the RMS row norm of a tensor spans all its shards: sum squares and counts over the group (1 collective)
-        comm = TorchDistComm(g)
-        loc = []
-        for _, m in mats:
-            norms = torch.linalg.vector_norm(m.double(), dim=1)
-            loc += [float((norms * norms).sum()), float(m.shape[0])]
-        tot = comm.sum(np.array(loc)).reshape(-1, 2)
-        scales = []
-        for (_, m), (ss, cnt) in zip(mats, tot):
-            rms = float(np.sqrt(ss / cnt)) if cnt else 1.0
-            scales.append(torch.full((m.shape[0], 1), rms if rms > 0 else 1.0, dtype=m.dtype, device=m.device))
+    scales = _scales([m for _, m in mats], normalize, g)
     rows = [row for (_, m), f in zip(mats, scales) for row in (m if f is None else m / f).unbind(0)]
     res, info = dist_project(rows, s, group=g, return_info=True, **kw)
     i = 0

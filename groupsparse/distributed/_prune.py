@@ -208,14 +208,14 @@ def _project_sharded(tensors, s, *, vectors, scope, normalize, group, kw):
     except Exception as e:  # noqa: BLE001 - shared below, before the first collective of the projection
         err = e
     _agree(group, err, _call_digest(tensors, s, vectors=vectors, scope=scope, normalize=normalize, **kw))
+    scaled = [m if f is None else m / f for m, f in zip(mats, scales)]
     if scope == "layer":
         results, infos = [], []
-        for t, m in zip(tensors, mats):
+        for t, m, f in zip(tensors, scaled, scales):
             full, info = _sharded_matrix(m, s, group, kw)
-            results.append(from_vectors(full, t.shape, vectors))
+            results.append(from_vectors(full if f is None else full * f, t.shape, vectors))
             infos.append(info)
         return results, infos
-    scaled = [m if f is None else m / f for m, f in zip(mats, scales)]
     rows = [row for m in scaled for row in m.unbind(0)]
     out_rows, info = _sharded_rows(rows, s, group, kw)
     results, i = [], 0
@@ -237,7 +237,8 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
 
     ``params`` are the same tensors on every rank (DDP replicas) or FSDP2 DTensor parameters (sharded on dim 0;
     then ``group`` is taken from their mesh and ``strategy`` is ignored). ``vectors``/``scope``/``normalize``
-    as in :class:`groupsparse.prune.GSPPruner`. ``strategy="auto"`` is ``"sharded"`` for ``scope="model"``;
+    as in :class:`groupsparse.prune.GSPPruner` (in layer scope ``normalize="vector"`` makes the vectors of a
+    tensor compete on shape only, as in :func:`~groupsparse.prune.project_tensors`). ``strategy="auto"`` is ``"sharded"`` for ``scope="model"``;
     for ``scope="layer"`` it is ``"replicated"`` when the group's collectives and the weights are on the CPU
     (gloo), else ``"owner"`` (see the module docs and docs/distributed.md for measurements).
     Returns the :class:`~groupsparse.ProjectionInfo` list (one per tensor, or one for the model), the same on
@@ -247,9 +248,6 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
     vectors, scope = check_mode(vectors), check_scope(scope)
     normalize = check_normalize(normalize)
     strategy = check_strategy(strategy)
-    if scope == "layer" and normalize is not None:
-        raise ValueError(f"normalize: got {normalize!r} with scope='layer', expected None (it only acts on "
-                         "scope='model')")
     params = list(params)
     if not params:
         return []
