@@ -78,3 +78,26 @@ def _layer_normalize_cases(rank, world):
 
 def test_layer_scope_normalize_matches_project_tensors_2_ranks(tmp_path):
     run_group(2, _layer_normalize_cases, tmp_path, timeout=HANG_S * 2)
+
+
+def _fsdp_transposed_cases(rank, world):
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    # FSDP2 + a layer stored (in, out): the message said "expected (Shard(dim=0),) ... plain FSDP2 fully_shard",
+    # which the user had used; now it names the layer and what is supported, at construction
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ConvTranspose2d(6, 4, 3))
+    for m in model:
+        fully_shard(m)
+    with pytest.raises(ValueError, match=r"stored \(in, out\).*1\.weight \(\w*ConvTranspose2d\).*exclude"):
+        gd.DistributedGSPPruner(model, 0.6)
+    gd.DistributedGSPPruner(model, 0.6, exclude="1.*").project()  # the rest still prunes
+    # project_params_ given the transposed view says the same
+    with pytest.raises(ValueError, match=r"ConvTranspose.*not supported under FSDP2"):
+        gd.project_params_([model[1].weight.transpose(0, 1)], 0.6)
+
+
+def test_fsdp_transposed_layer_message_2_ranks(tmp_path):
+    run_group(2, _fsdp_transposed_cases, tmp_path, timeout=HANG_S)
+

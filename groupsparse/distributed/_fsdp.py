@@ -32,8 +32,13 @@ def _is_dtensor(t) -> bool:
 def _shard_group(p):
     mesh = p.device_mesh
     if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        # Shard(1) on a 1-D mesh is what plain fully_shard gives the (out, in) view of a weight stored (in, out):
+        # say so, or the user is told to use the fully_shard they did use
+        hint = (": the (out, in) view of a weight stored (in, out) (ConvTranspose*, GPT-2 Conv1D), whose vectors "
+                "cross the FSDP2 shards; such layers are not supported under FSDP2, leave them out of the selection"
+                if mesh.ndim == 1 and tuple(p.placements) == (Shard(1),) else " (plain FSDP2 fully_shard)")
         raise ValueError(f"parameter: got a DTensor with placements {tuple(p.placements)} on a {mesh.ndim}-D mesh, "
-                         "expected (Shard(dim=0),) on a 1-D mesh (plain FSDP2 fully_shard)")
+                         f"expected (Shard(dim=0),) on a 1-D mesh{hint}")
     return mesh.get_group()
 
 

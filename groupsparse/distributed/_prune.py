@@ -314,6 +314,13 @@ class DistributedGSPPruner(GSPPruner):
 
     def __init__(self, model: nn.Module, sparsity, *, group=None, strategy: str = "auto", **kwargs: Any):
         super().__init__(_unwrap(model), sparsity, **kwargs)
+        transposed = [f"{t.name} ({type(t.module).__name__})" for t in self._projectable
+                      if t.transposed and _is_dtensor(t.param)]
+        if transposed:
+            raise ValueError(f"model: got FSDP2-sharded weights stored (in, out): {transposed[:8]}; FSDP2 shards them "
+                             "on dim 0 (the input side), so their (out, in) vectors cross the shards, which is not "
+                             "supported; expected only layers stored (out, in) (Conv*d, Linear) under FSDP2: leave "
+                             "these out of the selection (exclude=...) or prune them unsharded")
         self.group = group
         self.strategy = check_strategy(strategy)
 
