@@ -101,3 +101,21 @@ def _fsdp_transposed_cases(rank, world):
 def test_fsdp_transposed_layer_message_2_ranks(tmp_path):
     run_group(2, _fsdp_transposed_cases, tmp_path, timeout=HANG_S)
 
+
+def _replica_buffers_cases(rank, world):
+    from torch import nn
+
+    # replicas_identical compares buffers too (BatchNorm statistics, masks); buffers=False: parameters only
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    assert gd.replicas_identical(net)
+    net[1].running_mean += rank  # e.g. after a DDP forward on each rank's own batch
+    assert not gd.replicas_identical(net)
+    assert gd.replicas_identical(net, buffers=False)
+    assert gd.replicas_identical(list(net.parameters()))
+    with pytest.raises(TypeError, match="buffers"):
+        gd.replicas_identical(net, buffers="no")
+
+
+def test_replicas_identical_compares_buffers_2_ranks(tmp_path):
+    run_group(2, _replica_buffers_cases, tmp_path, timeout=HANG_S)

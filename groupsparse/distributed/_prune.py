@@ -330,14 +330,23 @@ class DistributedGSPPruner(GSPPruner):
                                max_iter=self.max_iter)
 
 
-def replicas_identical(model_or_tensors, group=None) -> bool:
-    """Whether every rank holds bit-identical parameters (all_gather of a hash of the raw bytes); collective."""
-    tensors = list(model_or_tensors.parameters()) if isinstance(model_or_tensors, nn.Module) else list(model_or_tensors)
-    digest = hashlib.blake2b(digest_size=8)  # not hash(): str/bytes hashing is salted per process
-    for t in tensors:
-        digest.update((t.to_local() if _is_dtensor(t) else t).detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
-    h = int.from_bytes(digest.digest(), "little")
-    comm = TorchDistComm(group)
-    # float64 holds 53 bits exactly: send the 64-bit digest as three 22-bit pieces
-    rows = comm._gather_fixed(np.array([float((h >> (22 * i)) & ((1 << 22) - 1)) for i in range(3)]))
+def replicas_identical(model_or_tensors, group=None, *, buffers: bool = True) -> bool:
+    """Whether every rank holds bit-identical parameters and, for a module with ``buffers`` (default), buffers
+    (BatchNorm statistics, masks); collective: one all_gather of a hash of the raw bytes.
+
+    Under DDP (``broadcast_buffers=True``) buffers are copied from rank 0 at the start of each forward, then every
+    rank's forward updates its BatchNorm statistics from its own batch: after a training forward they differ
+    until the next one. Pass ``buffers=False`` to compare the parameters only.
+    """
+    if not isinstance(buffers, bool):
+        raise TypeError(f"buffers: got {type(buffers).__name__}, expected bool")
+    if isinstance(model_or_tensors, nn.Module):
+        tensors = list(model_or_tensors.parameters())
+        if buffers:
+            tensors += list(model_or_tensors.buffers())
+    else:
+        tensors = list(model_or_tensors)
+    pieces = _digest((t.to_local() if _is_dtensor(t) else t).detach().cpu().reshape(-1).contiguous()
+                     .view(torch.uint8).numpy() for t in tensors)
+    rows = TorchDistComm(group)._gather_fixed(np.array(pieces))
     return bool(np.all(rows == rows[0]))
