@@ -119,3 +119,25 @@ def _replica_buffers_cases(rank, world):
 
 def test_replicas_identical_compares_buffers_2_ranks(tmp_path):
     run_group(2, _replica_buffers_cases, tmp_path, timeout=HANG_S)
+
+
+def _model_transposed_cases(rank, world):
+    from torch import nn
+
+    from groupsparse.prune import GSPPruner
+
+    # project_model_ cuts a layer stored (in, out) in its (out, in) view, as GSPPruner (it took the stored rows,
+    # so "filter" acted as "fan_out" on ConvTranspose/Conv1D)
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ConvTranspose2d(6, 4, 3))
+
+    for strategy in ("replicated", "owner", "sharded"):
+        a, b = net(), net()
+        gd.project_model_(a, 0.6, strategy=strategy)
+        GSPPruner(b, 0.6).project()
+        assert all(_close(p, q, 1e-5) for p, q in zip(a.parameters(), b.parameters())), strategy
+
+
+def test_project_model_transposed_layout_2_ranks(tmp_path):
+    run_group(2, _model_transposed_cases, tmp_path, timeout=HANG_S)

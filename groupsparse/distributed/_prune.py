@@ -299,7 +299,9 @@ def project_model_(model: nn.Module, sparsity: float, *, group=None, strategy: s
     targets = select_parameters(_unwrap(model), **selection)
     if not targets:
         raise ValueError("model: got no parameter to prune, expected at least one (check include/exclude/module_types)")
-    return project_params_([t.param for t in targets], sparsity, vectors=vectors, scope=scope, normalize=normalize,
+    # the (out, in) view, as GSPPruner: a layer stored (in, out) (ConvTranspose, GPT-2 Conv1D) was cut into the
+    # vectors of its transpose ("filter" acted as "fan_out"); the projection writes through the view
+    return project_params_([t.canonical() for t in targets], sparsity, vectors=vectors, scope=scope, normalize=normalize,
                            group=group, strategy=strategy, engine=engine, tol=tol, max_iter=max_iter)
 
 
