@@ -7,7 +7,8 @@ Strategies for replicated weights (DDP, or any model whose weights are the same 
   a homogeneous job; a mixed fleet, e.g. AVX2 and AVX-512 nodes, could round differently).
 * ``"owner"``: whole tensors are dealt out to ranks (largest first, to the least loaded rank); each rank projects
   its own with the single-process projection, and one all_gather of the packed results hands every rank the
-  same bits (one more carries the infos, one before them shares errors). Work is divided by the world size. Layer scope only.
+  same bits (one more carries the infos, one before them shares errors). Work is divided by the world size.
+  Layer scope only.
 * ``"sharded"``: the vectors of each projection group are split over the ranks, projected with the exact
   distributed projection (:func:`groupsparse.distributed.project`) and all-gathered. Divides the work of a
   single big group (``scope="model"``); it pays one collective per evaluation of every group.
@@ -45,6 +46,7 @@ from ._project import TorchDistComm, _raise_agreed, collective_device
 from ._project import project as dist_project
 
 STRATEGIES = ("auto", "replicated", "owner", "sharded")
+
 
 def check_strategy(strategy: Any) -> str:
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
@@ -238,9 +240,10 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
     ``params`` are the same tensors on every rank (DDP replicas) or FSDP2 DTensor parameters (sharded on dim 0;
     then ``group`` is taken from their mesh and ``strategy`` is ignored). ``vectors``/``scope``/``normalize``
     as in :class:`groupsparse.prune.GSPPruner` (in layer scope ``normalize="vector"`` makes the vectors of a
-    tensor compete on shape only, as in :func:`~groupsparse.prune.project_tensors`). ``strategy="auto"`` is ``"sharded"`` for ``scope="model"``;
-    for ``scope="layer"`` it is ``"replicated"`` when the group's collectives and the weights are on the CPU
-    (gloo), else ``"owner"`` (see the module docs and docs/distributed.md for measurements).
+    tensor compete on shape only, as in :func:`~groupsparse.prune.project_tensors`). ``strategy="auto"`` is
+    ``"sharded"`` for ``scope="model"``; for ``scope="layer"`` it is ``"replicated"`` when the group's collectives
+    and the weights are on the CPU (gloo), else ``"owner"`` (see the module docs and docs/distributed.md for
+    measurements).
     Returns the :class:`~groupsparse.ProjectionInfo` list (one per tensor, or one for the model), the same on
     every rank.
     """
@@ -299,10 +302,11 @@ def project_model_(model: nn.Module, sparsity: float, *, group=None, strategy: s
     targets = select_parameters(_unwrap(model), **selection)
     if not targets:
         raise ValueError("model: got no parameter to prune, expected at least one (check include/exclude/module_types)")
-    # the (out, in) view, as GSPPruner: a layer stored (in, out) (ConvTranspose, GPT-2 Conv1D) was cut into the
-    # vectors of its transpose ("filter" acted as "fan_out"); the projection writes through the view
-    return project_params_([t.canonical() for t in targets], sparsity, vectors=vectors, scope=scope, normalize=normalize,
-                           group=group, strategy=strategy, engine=engine, tol=tol, max_iter=max_iter)
+    # vector modes are defined on the (out, in) layout (as in GSPPruner): a layer stored (in, out) (ConvTranspose,
+    # GPT-2 Conv1D) is seen through its transposed view, through which the projection writes
+    return project_params_([t.canonical() for t in targets], sparsity, vectors=vectors, scope=scope,
+                           normalize=normalize, group=group, strategy=strategy, engine=engine, tol=tol,
+                           max_iter=max_iter)
 
 
 class DistributedGSPPruner(GSPPruner):
