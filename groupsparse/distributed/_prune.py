@@ -7,7 +7,8 @@ Strategies for replicated weights (DDP, or any model whose weights are the same 
   a homogeneous job; a mixed fleet, e.g. AVX2 and AVX-512 nodes, could round differently).
 * ``"owner"``: whole tensors are dealt out to ranks (largest first, to the least loaded rank); each rank projects
   its own with the single-process projection, and one all_gather of the packed results hands every rank the
-  same bits (one more carries the infos). Work is divided by the world size. Layer scope only.
+  same bits (one more carries the infos, one before them shares errors). Work is divided by the world size.
+  Layer scope only.
 * ``"sharded"``: the vectors of each projection group are split over the ranks, projected with the exact
   distributed projection (:func:`groupsparse.distributed.project`) and all-gathered. Divides the work of a
   single big group (``scope="model"``); it pays one collective per evaluation of every group.
@@ -17,16 +18,16 @@ Strategies for replicated weights (DDP, or any model whose weights are the same 
 deterministic) and ``"owner"`` on GPUs (fast interconnect; the ragged torch engine sums with atomics, which are
 not bitwise reproducible, so replicated results could differ between ranks).
 
-FSDP2 (``fully_shard``) parameters are DTensors sharded on dim 0 over a 1-D mesh: the local shard holds whole
-rows of the weight, so vectors that lie inside a row (``"filter"``: the whole fan-in row; ``"kernel"``: one
-k x k kernel) are projected in place with the distributed projection over the mesh's process group, with no
-gathering of weights. ``"fan_out"`` and ``"layer"`` vectors cross the shard boundary and are rejected.
+FSDP2 (``fully_shard``) parameters are projected shard by shard in place: see ``_fsdp.py``.
+
+Every local failure of ``"owner"`` and ``"sharded"`` (bad input on one rank, ranks called with different tensors)
+is shared in one small all_gather and raised as the same error on every rank, so no rank is left waiting in the
+next collective. ``"replicated"`` has no collective: identical inputs fail identically on every rank.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,20 +41,11 @@ from ..prune.pruner import GSPPruner
 from ..prune.selection import select_parameters
 from ..prune.vectors import (as_vectors, check_mode, check_normalize, check_scope, from_vectors, project_tensors,
                              scale_factors)
-from ._project import TorchDistComm, collective_device
+from ._fsdp import _is_dtensor, _project_fsdp_
+from ._project import TorchDistComm, _raise_agreed, collective_device
 from ._project import project as dist_project
 
 STRATEGIES = ("auto", "replicated", "owner", "sharded")
-FSDP_MODES = ("filter", "kernel")
-
-try:  # DTensor is public from torch 2.4 on; older torch has no FSDP2 either
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover
-    DTensor, Shard = (), ()
-
-
-def _is_dtensor(t) -> bool:
-    return bool(DTensor) and isinstance(t, DTensor)
 
 
 def check_strategy(strategy: Any) -> str:
@@ -109,12 +101,47 @@ def assign_owners(numels: Sequence[int], world: int) -> list[int]:
 # ------------------------------------------------------------------ replicated weights (DDP)
 
 
-def _project_owner(tensors, s, *, vectors, group, kw):
+def _digest(parts) -> list[float]:
+    """A 64-bit blake2b digest of byte strings as three 22-bit pieces: float64 holds 53 bits exactly."""
+    d = hashlib.blake2b(digest_size=8)  # not hash(): str/bytes hashing is salted per process
+    for b in parts:
+        d.update(b)
+    h = int.from_bytes(d.digest(), "little")
+    return [float((h >> (22 * i)) & ((1 << 22) - 1)) for i in range(3)]
+
+
+def _call_digest(tensors, s: float, **options) -> list[float]:
+    return _digest([repr(([(tuple(t.shape), str(t.dtype)) for t in tensors], float(s),
+                          sorted(options.items()))).encode()])
+
+
+def _agree(group, err: BaseException | None, digest: Sequence[float]) -> None:
+    """Share a rank-local failure, and check that every rank projects the same call (one all_gather of 4 floats).
+
+    Raises the same error on every rank (the lowest failing rank's) or none: a rank raising alone would leave
+    the others blocked in the next collective until the process group's timeout (30 min by default).
+    """
+    comm = TorchDistComm(group)
+    rows = comm._gather_fixed(np.array([float(err is not None), *digest]))
+    if rows[:, 0].any():
+        _raise_agreed(comm, err, rows)
+    if np.any(rows[:, 1:] != rows[0, 1:]):
+        raise ValueError("params: got different tensor shapes, dtypes or options across ranks, expected the same "
+                         "tensors and options on every rank (replicated weights)")
+
+
+def _project_owner(tensors, s, *, vectors, normalize, group, kw):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     device = collective_device(group)
     owner = assign_owners([t.numel() for t in tensors], world)
     mine = [i for i, o in enumerate(owner) if o == rank]
-    res, infos = project_tensors([tensors[i] for i in mine], s, vectors=vectors, scope="layer", **kw)
+    err, res, infos = None, [], []
+    try:
+        res, infos = project_tensors([tensors[i] for i in mine], s, vectors=vectors, scope="layer",
+                                     normalize=normalize, **kw)
+    except Exception as e:  # noqa: BLE001 - only the owner sees its tensor's bad input; every rank must raise
+        err = e
+    _agree(group, err, _call_digest(tensors, s, vectors=vectors, normalize=normalize, **kw))
     dtype = tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float64
     flat = torch.cat([r.reshape(-1).to(dtype) for r in res]) if res else torch.zeros(0, dtype=dtype)
     meta = torch.tensor([_info_row(i) for i in infos], dtype=torch.float64).reshape(-1)
@@ -176,16 +203,21 @@ def _sharded_matrix(mat: torch.Tensor, s, group, kw):
 
 
 def _project_sharded(tensors, s, *, vectors, scope, normalize, group, kw):
-    mats = [as_vectors(t.detach(), vectors) for t in tensors]
+    err, mats, scales = None, [], []
+    try:
+        mats = [as_vectors(t.detach(), vectors) for t in tensors]
+        scales = scale_factors(mats, normalize)
+    except Exception as e:  # noqa: BLE001 - shared below, before the first collective of the projection
+        err = e
+    _agree(group, err, _call_digest(tensors, s, vectors=vectors, scope=scope, normalize=normalize, **kw))
+    scaled = [m if f is None else m / f for m, f in zip(mats, scales)]
     if scope == "layer":
         results, infos = [], []
-        for t, m in zip(tensors, mats):
+        for t, m, f in zip(tensors, scaled, scales):
             full, info = _sharded_matrix(m, s, group, kw)
-            results.append(from_vectors(full, t.shape, vectors))
+            results.append(from_vectors(full if f is None else full * f, t.shape, vectors))
             infos.append(info)
         return results, infos
-    scales = scale_factors(mats, normalize)
-    scaled = [m if f is None else m / f for m, f in zip(mats, scales)]
     rows = [row for m in scaled for row in m.unbind(0)]
     out_rows, info = _sharded_rows(rows, s, group, kw)
     results, i = [], 0
@@ -194,67 +226,6 @@ def _project_sharded(tensors, s, *, vectors, scope, normalize, group, kw):
         i += m.shape[0]
         results.append(from_vectors(block if f is None else block * f, t.shape, vectors))
     return results, [info]
-
-
-# ------------------------------------------------------------------ FSDP2 (DTensor shards on dim 0)
-
-
-def _shard_group(p):
-    mesh = p.device_mesh
-    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-        raise ValueError(f"parameter: got a DTensor with placements {tuple(p.placements)} on a {mesh.ndim}-D mesh, "
-                         "expected (Shard(dim=0),) on a 1-D mesh (plain FSDP2 fully_shard)")
-    return mesh.get_group()
-
-
-def _local_rows(p, vectors):
-    """The local shard as a matrix of whole vectors (a view: writing it writes the shard)."""
-    local = p.to_local()
-    if vectors == "filter":
-        return local, local.reshape(local.shape[0], math.prod(local.shape[1:]))  # (-1 fails on an empty shard)
-    k = int(np.prod(local.shape[2:]))
-    return local, local.reshape(-1, k)
-
-
-def _project_fsdp_(params, s, *, vectors, scope, normalize, kw):
-    if vectors not in FSDP_MODES:
-        raise ValueError(f"vectors: got {vectors!r} for FSDP-sharded weights, expected one of {FSDP_MODES} "
-                         "(vectors inside a row of dim 0; 'fan_out'/'layer' vectors cross the shards)")
-    groups = [_shard_group(p) for p in params]
-    mats = [_local_rows(p, vectors) for p in params]
-    if scope == "layer":
-        infos = []
-        for (local, m), g in zip(mats, groups):
-            res, info = dist_project(m, s, axis=1, group=g, return_info=True, **kw)
-            m.copy_(res)
-            infos.append(info)
-        return infos
-    g = groups[0]
-    if any(x is not g and x != g for x in groups[1:]):
-        raise ValueError("parameters: got FSDP shards over different process groups, expected one group for "
-                         "scope='model'")
-    scales = scale_factors([m for _, m in mats], normalize)
-    if normalize == "layer":
-        # the RMS row norm of a tensor spans all its shards: sum squares and counts over the group (1 collective)
-        comm = TorchDistComm(g)
-        loc = []
-        for _, m in mats:
-            norms = torch.linalg.vector_norm(m.double(), dim=1)
-            loc += [float((norms * norms).sum()), float(m.shape[0])]
-        tot = comm.sum(np.array(loc)).reshape(-1, 2)
-        scales = []
-        for (_, m), (ss, cnt) in zip(mats, tot):
-            rms = float(np.sqrt(ss / cnt)) if cnt else 1.0
-            scales.append(torch.full((m.shape[0], 1), rms if rms > 0 else 1.0, dtype=m.dtype, device=m.device))
-    rows = [row for (_, m), f in zip(mats, scales) for row in (m if f is None else m / f).unbind(0)]
-    res, info = dist_project(rows, s, group=g, return_info=True, **kw)
-    i = 0
-    for (_, m), f in zip(mats, scales):
-        if m.shape[0]:
-            block = torch.stack(res[i : i + m.shape[0]])
-            m.copy_(block if f is None else block * f)
-        i += m.shape[0]
-    return [info]
 
 
 # ------------------------------------------------------------------ public entry points
@@ -268,9 +239,11 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
 
     ``params`` are the same tensors on every rank (DDP replicas) or FSDP2 DTensor parameters (sharded on dim 0;
     then ``group`` is taken from their mesh and ``strategy`` is ignored). ``vectors``/``scope``/``normalize``
-    as in :class:`groupsparse.prune.GSPPruner`. ``strategy="auto"`` is ``"sharded"`` for ``scope="model"``;
-    for ``scope="layer"`` it is ``"replicated"`` when the group's collectives and the weights are on the CPU
-    (gloo), else ``"owner"`` (see the module docs and docs/distributed.md for measurements).
+    as in :class:`groupsparse.prune.GSPPruner` (in layer scope ``normalize="vector"`` makes the vectors of a
+    tensor compete on shape only, as in :func:`~groupsparse.prune.project_tensors`). ``strategy="auto"`` is
+    ``"sharded"`` for ``scope="model"``; for ``scope="layer"`` it is ``"replicated"`` when the group's collectives
+    and the weights are on the CPU (gloo), else ``"owner"`` (see the module docs and docs/distributed.md for
+    measurements).
     Returns the :class:`~groupsparse.ProjectionInfo` list (one per tensor, or one for the model), the same on
     every rank.
     """
@@ -278,9 +251,6 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
     vectors, scope = check_mode(vectors), check_scope(scope)
     normalize = check_normalize(normalize)
     strategy = check_strategy(strategy)
-    if scope == "layer" and normalize is not None:
-        raise ValueError(f"normalize: got {normalize!r} with scope='layer', expected None (it only acts on "
-                         "scope='model')")
     params = list(params)
     if not params:
         return []
@@ -307,7 +277,7 @@ def project_params_(params: Sequence[torch.Tensor], sparsity: float, *, vectors:
     if strategy == "replicated":
         results, infos = project_tensors(params, s, vectors=vectors, scope=scope, normalize=normalize, **kw)
     elif strategy == "owner":
-        results, infos = _project_owner(params, s, vectors=vectors, group=group, kw=kw)
+        results, infos = _project_owner(params, s, vectors=vectors, normalize=normalize, group=group, kw=kw)
     else:
         results, infos = _project_sharded(params, s, vectors=vectors, scope=scope, normalize=normalize, group=group,
                                           kw=kw)
@@ -332,8 +302,11 @@ def project_model_(model: nn.Module, sparsity: float, *, group=None, strategy: s
     targets = select_parameters(_unwrap(model), **selection)
     if not targets:
         raise ValueError("model: got no parameter to prune, expected at least one (check include/exclude/module_types)")
-    return project_params_([t.param for t in targets], sparsity, vectors=vectors, scope=scope, normalize=normalize,
-                           group=group, strategy=strategy, engine=engine, tol=tol, max_iter=max_iter)
+    # vector modes are defined on the (out, in) layout (as in GSPPruner): a layer stored (in, out) (ConvTranspose,
+    # GPT-2 Conv1D) is seen through its transposed view, through which the projection writes
+    return project_params_([t.canonical() for t in targets], sparsity, vectors=vectors, scope=scope,
+                           normalize=normalize, group=group, strategy=strategy, engine=engine, tol=tol,
+                           max_iter=max_iter)
 
 
 class DistributedGSPPruner(GSPPruner):
@@ -347,6 +320,13 @@ class DistributedGSPPruner(GSPPruner):
 
     def __init__(self, model: nn.Module, sparsity, *, group=None, strategy: str = "auto", **kwargs: Any):
         super().__init__(_unwrap(model), sparsity, **kwargs)
+        transposed = [f"{t.name} ({type(t.module).__name__})" for t in self._projectable
+                      if t.transposed and _is_dtensor(t.param)]
+        if transposed:
+            raise ValueError(f"model: got FSDP2-sharded weights stored (in, out): {transposed[:8]}; FSDP2 shards them "
+                             "on dim 0 (the input side), so their (out, in) vectors cross the shards, which is not "
+                             "supported; expected only layers stored (out, in) (Conv*d, Linear) under FSDP2: leave "
+                             "these out of the selection (exclude=...) or prune them unsharded")
         self.group = group
         self.strategy = check_strategy(strategy)
 
@@ -356,14 +336,23 @@ class DistributedGSPPruner(GSPPruner):
                                max_iter=self.max_iter)
 
 
-def replicas_identical(model_or_tensors, group=None) -> bool:
-    """Whether every rank holds bit-identical parameters (all_gather of a hash of the raw bytes); collective."""
-    tensors = list(model_or_tensors.parameters()) if isinstance(model_or_tensors, nn.Module) else list(model_or_tensors)
-    digest = hashlib.blake2b(digest_size=8)  # not hash(): str/bytes hashing is salted per process
-    for t in tensors:
-        digest.update((t.to_local() if _is_dtensor(t) else t).detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
-    h = int.from_bytes(digest.digest(), "little")
-    comm = TorchDistComm(group)
-    # float64 holds 53 bits exactly: send the 64-bit digest as three 22-bit pieces
-    rows = comm._gather_fixed(np.array([float((h >> (22 * i)) & ((1 << 22) - 1)) for i in range(3)]))
+def replicas_identical(model_or_tensors, group=None, *, buffers: bool = True) -> bool:
+    """Whether every rank holds bit-identical parameters and, for a module with ``buffers`` (default), buffers
+    (BatchNorm statistics, masks); collective: one all_gather of a hash of the raw bytes.
+
+    Under DDP (``broadcast_buffers=True``) buffers are copied from rank 0 at the start of each forward, then every
+    rank's forward updates its BatchNorm statistics from its own batch: after a training forward they differ
+    until the next one. Pass ``buffers=False`` to compare the parameters only.
+    """
+    if not isinstance(buffers, bool):
+        raise TypeError(f"buffers: got {type(buffers).__name__}, expected bool")
+    if isinstance(model_or_tensors, nn.Module):
+        tensors = list(model_or_tensors.parameters())
+        if buffers:
+            tensors += list(model_or_tensors.buffers())
+    else:
+        tensors = list(model_or_tensors)
+    pieces = _digest((t.to_local() if _is_dtensor(t) else t).detach().cpu().reshape(-1).contiguous()
+                     .view(torch.uint8).numpy() for t in tensors)
+    rows = TorchDistComm(group)._gather_fixed(np.array(pieces))
     return bool(np.all(rows == rows[0]))
