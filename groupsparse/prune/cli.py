@@ -22,7 +22,8 @@ _PROGRESS_MIN = 20_000_000
 @click.option("--scope", type=click.Choice(["layer", "model"]), default="layer", show_default=True,
               help="layer: each tensor its own group at the target; model: one group over all tensors.")
 @click.option("--normalize", type=click.Choice(["none", "vector", "layer"]), default="none", show_default=True,
-              help="Rescale vectors before the projection (for --scope model).")
+              help="Rescale vectors before the projection: vector (any scope: vectors compete on shape only) or "
+              "layer (--scope model: tensors compete on shape only).")
 @click.option("--include", multiple=True, help="Glob (or re:REGEX) on tensor names; only matches are pruned. Repeatable.")
 @click.option("--exclude", multiple=True, help="Glob (or re:REGEX) on tensor names never pruned. Repeatable.")
 @click.option("--any-tensor", is_flag=True, help="Drop the name/shape rule (" + TENSOR_RULE_HELP + "): every floating "
@@ -53,9 +54,9 @@ def prune_checkpoint(inp, sparsity, out, vectors, scope, normalize, include, exc
 
     if not 0 <= sparsity <= 1:  # checked before reading a possibly large file
         raise ValueError(f"sparsity: got {sparsity}, expected a number in [0, 1]")
-    if normalize != "none" and scope == "layer":
-        raise ValueError(f"--normalize: got {normalize!r} with --scope layer, expected --scope model (it rescales "
-                         "the vectors of different tensors that share one group)")
+    if normalize == "layer" and scope == "layer":  # ("vector" there: one tensor's vectors compete on shape only)
+        raise ValueError("--normalize: got 'layer' with --scope layer, expected --scope model (it balances the "
+                         "tensors that share one group; one tensor alone has one scale)")
     check_suffix(out, SUFFIXES)
     cfg = Path(inp).parent / "config.json"
     check_paths({"IN": inp, "config.json beside IN": cfg if cfg.exists() else None},
