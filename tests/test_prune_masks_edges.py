@@ -218,6 +218,10 @@ def test_a_model_with_an_attached_pruner_saves_whole_and_keeps_enforcing(tmp_pat
     MagnitudePruner(m).attach(opt).prune(np.float32(0.5))  # (NumPy scalars as fractions: a TypeError before)
     _train(m, opt, steps=1)
     torch.save(m, tmp_path / "m.pt")  # the hooks were lambdas and closures: "Can't pickle local object"
+    plain = _mlp()
+    torch.save(plain, tmp_path / "plain.pt")
+    # the model's load hooks reach the pruner: not its optimizer's state (momentum), nor its float mask cache
+    assert (tmp_path / "m.pt").stat().st_size < 1.6 * (tmp_path / "plain.pt").stat().st_size
     back = torch.load(tmp_path / "m.pt", weights_only=False)
     p = MagnitudePruner(back)  # torch does not pickle gradient hooks: a pruner made after loading adopts the masks
     assert torch.equal(p.mask("0.weight"), m[0].weight_mask)

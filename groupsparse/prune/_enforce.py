@@ -8,7 +8,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 
-from .selection import Target, _stored_weight
+from .selection import Target
 
 
 class _Enforcement(NamedTuple):
@@ -24,6 +24,20 @@ def _state(t: Target, buf: torch.Tensor) -> tuple:
     """What the cached mask of ``t`` depends on: its buffer (a write moves ``_version``) and its parameter (a
     replaced one, or one moved to another dtype or device by ``model.half()``/``.to()``)."""
     return id(buf), buf._version, id(t.param), t.param.dtype, t.param.device
+
+
+def _current(t: Target):
+    """The tensor holding ``t`` now, in any of the three mask layouts (every optimizer step: plain dict lookups,
+    ``_stored_weight``'s checks cost 2x an apply_masks on 200 parametrized targets)."""
+    m = t.module
+    p = m._parameters.get(t.param_name)
+    if p is None:
+        p = m._parameters.get(t.param_name + "_orig")
+    if p is None:
+        plist = m._modules.get("parametrizations")
+        entry = plist._modules.get(t.param_name) if plist is not None else None
+        p = entry._parameters.get("original") if entry is not None else None
+    return p
 
 
 class _GradMask:
@@ -48,7 +62,7 @@ class Enforcement:
 
     def _hook_grad(self, t: Target) -> None:
         """Zero the pruned entries' gradients (a frozen parameter gets its hook once it requires grad: at the next
-        ``attach``/``apply_masks``)."""
+        ``attach``)."""
         h = self._grad_handles.get(t.name)
         if h is not None and h[0] is t.param:
             return
@@ -62,7 +76,7 @@ class Enforcement:
     def _refresh_targets(self) -> None:
         """Follow parameters replaced in their modules, and hook masked ones that were frozen when masked."""
         for t in self.targets:
-            p = _stored_weight(t.module, t.param_name)[0]
+            p = _current(t)
             if p is not None and p is not t.param:
                 t.param = p
                 self._enf = None
@@ -106,7 +120,6 @@ class Enforcement:
         the parameters' dtype: about one pass over the masked weights, no per-tensor kernel launches. (A weight
         that is inf or NaN at a pruned position would stay NaN: pruned weights are zero, so this cannot arise.)
         """
-        self._refresh_targets()
         opts = list(self._optimizers)
         if optimizers is not None:
             extra = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
@@ -130,6 +143,7 @@ class Enforcement:
         """Re-apply the masks after every ``optimizer.step()`` (weights and optimizer state). Returns ``self``."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer: got {type(optimizer).__name__}, expected a torch.optim.Optimizer")
+        self._refresh_targets()  # (weights unfrozen since they were masked get their gradient hook here)
         if any(o is optimizer for o in self._optimizers):
             return self
         self._optimizers.append(optimizer)
