@@ -41,18 +41,73 @@ def check_tensor_target(t, where: str) -> None:
 
 def check_separate_targets(targets) -> None:
     """Two targets sharing memory would each be written with their own projection, the later write winning
-    (overlapping slices of one tensor came back short of the target): refused. Candidates are the pairs whose
-    byte ranges overlap (a sweep over sorted ranges); those are decided exactly where the memory is the host's
-    (interleaved slices such as ``t[0::2]`` and ``t[1::2]`` pass), conservatively on a device."""
-    spans = sorted(r + (i,) for i, r in enumerate(map(_byte_range, targets)) if r[1] > r[0])
-    for k, (lo, hi, i) in enumerate(spans):
-        for lo2, _, j in spans[k + 1:]:
-            if lo2 >= hi:
-                break
-            if shares_memory(targets[i], targets[j]) is not False:
-                a, b = sorted((i, j))
-                raise ValueError(f"vectors: got vectors[{a}] and vectors[{b}] sharing memory, expected targets "
-                                 "with separate memory for project_ (pass each tensor once; clone overlapping views)")
+    (overlapping slices of one tensor came back short of the target): refused. Targets whose byte ranges overlap
+    (a sweep over sorted ranges, per memory space) are decided exactly from their element addresses, on the
+    host or on the device: interleaved slices (``t[0::2]``, ``t[1::2]``) and column blocks of one matrix pass."""
+    spans = sorted((_space(t), *_byte_range(t), i) for i, t in enumerate(targets))
+    spans = [sp for sp in spans if sp[2] > sp[1]]
+    group, space, hi = [], None, 0
+    for sp, lo, h, i in spans + [(None, 0, 0, -1)]:
+        if group and sp == space and lo < hi:
+            group.append(i)
+            hi = max(hi, h)
+            continue
+        if len(group) > 1:
+            _check_disjoint(targets, group)
+        group, space, hi = [i], sp, h
+
+
+def _space(t) -> str:
+    return "host" if not is_tensor(t) or t.device.type == "cpu" else str(t.device)
+
+
+def _check_disjoint(targets, idx) -> None:
+    """Raise if two of ``targets[idx]`` (one memory space, overlapping ranges) share an entry. With one item size
+    two entries overlap exactly when their start addresses are equal (all congruent modulo the size)."""
+    sizes = {targets[i].element_size() if is_tensor(targets[i]) else targets[i].itemsize for i in idx}
+    addr = [_addresses(targets[i]) for i in idx]
+    device = is_tensor(targets[idx[0]]) and targets[idx[0]].device.type != "cpu"
+    if device:
+        import torch
+
+        a = torch.cat(addr)
+        owner = torch.repeat_interleave(torch.tensor(idx, device=a.device),
+                                        torch.tensor([len(x) for x in addr], device=a.device))
+        order = torch.argsort(a)
+        a, owner = a[order].cpu().numpy(), owner[order].cpu().numpy()
+    else:
+        a = np.concatenate(addr)
+        owner = np.repeat(np.asarray(idx), [len(x) for x in addr])
+        order = np.argsort(a, kind="stable")
+        a, owner = a[order], owner[order]
+    size = sizes.pop() if len(sizes) == 1 else 0
+    if not size or np.any((a - a[0]) % size):  # mixed item sizes or misaligned views: undecided, refused
+        pair = idx[:2]
+    else:
+        clash = np.flatnonzero(a[1:] == a[:-1])
+        if not len(clash):
+            return
+        pair = [int(owner[clash[0]]), int(owner[clash[0] + 1])]
+    first, second = sorted(pair)
+    raise ValueError(f"vectors: got vectors[{first}] and vectors[{second}] sharing memory, expected targets "
+                     "with separate memory for project_ (pass each tensor once; clone overlapping views)")
+
+
+def _addresses(t):
+    """The start address of every entry (int64; a NumPy array on the host, a tensor on a device)."""
+    if is_tensor(t):
+        import torch
+
+        dev = t.device if t.device.type != "cpu" else torch.device("cpu")
+        out = torch.full((1,), t.data_ptr(), dtype=torch.int64, device=dev)
+        for n, st in zip(t.shape, t.stride()):
+            out = (out[:, None] + torch.arange(n, device=dev, dtype=torch.int64)[None, :] * (st * t.element_size())
+                   ).reshape(-1)
+        return out if t.device.type != "cpu" else out.numpy()
+    out = np.full(1, t.__array_interface__["data"][0], dtype=np.int64)
+    for n, st in zip(t.shape, t.strides):
+        out = (out[:, None] + np.arange(n, dtype=np.int64)[None, :] * st).reshape(-1)
+    return out
 
 
 def _byte_range(t) -> tuple:
