@@ -36,8 +36,13 @@ def _current(t: Target):
     if p is None:
         plist = m._modules.get("parametrizations")
         entry = plist._modules.get(t.param_name) if plist is not None else None
-        p = entry._parameters.get("original") if entry is not None else None
+        ours = entry is not None and any(getattr(q, "groupsparse_mask", False) for q in entry)
+        p = entry._parameters.get("original") if ours else None  # (never into a foreign parametrization)
     return p
+
+
+def _is_dtensor(p) -> bool:
+    return type(p.data).__name__ == "DTensor" or type(p).__name__ == "DTensor"
 
 
 class _GradMask:
@@ -77,7 +82,8 @@ class Enforcement:
         """Follow parameters replaced in their modules, and hook masked ones that were frozen when masked."""
         for t in self.targets:
             p = _current(t)
-            if p is not None and p is not t.param:
+            # (FSDP2 swaps a sharded DTensor parameter for a plain unsharded one and back: not a replacement)
+            if p is not None and p is not t.param and _is_dtensor(p) == _is_dtensor(t.param) and p.shape == t.param.shape:
                 t.param = p
                 self._enf = None
             if t.name in self._styles:

@@ -67,7 +67,9 @@ def find_blocks(model: nn.Module) -> tuple[nn.ModuleList | None, str]:
     Known layouts first (Llama/Mistral/Qwen ``model.layers``, GPT-2 ``transformer.h``, OPT
     ``model.decoder.layers``); otherwise the ModuleList of identical blocks holding the most parameters
     (GPT-NeoX/Pythia ``gpt_neox.layers``, MPT ``transformer.blocks``, nanoGPT-style models, ...). The largest
-    list wins so that per-block lists nested inside the blocks (MoE experts) are never taken for the blocks.
+    list wins so that per-block lists nested inside the blocks (MoE experts) are never taken for the blocks. A
+    module that is not a Hugging Face model takes that list only when no Linear but an output head lies outside
+    it (else it is one block: an encoder/decoder's second tower would be left dense).
     """
     for path in ("model.layers", "transformer.h", "model.decoder.layers", "decoder.layers", "layers", "h"):
         obj = model
@@ -83,6 +85,13 @@ def find_blocks(model: nn.Module) -> tuple[nn.ModuleList | None, str]:
             key = (sum(p.numel() for p in mod.parameters()), -name.count("."))
             if best_key is None or key > best_key:
                 best, best_key = (mod, name), key
+    if best is not None and not is_language_model(model):
+        # a plain module (encoder/decoder towers, an MLP's input and output layers around a list) is walked as
+        # one block unless the list holds every Linear but an output head: the rest would be left dense in silence
+        inside = {id(m) for m in best[0].modules()}
+        if any(id(m) not in inside and n.rsplit(".", 1)[-1] not in ("lm_head", "embed_out")
+               for n, m in linear_layers(model).items()):
+            return None, ""
     return best if best is not None else (None, "")
 
 
@@ -95,7 +104,10 @@ def _input_device(model: nn.Module) -> torch.device | None:
     """Where the model reads its inputs: the input embedding's device for HF models (the first device of a
     model spread over several), else the first parameter's."""
     get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
+    try:
+        emb = get() if callable(get) else None
+    except NotImplementedError:  # (HF models without token embeddings, e.g. Wav2Vec2)
+        emb = None
     w = getattr(emb, "weight", None)
     if isinstance(w, torch.Tensor):
         return w.device
@@ -171,26 +183,32 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches) -> li
 
 def is_chain(model: nn.Module, blocks, batch) -> bool:
     """Whether each block's first input is the previous block's output on ``batch`` (the premise of feeding the
-    blocks their predecessors' outputs). A ModuleList found by its shape alone may hold parallel branches."""
-    ins: dict[int, torch.Tensor] = {}
+    blocks their predecessors' outputs). A ModuleList found by its shape alone may hold parallel branches. Each
+    output is compared when the next block starts and dropped then: one block's output held at a time (holding
+    all of them took n_blocks x a batch's activations)."""
     outs: dict[int, torch.Tensor] = {}
+    ok = [True, 0]  # (all consecutive pairs equal so far, pairs compared)
+
+    def pre(_m, args, kwargs, i):
+        if i == 0:
+            return
+        a, b = outs.pop(i - 1, None), args[0] if args else kwargs.get("hidden_states")
+        ok[0] = ok[0] and torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(
+            torch.equal(a.to(b.device), b))
+        ok[1] += 1
+
     handles = []
     for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(
-            lambda _m, args, kwargs, i=i: ins.__setitem__(i, args[0] if args else kwargs.get("hidden_states")),
-            with_kwargs=True))
-        handles.append(block.register_forward_hook(lambda _m, _a, out, i=i: outs.__setitem__(i, _first(out))))
+        handles.append(block.register_forward_pre_hook(lambda m, a, k, i=i: pre(m, a, k, i), with_kwargs=True))
+        if i < len(blocks) - 1:
+            handles.append(block.register_forward_hook(lambda _m, _a, out, i=i: outs.__setitem__(i, _first(out))))
     try:
         with torch.no_grad():
             _call(model, batch)
     finally:
         for h in handles:
             h.remove()
-    for i in range(len(blocks) - 1):
-        a, b = outs.get(i), ins.get(i + 1)
-        if not (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a.to(b.device), b)):
-            return False
-    return True
+    return ok[0] and ok[1] == len(blocks) - 1
 
 
 def _first(out):
