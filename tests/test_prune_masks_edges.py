@@ -269,3 +269,38 @@ def test_a_masked_state_dict_loads_into_a_model_masked_in_another_layout(saved, 
     x = torch.randn(4, 8)
     torch.testing.assert_close(dst(x), src(x))
     assert torch.equal(p.mask("0.weight"), MagnitudePruner(src).mask("0.weight"))
+
+
+def test_load_masks_without_masks_for_these_targets_is_quiet_and_ao_sparsity_composes():
+    """load_masks raised its prefix advice for an unrelated *_mask buffer and for another pruner's masks; a
+    model under torch.ao.pruning (FakeSparsity, an elementwise mask) lost every target to the foreign skip."""
+    m = _mlp()
+    m.register_buffer("causal_mask", torch.ones(3, 3))
+    assert MagnitudePruner(m).load_masks(m.state_dict()) == {}
+    src = _mlp()
+    MagnitudePruner(src, include="0.*").prune(0.5)
+    assert MagnitudePruner(_mlp(1), include="2.*").load_masks(src.state_dict()) == {}
+    from torch.ao.pruning import WeightNormSparsifier
+
+    ao = _mlp()
+    sp = WeightNormSparsifier(sparsity_level=0.25, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sp.prepare(ao, config=[{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight"}])
+    sp.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = MagnitudePruner(ao)
+    assert [t.name for t in p.targets] == ["0.weight", "2.weight"]
+    p.prune(0.5)
+    assert all(float((lin.weight == 0).float().mean()) >= 0.5 for lin in (ao[0], ao[2]))
+
+
+def test_numpy_scalars_are_taken_wherever_numbers_are():
+    import numpy as np
+
+    from groupsparse.prune import GSPPruner, Schedule
+
+    s = Schedule(np.float32(0.5), initial=np.float64(0.1))
+    assert type(s.target) is float and s.target == 0.5
+    p = GSPPruner(_mlp(), s)
+    assert p.step(np.int64(3)) in (True, False) and p.step_count == 4
+    MagnitudePruner(_mlp()).prune(threshold=np.float32(0.1))

@@ -86,6 +86,13 @@ def _parametrized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         for mname, mod in model.named_modules():
             plist = getattr(mod, "parametrizations", None)
             if isinstance(plist, nn.ModuleDict):
-                for pname in plist.keys():
-                    out[f"{mname}.{pname}" if mname else pname] = getattr(mod, pname).detach().clone()
+                # in eval mode: spectral_norm's power iteration must not advance because the model was exported
+                modes = [(q, q.training) for q in plist.modules()]
+                plist.eval()
+                try:
+                    for pname in plist.keys():
+                        out[f"{mname}.{pname}" if mname else pname] = getattr(mod, pname).detach().clone()
+                finally:
+                    for q, training in modes:
+                        q.training = training
     return out

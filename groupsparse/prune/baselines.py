@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -25,7 +26,7 @@ class MagnitudePruner(Pruner):
         if (zero_fraction is None) == (threshold is None):
             raise ValueError(f"got zero_fraction={zero_fraction!r} and threshold={threshold!r}, expected exactly one")
         if threshold is not None:
-            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+            if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold < math.inf:
                 raise ValueError(f"threshold: got {threshold!r}, expected a non-negative finite float")
             masks = {t.name: t.param.detach().abs() > threshold for t in self.targets}
             for t in self.targets:
@@ -63,8 +64,9 @@ class GradualMagnitudePruner(MagnitudePruner):
         """Call after ``optimizer.step()``; prunes when the schedule says so. Returns whether masks changed."""
         if step is None:
             step = self.step_count
-        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        elif isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step: got {step!r}, expected a non-negative int")
+        step = int(step)
         self.step_count = step + 1
         if not self.schedule.should_project(step):
             return False

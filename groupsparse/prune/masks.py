@@ -283,8 +283,11 @@ class Pruner(Enforcement):
                 m = state_dict.get(f"{t.module_name}.parametrizations.{t.param_name}.0.mask".lstrip("."))
             if isinstance(m, torch.Tensor):
                 found[t.name] = m
-        saved = [k for k in state_dict if k.endswith("_mask") or k.endswith(".0.mask")]
-        if saved and not found:  # (a key prefix such as "model." found nothing, in silence)
+        # a key prefix such as "model." found nothing, in silence: said when a saved mask's name ends like one of
+        # the targets' (not for other *_mask buffers, or masks of another pruner's targets)
+        ends = tuple("." + t.name + "_mask" for t in self.targets)
+        saved = [k for k in state_dict if k.endswith(ends)]
+        if saved and not found:
             raise ValueError(f"state_dict: got {len(saved)} mask entries (e.g. {saved[0]!r}) and none for this "
                              f"pruner's targets, expected names like {self.targets[0].name + '_mask'!r} (strip or "
                              "add the prefix)")

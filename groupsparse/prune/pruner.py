@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from typing import Any
@@ -127,8 +128,9 @@ class GSPPruner(Pruner):
             step = self.step_count
             self.step_count += 1
         else:
-            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
                 raise ValueError(f"step: got {step!r}, expected a non-negative int")
+            step = int(step)
             self.step_count = step + 1
         if self.finalized or not self.schedule.should_project(step):
             return False

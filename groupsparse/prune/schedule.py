@@ -7,6 +7,8 @@ network adapt gradually; a constant target reproduces the paper.
 
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass
 
 RAMPS = ("constant", "linear", "cubic")
@@ -45,8 +47,9 @@ class Schedule:
     def __post_init__(self):
         for what in ("target", "initial"):
             v = getattr(self, what)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
                 raise ValueError(f"{what}: got {v!r}, expected a float in [0, 1]")
+            object.__setattr__(self, what, float(v))  # (NumPy scalars in, plain floats kept: JSON, repr)
         _nonneg_int(self.start, "start")
         _nonneg_int(self.ramp_steps, "ramp_steps")
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:

@@ -186,7 +186,9 @@ def _stored_weight(module: nn.Module, pname: str):
     plist = getattr(module, "parametrizations", None)
     if plist is not None and pname in plist:
         kinds = [type(q).__name__ for q in plist[pname]]
-        ours = all(getattr(q, "groupsparse_mask", False) for q in plist[pname]) and hasattr(plist[pname], "original")
+        # elementwise masks compose with ours (torch.ao.pruning's FakeSparsity: original * mask)
+        ours = all(getattr(q, "groupsparse_mask", False) or type(q).__name__ == "FakeSparsity"
+                   for q in plist[pname]) and hasattr(plist[pname], "original")
         return (plist[pname].original, "") if ours else (next(iter(plist[pname].parameters()), None),
                                                          "a parametrization (" + ", ".join(kinds) + ")")
     if pname + "_orig" in module._parameters:  # a hook-based reparametrization (torch.nn.utils.spectral_norm)
