@@ -304,3 +304,17 @@ def test_numpy_scalars_are_taken_wherever_numbers_are():
     p = GSPPruner(_mlp(), s)
     assert p.step(np.int64(3)) in (True, False) and p.step_count == 4
     MagnitudePruner(_mlp()).prune(threshold=np.float32(0.1))
+
+
+def test_a_parametrization_added_after_masking_is_refused_at_attach():
+    """The mask then acted on ``original`` (orthogonal: the weight the module uses stayed dense, in silence;
+    weight_norm: a broadcast error inside the optimizer hook)."""
+    for wrap in ("orthogonal", "weight_norm"):
+        m = _mlp()
+        p = MagnitudePruner(m)
+        p.prune(0.5)
+        getattr(parametrizations, wrap)(m[0])
+        with pytest.raises(ValueError, match=r"0\.weight: got a masked weight now computed by a parametrization"):
+            p.attach(torch.optim.SGD(m.parameters(), lr=0.1))
+        p.remove()  # and the masks can still be removed
+        assert not hasattr(m[0], "weight_mask")

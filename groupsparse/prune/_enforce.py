@@ -8,7 +8,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 
-from .selection import Target
+from .selection import Target, _stored_weight
 
 
 class _Enforcement(NamedTuple):
@@ -78,7 +78,7 @@ class Enforcement:
             return
         self._grad_handles[t.name] = (t.param, t.param.register_hook(_GradMask(self, t)))
 
-    def _refresh_targets(self) -> None:
+    def _refresh_targets(self, check: bool = True) -> None:
         """Follow parameters replaced in their modules, and hook masked ones that were frozen when masked."""
         for t in self.targets:
             p = _current(t)
@@ -87,6 +87,10 @@ class Enforcement:
                 t.param = p
                 self._enf = None
             if t.name in self._styles:
+                foreign = check and _stored_weight(t.module, t.param_name)[1]
+                if foreign:  # (a mask on the stored tensor would no longer mask the weight the module uses)
+                    raise ValueError(f"{t.name}: got a masked weight now computed by {foreign}, expected the "
+                                     "weight it was masked as (remove the masks first: pruner.remove())")
                 self._hook_grad(t)
 
     # ------------------------------------------------------------ enforcement

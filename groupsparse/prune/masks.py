@@ -295,7 +295,7 @@ class Pruner(Enforcement):
         return found
 
     def _after_load(self, module, incompatible_keys) -> None:
-        self._refresh_targets()
+        self._refresh_targets(check=False)  # (refused at attach, not inside a load)
 
     def _masks_from_loaded(self, module, state_dict, prefix, *args) -> None:
         self._adopt_existing()  # masks another pruner installed since: adopt them, do not install twice
@@ -322,7 +322,7 @@ class Pruner(Enforcement):
 
         Like :func:`torch.nn.utils.prune.remove`; the parameter objects stay the same. Returns the model.
         """
-        self._refresh_targets()
+        self._refresh_targets(check=False)
         for t in self.targets:
             self._unmask(t, bake=True)
         self._release()
