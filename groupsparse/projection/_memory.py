@@ -63,23 +63,15 @@ def _space(t) -> str:
 
 def _check_disjoint(targets, idx) -> None:
     """Raise if two of ``targets[idx]`` (one memory space, overlapping ranges) share an entry. With one item size
-    two entries overlap exactly when their start addresses are equal (all congruent modulo the size)."""
-    sizes = {targets[i].element_size() if is_tensor(targets[i]) else targets[i].itemsize for i in idx}
-    addr = [_addresses(targets[i]) for i in idx]
-    device = is_tensor(targets[idx[0]]) and targets[idx[0]].device.type != "cpu"
-    if device:
-        import torch
-
-        a = torch.cat(addr)
-        owner = torch.repeat_interleave(torch.tensor(idx, device=a.device),
-                                        torch.tensor([len(x) for x in addr], device=a.device))
-        order = torch.argsort(a)
-        a, owner = a[order].cpu().numpy(), owner[order].cpu().numpy()
-    else:
-        a = np.concatenate(addr)
-        owner = np.repeat(np.asarray(idx), [len(x) for x in addr])
-        order = np.argsort(a, kind="stable")
-        a, owner = a[order], owner[order]
+    two entries overlap exactly when their start addresses are equal (all congruent modulo the size). The
+    addresses are arithmetic on shapes, strides and base pointers: no memory is read, on the host or a device."""
+    layouts = [_layout(targets[i]) for i in idx]
+    addr = [_addresses(*lay[:3]) for lay in layouts]
+    a = np.concatenate(addr)
+    owner = np.repeat(np.asarray(idx), [len(x) for x in addr])
+    order = np.argsort(a, kind="stable")
+    a, owner = a[order], owner[order]
+    sizes = {lay[3] for lay in layouts}
     size = sizes.pop() if len(sizes) == 1 else 0
     if not size or np.any((a - a[0]) % size):  # mixed item sizes or misaligned views: undecided, refused
         pair = idx[:2]
@@ -93,35 +85,36 @@ def _check_disjoint(targets, idx) -> None:
                      "with separate memory for project_ (pass each tensor once; clone overlapping views)")
 
 
-def _addresses(t):
-    """The start address of every entry (int64; a NumPy array on the host, a tensor on a device)."""
+def _layout(t):
+    """(base address, shape, strides in bytes, item size) of a strided array or tensor; None for anything else
+    (e.g. sparse tensors, which the projection refuses on its own)."""
     if is_tensor(t):
-        import torch
+        if str(t.layout) != "torch.strided":
+            return None
+        es = t.element_size()
+        return t.data_ptr(), tuple(t.shape), tuple(st * es for st in t.stride()), es
+    if not isinstance(t, np.ndarray):
+        return None
+    return t.__array_interface__["data"][0], t.shape, t.strides, t.itemsize
 
-        dev = t.device if t.device.type != "cpu" else torch.device("cpu")
-        out = torch.full((1,), t.data_ptr(), dtype=torch.int64, device=dev)
-        for n, st in zip(t.shape, t.stride()):
-            out = (out[:, None] + torch.arange(n, device=dev, dtype=torch.int64)[None, :] * (st * t.element_size())
-                   ).reshape(-1)
-        return out if t.device.type != "cpu" else out.numpy()
-    out = np.full(1, t.__array_interface__["data"][0], dtype=np.int64)
-    for n, st in zip(t.shape, t.strides):
+
+def _addresses(base, shape, strides):
+    """The start address of every entry (int64)."""
+    out = np.full(1, base, dtype=np.int64)
+    for n, st in zip(shape, strides):
         out = (out[:, None] + np.arange(n, dtype=np.int64)[None, :] * st).reshape(-1)
     return out
 
 
 def _byte_range(t) -> tuple:
-    """[first, last) byte addresses a strided array or tensor can touch (empty ones, and anything else the
-    projection will refuse on its own, e.g. sparse tensors: an empty range)."""
-    if is_tensor(t):
-        if t.numel() == 0 or str(t.layout) != "torch.strided":
-            return 0, 0
-        lo = t.data_ptr()
-        return lo, lo + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
-    if not isinstance(t, np.ndarray) or t.size == 0:
+    """[first, last) byte addresses a strided array or tensor can touch (an empty range for empty ones and those
+    without a layout)."""
+    lay = _layout(t)
+    if lay is None or 0 in lay[1]:
         return 0, 0
-    lo = t.__array_interface__["data"][0] + sum((n - 1) * st for n, st in zip(t.shape, t.strides) if st < 0)
-    return lo, lo + t.itemsize + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.strides))
+    base, shape, strides, size = lay
+    lo = base + sum((n - 1) * st for n, st in zip(shape, strides) if st < 0)
+    return lo, lo + size + sum((n - 1) * abs(st) for n, st in zip(shape, strides))
 
 
 def shares_memory(a, b):
