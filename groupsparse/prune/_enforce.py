@@ -26,21 +26,6 @@ def _state(t: Target, buf: torch.Tensor) -> tuple:
     return id(buf), buf._version, id(t.param), t.param.dtype, t.param.device
 
 
-def _current(t: Target):
-    """The tensor holding ``t`` now, in any of the three mask layouts (every optimizer step: plain dict lookups,
-    ``_stored_weight``'s checks cost 2x an apply_masks on 200 parametrized targets)."""
-    m = t.module
-    p = m._parameters.get(t.param_name)
-    if p is None:
-        p = m._parameters.get(t.param_name + "_orig")
-    if p is None:
-        plist = m._modules.get("parametrizations")
-        entry = plist._modules.get(t.param_name) if plist is not None else None
-        ours = entry is not None and any(getattr(q, "groupsparse_mask", False) for q in entry)
-        p = entry._parameters.get("original") if ours else None  # (never into a foreign parametrization)
-    return p
-
-
 def _is_dtensor(p) -> bool:
     return type(p.data).__name__ == "DTensor" or type(p).__name__ == "DTensor"
 
@@ -81,14 +66,15 @@ class Enforcement:
     def _refresh_targets(self, check: bool = True) -> None:
         """Follow parameters replaced in their modules, and hook masked ones that were frozen when masked."""
         for t in self.targets:
-            p = _current(t)
-            # (FSDP2 swaps a sharded DTensor parameter for a plain unsharded one and back: not a replacement)
-            if p is not None and p is not t.param and _is_dtensor(p) == _is_dtensor(t.param) and p.shape == t.param.shape:
+            p, foreign = _stored_weight(t.module, t.param_name)
+            # (never into a foreign parametrization; FSDP2 swaps a sharded DTensor parameter for a plain unsharded
+            # one and back: not a replacement)
+            if (not foreign and p is not None and p is not t.param and _is_dtensor(p) == _is_dtensor(t.param)
+                    and p.shape == t.param.shape):
                 t.param = p
                 self._enf = None
             if t.name in self._styles:
-                foreign = check and _stored_weight(t.module, t.param_name)[1]
-                if foreign:  # (a mask on the stored tensor would no longer mask the weight the module uses)
+                if check and foreign:  # (a mask on the stored tensor would no longer mask the weight the module uses)
                     raise ValueError(f"{t.name}: got a masked weight now computed by {foreign}, expected the "
                                      "weight it was masked as (remove the masks first: pruner.remove())")
                 self._hook_grad(t)

@@ -37,6 +37,12 @@ def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return out.reshape(scores.shape)
 
 
+def is_mask_entry(k: str, state_dict) -> bool:
+    """``x_mask`` beside ``x`` (buffer layout) or ``x_orig`` (torch.nn.utils.prune's): a mask, not a weight."""
+    base = k[: -len("_mask")]
+    return k.endswith("_mask") and (base in state_dict or base + "_orig" in state_dict)
+
+
 def pruned_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Plain state_dict with real zeros: ``x_orig * x_mask`` folded into ``x``, ``*_mask`` buffers applied and
     dropped, parametrizations flattened. Works on models pruned by this module or by torch.nn.utils.prune.
@@ -49,9 +55,14 @@ def pruned_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) ->
     out: dict[str, torch.Tensor] = {}
     masks = {k[: -len("_mask")]: v for k, v in sd.items() if k.endswith("_mask") and isinstance(v, torch.Tensor)}
     computed = _parametrized_weights(model) if model is not None else {}
+    groups: dict[str, set] = {}  # parametrized name -> the leaves of its entries ("original", "0.mask", ...)
+    for k in sd:
+        if k.startswith("parametrizations.") or ".parametrizations." in k:
+            head, _, rest = k.rpartition("parametrizations.")
+            pname, leaf = rest.split(".", 1)
+            groups.setdefault(head + pname, set()).add(leaf)
     for k, v in sd.items():
-        if k.endswith("_mask") and k[: -len("_mask")] in masks and (
-                k[: -len("_mask")] in sd or k[: -len("_mask")] + "_orig" in sd):
+        if isinstance(v, torch.Tensor) and is_mask_entry(k, sd):
             continue
         if k.startswith("parametrizations.") or ".parametrizations." in k:
             head, _, rest = k.rpartition("parametrizations.")
@@ -60,9 +71,7 @@ def pruned_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) ->
             if name in computed:
                 out[name] = computed[name]
                 continue
-            group = {q[len(head) + len("parametrizations.") + len(pname) + 1:] for q in sd
-                     if q.startswith(f"{head}parametrizations.{pname}.")}
-            if group <= {"original", "0.mask"}:  # a mask parametrization of this library: fold it
+            if groups[name] <= {"original", "0.mask"}:  # a mask parametrization of this library: fold it
                 if leaf == "original":
                     m = sd.get(f"{head}parametrizations.{pname}.0.mask")
                     w = v.detach().clone()

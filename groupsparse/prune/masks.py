@@ -126,7 +126,7 @@ class Pruner(Enforcement):
     def __getstate__(self):
         # torch.save(model) / copy.deepcopy(model) reach the pruner through the model's load hooks: the copy
         # takes the masks and the selection, not the optimizers (with their state), their hooks or the mask cache;
-        # torch does not copy gradient hooks, so the copy registers its own at its next attach/apply_masks
+        # torch does not copy gradient hooks, so the copy registers its own at its next attach
         state = dict(self.__dict__)
         state.update(_optimizers=[], _handles=[], _grad_handles={}, _enf=None, _enf_opt={})
         return state

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ._layouts import is_mask_entry
+
 # Linear-like layers of common libraries that are not nn.Linear subclasses are matched by class name, so that
 # selecting them needs no import of those libraries (HF GPT-2 uses transformers.pytorch_utils.Conv1D).
 DEFAULT_MODULE_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
@@ -232,9 +234,7 @@ def select_state_dict_keys(state_dict: dict[str, Any], *, include: Pattern | Seq
 
 def _is_mask_key(k: str, state_dict) -> bool:
     """A mask of a pruned layout: ``x_mask`` beside ``x``/``x_orig``, or a mask parametrization's ``.0.mask``."""
-    if k.endswith("_mask") and (k[: -len("_mask")] in state_dict or k[: -len("_mask")] + "_orig" in state_dict):
-        return True
-    return ".parametrizations." in "." + k and k.endswith(".0.mask")
+    return is_mask_entry(k, state_dict) or (".parametrizations." in "." + k and k.endswith(".0.mask"))
 
 
 _NOT_LAYER = re.compile(r"(norm|(^|[._])(bn|ln)\d*([._]|$)|embed|(^|[._])(wte|wpe)([._]|$)|cls_token|mask_token)",

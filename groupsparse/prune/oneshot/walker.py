@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..selection import LM_HEAD_NAMES
+
 
 class _Stop(Exception):
     """Raised by the capture hook: nothing past the first block needs to run."""
@@ -89,7 +91,7 @@ def find_blocks(model: nn.Module) -> tuple[nn.ModuleList | None, str]:
         # a plain module (encoder/decoder towers, an MLP's input and output layers around a list) is walked as
         # one block unless the list holds every Linear but an output head: the rest would be left dense in silence
         inside = {id(m) for m in best[0].modules()}
-        if any(id(m) not in inside and n.rsplit(".", 1)[-1] not in ("lm_head", "embed_out")
+        if any(id(m) not in inside and n.rsplit(".", 1)[-1] not in LM_HEAD_NAMES
                for n, m in linear_layers(model).items()):
             return None, ""
     return best if best is not None else (None, "")
