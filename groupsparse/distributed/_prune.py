@@ -115,6 +115,12 @@ def _call_digest(tensors, s: float, **options) -> list[float]:
                           sorted(options.items()))).encode()])
 
 
+def _common_dtype(tensors) -> torch.dtype:
+    """The dtype every rank gathers in: the tensors' own when they share one, else float64 (holds all exactly).
+    Decided from every tensor, which every rank holds: a rank's own share alone would differ between ranks."""
+    return tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float64
+
+
 def _agree(group, err: BaseException | None, digest: Sequence[float]) -> None:
     """Share a rank-local failure, and check that every rank projects the same call (one all_gather of 4 floats).
 
@@ -142,7 +148,7 @@ def _project_owner(tensors, s, *, vectors, normalize, group, kw):
     except Exception as e:  # noqa: BLE001 - only the owner sees its tensor's bad input; every rank must raise
         err = e
     _agree(group, err, _call_digest(tensors, s, vectors=vectors, normalize=normalize, **kw))
-    dtype = tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float64
+    dtype = _common_dtype(tensors)
     flat = torch.cat([r.reshape(-1).to(dtype) for r in res]) if res else torch.zeros(0, dtype=dtype)
     meta = torch.tensor([_info_row(i) for i in infos], dtype=torch.float64).reshape(-1)
     per_rank = [[i for i, o in enumerate(owner) if o == r] for r in range(world)]
@@ -176,7 +182,7 @@ def _sharded_rows(rows: list[torch.Tensor], s, group, kw):
     res, info = dist_project(mine, s, group=group, return_info=True, **kw)
     # one dtype on every rank (all hold every row): a rank's own rows alone would set it per rank, and gloo then
     # gathers buffers of other byte sizes (an abort, or float32 rows read as float64 bytes)
-    dtype = rows[0].dtype if all(r.dtype == rows[0].dtype for r in rows) else torch.float64
+    dtype = _common_dtype(rows)
     flat = (torch.cat([r.reshape(-1).to(dtype) for r in res]) if res
             else torch.zeros(0, dtype=dtype, device=rows[0].device))
     sizes = [sum(v.numel() for v in rows[b[r] : b[r + 1]]) for r in range(world)]
