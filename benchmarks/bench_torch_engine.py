@@ -4,8 +4,10 @@ in the same process (not a unit test).
     python benchmarks/bench_torch_engine.py --before /tmp/tb_base [--threads N] [--repeat 3] [--rounds 3]
 
 ``--before``: a checkout of the old code (``git worktree add /tmp/tb_base <rev>``), imported through PYTHONPATH.
-``--threads N`` gives torch and the numba engine N threads each (0: each library's default: torch's intra-op
-threads, numba threads from 2 cores since 5e8522d's round).
+``--compiled`` adds the current code with ``GROUPSPARSE_TORCH_COMPILE=1`` (fused passes, version "compiled"; each
+worker compiles or loads its kernels in its warm-up call, recorded as ``first_call_s``). ``--threads N`` gives
+torch and the numba engine N threads each (0: each library's default: torch's intra-op threads, numba threads
+from 2 cores since 5e8522d's round).
 Cases (float32, N(0, 0.02^2) for ResNet-50, N(0, 1) otherwise, s = 0.8, vectors = rows):
   resnet50     every ResNet-50 conv/fc weight its own group, one ``project(.., engine='torch')`` per layer
   groups       the same layers in one ``project_groups(.., engine='torch')``
@@ -91,10 +93,13 @@ def worker_time(device, repeat, threads):
     for case in CASES:
         mats = _tensors(case, device)
         engines = ["torch"] + (["numba"] if device == "cpu" else [])
-        for e in engines:
-            _run(case, mats, e)  # warm: numba compiles or loads its cache
+        first = {}
+        for e in engines:  # warm: numba compiles or loads its cache, torch.compile compiles (or loads) its kernels
+            t0 = time.perf_counter()
+            _run(case, mats, e)
+            first[e] = time.perf_counter() - t0
         cpu.clear()
-        row = {"entries": int(sum(m.numel() for m in mats)),
+        row = {"entries": int(sum(m.numel() for m in mats)), "first_call_s": first,
                "copy_s": best(lambda: [m.clone() for m in mats], "copy")}
         for e in engines:
             row[f"{e}_s"] = best(lambda: _run(case, mats, e), e)
@@ -104,7 +109,8 @@ def worker_time(device, repeat, threads):
             row["cpu_s"] = dict(cpu)
             row["cpu_torch_over_numba"] = cpu["torch"] / cpu["numba"]
         rows[case] = row
-    return {"package": gs.__file__, "torch_threads": torch.get_num_threads(), "cases": rows}
+    return {"package": gs.__file__, "torch_threads": torch.get_num_threads(), "cases": rows,
+            "torch_compile": os.environ.get("GROUPSPARSE_TORCH_COMPILE", "")}
 
 
 def worker_mem(device, case):
@@ -112,7 +118,7 @@ def worker_mem(device, case):
 
     mats = _tensors(case, device)
     nbytes = sum(m.numel() * m.element_size() for m in mats)
-    _run(case, [m[:4] for m in mats], "torch")  # imports and first-call setup outside the measurement
+    _run(case, [m[:64] for m in mats], "torch")  # imports, first-call setup and compiling outside the measurement
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -130,8 +136,10 @@ def worker_mem(device, case):
     return {"input_bytes": nbytes, "peak_extra_bytes": peak, "peak_extra_over_input": peak / nbytes}
 
 
-def _spawn(src, args):
-    env = dict(os.environ)
+def _spawn(src, args, compiled=False):
+    env = {k: v for k, v in os.environ.items() if k != "GROUPSPARSE_TORCH_COMPILE"}
+    if compiled:
+        env["GROUPSPARSE_TORCH_COMPILE"] = "1"
     if src:
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True)
@@ -162,6 +170,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1, help="time workers per version, alternating (best of all)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time the current code with GROUPSPARSE_TORCH_COMPILE=1 (version 'compiled')")
     p.add_argument("--out", default=str(HERE / "results" / "torch-engine-{device}.json"))
     p.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -174,21 +184,25 @@ def main():
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     versions = {"before": a.before, "after": ""} if a.before else {"after": ""}
+    if a.compiled:
+        versions["compiled"] = ""
+
     for device in devices:
         res = {"device": device, "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                "load_before": os.getloadavg(), "s": 0.8, "threads_arg": a.threads, "rounds": a.rounds, "versions": {}}
         for _ in range(a.rounds):  # versions alternate, best of all rounds: load drifts on a shared machine
             for name, src in versions.items():
-                t = _spawn(src, ["--worker", "time", device, "--repeat", str(a.repeat), "--threads", str(a.threads)])
+                t = _spawn(src, ["--worker", "time", device, "--repeat", str(a.repeat), "--threads", str(a.threads)],
+                           name == "compiled")
                 res["versions"][name] = _best(res["versions"].get(name), t)
         for name, src in versions.items():
             t = res["versions"][name]
             for case in CASES:
-                t["cases"][case].update(_spawn(src, ["--worker", "mem", device, case]))
+                t["cases"][case].update(_spawn(src, ["--worker", "mem", device, case], name == "compiled"))
             for case, row in t["cases"].items():
                 vs = (f", {row['torch_over_numba']:.1f}x numba (CPU time {row['cpu_torch_over_numba']:.1f}x)"
                       if "torch_over_numba" in row else "")
-                print(f"{device} {name:6s} {case:8s} torch {1e3 * row['torch_s']:8.1f} ms ({row['torch_over_copy']:.0f}x "
+                print(f"{device} {name:8s} {case:8s} torch {1e3 * row['torch_s']:8.1f} ms ({row['torch_over_copy']:.0f}x "
                       f"copy{vs}); peak extra memory {row['peak_extra_over_input']:.2f}x input", flush=True)
         res["load_after"] = os.getloadavg()
         out = Path(a.out.format(device=device))

@@ -12,6 +12,13 @@ import groupsparse as gs
 from groupsparse.projection._group import as_group
 from groupsparse.projection._solver import solve_shared
 from groupsparse.projection._torch import TorchEngine
+from groupsparse.projection._torch_fused import ENV
+
+
+@pytest.fixture(autouse=True)
+def _eager(monkeypatch):
+    """These are the eager passes' properties (fused passes add in Inductor's order and never compact)."""
+    monkeypatch.delenv(ENV, raising=False)
 
 
 def _engine(x, compact=True):

@@ -16,13 +16,14 @@ import torch
 
 from ._solver import Evaluation, h_and_slope
 from ._torch_first import FirstPass
+from ._torch_fused import Fused, enabled, runs
 from ._torch_layout import F64, Compacted, Layout, Piece
 from ._torch_util import HOST_XP, empty_like, ldexp
 
 COMPACT_MIN = 1 << 15  # entries: below, building the compacted copy costs more than the passes it shortens
 
 
-class TorchEngine(FirstPass):
+class TorchEngine(FirstPass, Fused):
     name = "torch"
     xp = torch
 
@@ -38,11 +39,13 @@ class TorchEngine(FirstPass):
         self._buf, self._cache = None, {}
         # float32 rows of one length, unweighted: the caller's units (see ``_fast``)
         self.fast = data.dtype == torch.float32 and not self.weighted and bool(self.lay.kind)
+        # fused passes (``_torch_fused``, opt-in): one compiled call per run of equal-length rows
+        self.fused = runs(offsets) if self.fast and self.lay.all_uniform and enabled() else None
         self._cs = torch.empty((3, r), dtype=F64, device=self.device)  # a pass's raw sums, written per piece
         # active-set compaction (``confirm_lower``): the host solver on the CPU, one row length. Its sums add in
         # another order than a full pass: set False for the device loop's bits (``_torch_loop`` does)
         self.compact = (self.cpu and self.fast and self.lay.all_uniform and len(self.lay.kind) == 1
-                        and data.numel() >= COMPACT_MIN)
+                        and data.numel() >= COMPACT_MIN and self.fused is None)
         # (the copy's budget: with the output and a few chunks the call stays under 2x the input)
         self._comp = Compacted(data, self._cs, int(0.6 * data.numel() * data.element_size())) if self.compact else None
         self._none = None
@@ -156,6 +159,9 @@ class TorchEngine(FirstPass):
         bracket's lower end (the first Newton step almost always is). ``shared``: one mu for the group, so one
         threshold per row length in the caller's units; else (``_batched``: a threshold per vector or per group)
         the a-unit pass."""
+        if not shared and self.fused is not None:
+            self._fused_sums(rows=t)
+            return self._finish()
         if not shared:
             for p in self.lay.pieces:
                 self._piece_stats(self._u(p, torch.where(torch.isinf(t), 1e300, t)), p)
@@ -170,6 +176,9 @@ class TorchEngine(FirstPass):
         comp = self._comp if self.compact and host else None
         if comp is not None and comp.pad is not None and tk[0] >= comp.T:
             comp.sums(tk[0], self._fast_sums)
+            return self._finish() if finish else None
+        if self.fused is not None:
+            self._fused_sums(tk)
             return self._finish() if finish else None
         if comp is not None and spec is not None:
             comp.start(spec, tk[0])
@@ -338,12 +347,13 @@ class TorchEngine(FirstPass):
             # and T >= 0: the clamp form needs -T <= T (``project_each`` makes vectors denser with t < 0)
             fast = bool(((same | ~self.lay.uniform_rows).all() & (tv >= 0).all()))
             neg = -scale
-        for p in self.lay.pieces:
+        fused = self.fast and fast and self.fused is not None
+        if fused:  # (a one-hot row: scale 0 gives zeros signed as x, as the masked fill below)
+            self._fused_write(out, tk, torch.where(oh, 0.0, scale) if any_oh else scale)
+        for p in () if fused else self.lay.pieces:
             if self.fast and fast and p.n:
                 # z = (clamp(x, -T, T) - x)(-scale) = copysign(u' scale, x) for |x| > T and -0 elsewhere; adding
-                # 0 x then gives every zero the sign of x (copysign itself costs three of these ops; softshrink
-                # is one op for x - T, x + T or 0 but no faster than clamp and sub, and its zeros are +0 in its
-                # vector code)
+                # 0 x then gives every zero the sign of x (copysign itself costs three of these ops)
                 x, z, x64 = self._views(p)[:3]
                 x64.copy_(x)
                 T = tk[self.lay.kind[p.n]]

@@ -41,7 +41,9 @@ class FirstPass:
         if comp is not None:
             comp.start(math.nan, gather)
         peak = torch.empty(r, dtype=F64, device=self.device)
-        for p in self.lay.pieces:  # max |x| without an |x| temporary; NaN propagates, inf stays inf
+        if self.fused is not None:
+            self._fused_first(peak)
+        for p in self.lay.pieces if self.fused is None else ():  # max |x| without an |x| temporary; NaN propagates
             if self._fast(p):  # one pass: the peak and the caller-unit sums at mu = 0 (u = |x|)
                 v = self._views(p)
                 a = v[1].copy_(v[0]).abs_()

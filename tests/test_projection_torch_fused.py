@@ -1,0 +1,194 @@
+"""The torch engine's fused passes (``GROUPSPARSE_TORCH_COMPILE=1``, ``projection/_torch_fused.py``): taken where
+they should be, the same write bit for bit as the eager engine, sums within rounding of the eager ones, the
+projection's contract over float32's whole exponent range (subnormals to 2^127, mixed in one group), ties and
+near-ties against the numba engine, host and device loop agreeing bit for bit, and no recompiles across shapes.
+Compiling takes seconds once per process (a C++ compiler is needed: skipped without one)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import groupsparse as gs
+from groupsparse.projection._group import as_group
+from groupsparse.projection._solver import solve_shared
+from groupsparse.projection._torch import TorchEngine
+from groupsparse.projection._torch_fused import ENV
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="torch.compile's CPU backend needs a C++ compiler")
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                           HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+
+
+def _engine(x, compiled: bool, monkeypatch):
+    monkeypatch.setenv(ENV, "1" if compiled else "0")
+    g = as_group(x) if isinstance(x, list) else as_group(x, axis=1)
+    eng = TorchEngine(g.data, g.offsets, g.weights, g.uniform_length)
+    eng.compact = False  # (the eager engine's CPU compaction sums in yet another order)
+    return eng
+
+
+def _cases():
+    rng = np.random.default_rng(3)
+    f32 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))
+    x = rng.normal(size=(40, 30))
+    x[rng.random(x.shape) < 0.3] = 0.0  # zeros, signed zeros too
+    x[0] = -0.0
+    x[1, :] = 0.0
+    x[1, 3] = 2.0  # a one-hot row
+    return {
+        "normal": f32(rng.normal(size=(64, 27))),
+        "zeros and one-hot": f32(x),
+        "exponents": f32(rng.normal(size=(16, 12)) * 2.0 ** rng.integers(-140, 120, (16, 1))),
+        "subnormal": f32(rng.normal(size=(12, 9)) * 2.0**-140),
+        "ties": f32(0.5 * rng.choice([-1.0, 1.0], (24, 16))),
+        "layers": [f32(rng.normal(0, 0.02, size=(r, n))) for r, n in ((64, 27), (32, 288), (16, 9))],
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_fused_write_is_the_eager_write_bit_for_bit(name, monkeypatch):
+    """Same thresholds, scales and one-hot rows in: the same output bits, zeros' signs included."""
+    x = _cases()[name]
+    fused, eager = _engine(x, True, monkeypatch), _engine(x, False, monkeypatch)
+    assert fused.fused is not None and eager.fused is None
+    rng = np.random.default_rng(0)
+    r = fused.n_vectors
+    for level in (0.0, 0.3, 0.9, np.inf):
+        t = torch.from_numpy(level * fused.ratio_host * rng.uniform(0.5, 1.0, r)) if level < np.inf else \
+            torch.full((r,), np.inf, dtype=torch.float64)
+        if level < np.inf:  # one threshold per row length in the caller's units, as the solver's thresholds are
+            T = t[fused.lay.first] * fused.sigma[fused.lay.first]
+            t = T[fused.lay.kind_rows] * fused.inv
+        scale = torch.from_numpy(rng.uniform(0.5, 2.0, r))
+        onehot = torch.where(torch.from_numpy(rng.random(r) < 0.2), fused.argmax_pos, -1)
+        a, b = fused._write(t, scale, onehot), eager._write(t, scale, onehot)
+        assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit()), level
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_fused_sums_are_the_eager_sums_up_to_rounding(name, monkeypatch):
+    x = _cases()[name]
+    fused, eager = _engine(x, True, monkeypatch), _engine(x, False, monkeypatch)
+    torch.testing.assert_close(fused.stats0, eager.stats0, rtol=1e-14, atol=0)
+    assert torch.equal(fused.ratio_max, eager.ratio_max) and torch.equal(fused.e, eager.e)
+    for eng in (fused, eager):
+        solve_shared(eng, 0.6, tol=1e-12, max_iter=100)  # (the engine's units)
+    mus = np.concatenate([[0.0], 10.0 ** np.linspace(-6, 1, 15)])
+    pairs = [(fused.evaluate_shared(float(mu)), eager.evaluate_shared(float(mu))) for mu in mus]
+    slope = max(abs(b.dS) for _, b in pairs)  # (ties: S(0) = 0 and S'(0) = 0 exactly in one order, ~1e-15 in another)
+    for mu, (a, b) in zip(mus, pairs):
+        assert a.S == pytest.approx(b.S, abs=1e-13 * fused.n_vectors), mu
+        assert a.dS == pytest.approx(b.dS, abs=1e-12 * (1 + slope)), mu
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_fused_host_and_device_loop_agree_bit_for_bit(name, monkeypatch):
+    eng = _engine(_cases()[name], True, monkeypatch)
+    solve_shared(eng, 0.6, tol=1e-12, max_iter=100)
+    for mu in 10.0 ** np.random.default_rng(0).uniform(-8, 2, 40):
+        host = eng.evaluate_shared(float(mu))
+        S, dS, _, _ = eng.evaluate_device(torch.tensor(float(mu), dtype=torch.float64))
+        assert (host.S, host.dS) == (S.item(), dS.item()), mu
+
+
+@st.composite
+def float32_groups(draw):
+    """(r, n) float32 rows, r >= 8 (the fused path needs uniform pieces): each row at its own exponent anywhere in
+    float32's range, subnormals included, entries inside a row spread over many binades; zeros sometimes."""
+    r, n = draw(st.integers(8, 24)), draw(st.integers(2, 24))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    spread = draw(st.integers(0, 40))
+    base = draw(st.integers(-149, 97 - spread))  # the largest entry stays below 2^127
+    x = rng.normal(size=(r, n)) * 2.0 ** rng.integers(-spread, spread + 1, (r, n)) * 2.0 ** (
+        base + rng.integers(0, 27 - spread // 2 + 1, (r, 1)))
+    if draw(st.booleans()):
+        x[rng.random(x.shape) < 0.3] = 0.0
+    return torch.from_numpy(x.astype(np.float32))
+
+
+@SETTINGS
+@given(x=float32_groups(), s=st.floats(0.05, 0.95))
+@example(x=torch.from_numpy((np.random.default_rng(5).normal(size=(9, 4)) * 2.0**-147).astype(np.float32)), s=0.7)
+def test_fused_keeps_the_contract_over_float32_exponents(fused, x, s):
+    g = as_group(x, axis=1)
+    assert TorchEngine(g.data, g.offsets, None, g.uniform_length).fused is not None  # (the path under test)
+    zt, it = gs.project(x, s, axis=1, engine="torch", return_info=True)
+    zn, inb = gs.project(x, s, axis=1, engine="numba", return_info=True)
+    for info in (it, inb):
+        assert s <= info.sparsity or info.already_sparse
+        if info.low >= -60 and not info.already_sparse and not info.discontinuity:
+            assert info.sparsity <= s + 2 * info.margin + 4e-7 + 1e-12
+    assert it.already_sparse == inb.already_sparse
+    assert abs(it.sparsity - inb.sparsity) <= 8e-7
+    zt, zn = zt.numpy(), np.asarray(zn)
+    assert np.all(np.isfinite(zt)) and zt.dtype == np.float32
+    assert np.array_equal(np.signbit(zt), np.signbit(x.numpy()))  # every entry keeps its sign, zeros included
+    if not (it.discontinuity or inb.discontinuity or it.low < -60):  # (ties split, subnormal outputs re-solved)
+        peak = np.abs(x.numpy()).max(1, keepdims=True)  # each row in its own units
+        assert np.all(np.abs(zt - zn) <= 1e-5 * peak)
+
+
+@st.composite
+def tied32(draw):
+    r, n = draw(st.integers(8, 16)), draw(st.integers(2, 8))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.choice([0.1, 0.5, 1.0], size=(r, n)) * rng.choice([-1.0, 1.0], size=(r, n))
+    if draw(st.booleans()):
+        x = x * (1 + rng.integers(-3, 4, size=(r, n)) * 2.0**-23)  # near-ties: a few float32 ulps apart
+    return torch.from_numpy(x.astype(np.float32))
+
+
+@SETTINGS
+@given(x=tied32(), s=st.floats(0.05, 0.95))
+def test_fused_ties_and_near_ties_land_like_numba(fused, x, s):
+    zt, it = gs.project(x, s, axis=1, engine="torch", return_info=True)
+    zn, inb = gs.project(x, s, axis=1, engine="numba", return_info=True)
+    if it.already_sparse:
+        assert inb.already_sparse and torch.equal(zt, torch.as_tensor(zn))
+        return
+    assert s <= it.sparsity and s <= inb.sparsity
+    obj_t, obj_n = float((zt.double() ** 2).sum()), float((torch.as_tensor(zn).double() ** 2).sum())
+    assert obj_t == pytest.approx(obj_n, rel=1e-5)
+
+
+def test_fused_kernels_do_not_recompile_across_shapes(fused):
+    from torch._dynamo.utils import counters
+
+    rng = np.random.default_rng(0)
+    gs.project(torch.from_numpy(rng.normal(size=(16, 7)).astype(np.float32)), 0.8, axis=1, engine="torch")
+    before = counters["stats"]["unique_graphs"]
+    for r, n in ((64, 27), (512, 4608 // 8), (33, 2), (1000, 100)):
+        gs.project(torch.from_numpy(rng.normal(size=(r, n)).astype(np.float32)), 0.8, axis=1, engine="torch")
+    assert counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.parametrize("s", [0.3, 0.8, 0.97])
+def test_fused_batched_groups_and_project_each_match_numba(fused, s):
+    """``project_groups`` (one threshold per group, ``_batched``) and ``project_each`` (one per vector) take the
+    fused sums with per-row thresholds; both land where the numba engine does."""
+    rng = np.random.default_rng(7)
+    mats = [torch.from_numpy((rng.normal(size=(r, n)) * 2.0 ** rng.integers(-100, 100)).astype(np.float32))
+            for r, n in ((64, 27), (32, 288), (16, 9), (12, 2))]
+    zt, it = gs.project_groups(mats, s, axis=1, engine="torch", return_info=True)
+    zn, inb = gs.project_groups([m.numpy() for m in mats], s, axis=1, engine="numba", return_info=True)
+    for a, b, m in zip(zt, zn, mats):
+        assert np.array_equal(np.signbit(a.numpy()), np.signbit(m.numpy()))
+        np.testing.assert_allclose(a.numpy(), b, rtol=0, atol=1e-5 * float(m.abs().max()))
+    for a, b in zip(it, inb):
+        assert abs(a.sparsity - b.sparsity) <= 8e-7 and a.sparsity >= s - 1e-12
+    m = mats[1]
+    each_t = gs.project_each(m, s, axis=1, engine="torch")
+    each_n = gs.project_each(m.numpy(), s, axis=1, engine="numba")
+    np.testing.assert_allclose(each_t.numpy(), each_n, rtol=0, atol=1e-5 * float(m.abs().max()))
