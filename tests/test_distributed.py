@@ -164,6 +164,25 @@ def _projection_cases(rank, world):
         counts = rng.multinomial(n_vec, np.ones(world) / world)
         _check_case(rank, world, f"random-{case}", vecs, float(rng.uniform(0.05, 0.95)), weights=w, counts=counts)
 
+    # the exponent dimension: each vector at its own scale anywhere from near-subnormal to 1e300, entries spread
+    # over binades inside a vector, mixed in one group and split over the ranks (empty ones included); float32
+    # groups over float32's range; ties sometimes. Each vector is compared in its own units (``_check_case``).
+    for case in range(12):
+        n_vec = int(rng.integers(1, 20))
+        f32 = case % 4 == 3
+        lo, hi = (-120, 100) if f32 else (-1000, 990)
+        vecs = []
+        for _ in range(n_vec):
+            v = rng.standard_normal(int(rng.integers(2, 30))) * 2.0 ** rng.integers(-12, 13, 1)
+            if case % 3 == 1:  # ties: few magnitudes
+                v = np.round(v * 2) / 2 + (v == 0) * 0.5
+            v = torch.from_numpy(v * 2.0 ** int(rng.integers(lo, hi)))
+            vecs.append(v.float() if f32 else v)
+        w = [torch.from_numpy(rng.uniform(0.2, 2.0, v.shape[0])) for v in vecs] if case % 5 == 2 else None
+        counts = rng.multinomial(n_vec, np.ones(world) / world)
+        _check_case(rank, world, f"exponents-{case}", vecs, float(rng.uniform(0.05, 0.95)), weights=w, counts=counts,
+                    rel=1e-5 if f32 else 1e-9, measured=True)
+
     # one matrix per rank (columns are vectors, axis=0), compared with project of the concatenated columns
     mats = [torch.randn(8, 5 + r, generator=g, dtype=torch.float64) for r in range(world)]
     full = torch.cat(mats, dim=1)

@@ -18,6 +18,7 @@ import groupsparse as gs
 from groupsparse.projection._group import as_group
 from groupsparse.projection._solver import solve_shared
 from groupsparse.projection._torch import TorchEngine
+from groupsparse.projection import _torch_fused
 from groupsparse.projection._torch_fused import ENV
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -29,10 +30,12 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 @pytest.fixture
 def fused(monkeypatch):
     monkeypatch.setenv(ENV, "1")
+    monkeypatch.setattr(_torch_fused, "FUSED_MIN", 0)  # (small groups here: the fused path on every size)
 
 
 def _engine(x, compiled: bool, monkeypatch):
     monkeypatch.setenv(ENV, "1" if compiled else "0")
+    monkeypatch.setattr(_torch_fused, "FUSED_MIN", 0)
     g = as_group(x) if isinstance(x, list) else as_group(x, axis=1)
     eng = TorchEngine(g.data, g.offsets, g.weights, g.uniform_length)
     eng.compact = False  # (the eager engine's CPU compaction sums in yet another order)
@@ -163,6 +166,13 @@ def test_fused_ties_and_near_ties_land_like_numba(fused, x, s):
     assert obj_t == pytest.approx(obj_n, rel=1e-5)
 
 
+def test_small_groups_stay_eager(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+    for shape, fused in (((64, 27), False), ((64, 512), True)):
+        g = as_group(torch.zeros(shape), axis=1)
+        assert (TorchEngine(g.data, g.offsets, None, g.uniform_length).fused is not None) == fused
+
+
 def test_fused_kernels_do_not_recompile_across_shapes(fused):
     from torch._dynamo.utils import counters
 
@@ -192,3 +202,22 @@ def test_fused_batched_groups_and_project_each_match_numba(fused, s):
     each_t = gs.project_each(m, s, axis=1, engine="torch")
     each_n = gs.project_each(m.numpy(), s, axis=1, engine="numba")
     np.testing.assert_allclose(each_t.numpy(), each_n, rtol=0, atol=1e-5 * float(m.abs().max()))
+
+
+def test_a_failing_compile_warns_once_and_gives_the_eager_result(fused, monkeypatch):
+    """Without a working compiler (or any kernel failure) the call still succeeds, on the eager passes."""
+    def broken(name):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(_torch_fused, "_compiled", broken)
+    monkeypatch.setattr(_torch_fused, "_FAILED", [])
+    x = _cases()["normal"]
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*no C.. compiler"):
+        z = gs.project(x, 0.8, axis=1, engine="torch")
+    monkeypatch.setenv(ENV, "0")
+    torch.testing.assert_close(z, gs.project(x, 0.8, axis=1, engine="torch"), rtol=0, atol=0)
+    monkeypatch.setenv(ENV, "1")
+    g = as_group(x, axis=1)
+    assert TorchEngine(g.data, g.offsets, None, g.uniform_length).fused is None  # later engines stay eager

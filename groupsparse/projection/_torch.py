@@ -159,8 +159,7 @@ class TorchEngine(FirstPass, Fused):
         bracket's lower end (the first Newton step almost always is). ``shared``: one mu for the group, so one
         threshold per row length in the caller's units; else (``_batched``: a threshold per vector or per group)
         the a-unit pass."""
-        if not shared and self.fused is not None:
-            self._fused_sums(rows=t)
+        if not shared and self.fused is not None and self._fused_sums(rows=t):
             return self._finish()
         if not shared:
             for p in self.lay.pieces:
@@ -177,8 +176,7 @@ class TorchEngine(FirstPass, Fused):
         if comp is not None and comp.pad is not None and tk[0] >= comp.T:
             comp.sums(tk[0], self._fast_sums)
             return self._finish() if finish else None
-        if self.fused is not None:
-            self._fused_sums(tk)
+        if self.fused is not None and self._fused_sums(tk):
             return self._finish() if finish else None
         if comp is not None and spec is not None:
             comp.start(spec, tk[0])
@@ -347,9 +345,9 @@ class TorchEngine(FirstPass, Fused):
             # and T >= 0: the clamp form needs -T <= T (``project_each`` makes vectors denser with t < 0)
             fast = bool(((same | ~self.lay.uniform_rows).all() & (tv >= 0).all()))
             neg = -scale
-        fused = self.fast and fast and self.fused is not None
-        if fused:  # (a one-hot row: scale 0 gives zeros signed as x, as the masked fill below)
-            self._fused_write(out, tk, torch.where(oh, 0.0, scale) if any_oh else scale)
+        # (fused: a one-hot row's scale 0 gives zeros signed as x, as the masked fill below)
+        fused = (self.fast and fast and self.fused is not None
+                 and self._fused_write(out, tk, torch.where(oh, 0.0, scale) if any_oh else scale))
         for p in () if fused else self.lay.pieces:
             if self.fast and fast and p.n:
                 # z = (clamp(x, -T, T) - x)(-scale) = copysign(u' scale, x) for |x| > T and -0 elsewhere; adding

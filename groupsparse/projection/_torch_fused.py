@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -25,14 +26,18 @@ import torch
 from ._torch_layout import F64, Piece
 
 ENV = "GROUPSPARSE_TORCH_COMPILE"
+FUSED_MIN = 1 << 15  # entries: below, a call is fixed cost and dynamo's ~55 us a kernel call loses to eager ops
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "") not in ("", "0")
+    return os.environ.get(ENV, "") not in ("", "0") and not _FAILED
 
 
 def runs(offsets: np.ndarray) -> list[Piece] | None:
-    """The group's maximal runs of equal-length vectors, or None where one is under 2 x 2 (see the module)."""
+    """The group's maximal runs of equal-length vectors, or None where one is under 2 x 2 (see the module) or
+    the group under ``FUSED_MIN`` entries."""
+    if offsets[-1] < FUSED_MIN:
+        return None
     lengths = np.diff(offsets)
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(lengths)) + 1, [len(lengths)]]).astype(np.int64)
     out = []
@@ -64,6 +69,23 @@ def _compiled(name):
     return torch.compile({"first": _first, "sums": _sums, "write": _write}[name], dynamic=True)
 
 
+_FAILED: list[str] = []  # the first failure to compile or run a kernel: from then on every engine stays eager
+
+
+def _call(name, *args) -> bool:
+    """Run kernel ``name``; False (and one warning per process) where ``torch.compile`` fails, e.g. without a
+    C++ compiler: the caller then takes the eager passes, which give the same result."""
+    try:
+        out = _compiled(name)(*args)
+    except Exception as e:  # (Inductor's errors have no common base class)
+        if not _FAILED:
+            warnings.warn(f"{ENV}=1: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); the torch engine "
+                          "runs its eager passes (same results, slower)", RuntimeWarning, stacklevel=2)
+        _FAILED.append(type(e).__name__)
+        return False
+    return out if out is not None else True
+
+
 def _scalar(T, like):
     return T if isinstance(T, torch.Tensor) else torch.tensor(T, dtype=F64, device=like.device)
 
@@ -75,25 +97,37 @@ class Fused:
     def _rows(self, flat, p: Piece):
         return flat[p.e0 : p.e1].view(p.v1 - p.v0, p.n)
 
-    def _fused_first(self, peak):
-        first = _compiled("first")
-        for p in self.fused:
-            for dst, val in zip((peak, *self._cs), first(self._rows(self.x, p))):
-                dst[p.v0 : p.v1] = val
+    # Each returns False where a kernel failed (``_call``): the engine then drops ``fused`` and runs the eager pass.
 
-    def _fused_sums(self, tk=None, rows=None):
+    def _fused_first(self, peak) -> bool:
+        for p in self.fused:
+            res = _call("first", self._rows(self.x, p))
+            if res is False:
+                self.fused = None
+                return False
+            for dst, val in zip((peak, *self._cs), res):
+                dst[p.v0 : p.v1] = val
+        return True
+
+    def _fused_sums(self, tk=None, rows=None) -> bool:
         """The raw sums at one threshold per row length (``tk``, caller units) or one per row (``rows``: a-unit
         thresholds t, taken to caller units as t 2^e, exact as in ``_fast``; t = inf leaves no entry)."""
-        sums = _compiled("sums")
         if rows is not None:
             rows = torch.where(torch.isinf(rows), 1e300, rows) * self.sigma
         for p in self.fused:
             T = _scalar(tk[self.lay.kind[p.n]], self.x).expand(p.v1 - p.v0) if rows is None else rows[p.v0 : p.v1]
-            for dst, val in zip(self._cs, sums(self._rows(self.x, p), T)):
+            res = _call("sums", self._rows(self.x, p), T)
+            if res is False:
+                self.fused = None
+                return False
+            for dst, val in zip(self._cs, res):
                 dst[p.v0 : p.v1] = val
+        return True
 
-    def _fused_write(self, out, tk, scale):
-        write = _compiled("write")
+    def _fused_write(self, out, tk, scale) -> bool:
         for p in self.fused:
-            write(self._rows(self.x, p), _scalar(tk[self.lay.kind[p.n]], self.x), scale[p.v0 : p.v1],
-                  self._rows(out, p))
+            if not _call("write", self._rows(self.x, p), _scalar(tk[self.lay.kind[p.n]], self.x),
+                         scale[p.v0 : p.v1], self._rows(out, p)):
+                self.fused = None
+                return False
+        return True
