@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..projection._api import ENGINES, _convert_back, _engine_for
-from ..projection._contract import (_COARSER, _FIRST_HALF, _LARGEST, _NUDGES, _check_solver_options, _margin,
-                                     _may_be_subnormal, _measure, _overflow_error, _precision, _rounded)
+from ..projection._contract import _COARSER, _FIRST_HALF, _check_solver_options, _margin, _precision, finish_contract
 from ..projection._group import _validate_axis, as_group, grouped_target, is_tensor, validate_sparsity
 from ..projection._solver import Evaluation, solve_shared
 
@@ -172,34 +171,6 @@ def _raise_agreed(comm: TorchDistComm, local_err: BaseException | None, flags: n
     raise cls(f"rank {bad}: {msg}")
 
 
-def _measured(grp, eng, comm, flat, info, s, tol, max_iter, precision):
-    """The single-process contract (docs/projection.md §4) across ranks: half precision, and outputs that may be
-    subnormal (a vector below 2^-956 for float64, 2^-60 for float32, on any rank), are measured after rounding to
-    the output dtype and re-solved further inside while short (the last resort: every vector one-hot); a result
-    past the dtype's range raises on every rank. Other groups: the overflow check where a norm nears the limit."""
-    r_loc = grp.n_vectors if grp is not None else 0
-    if precision not in _FIRST_HALF and not _may_be_subnormal(info, precision):
-        if info.bound >= _LARGEST[precision]:  # (info.bound: the largest norm on any rank)
-            bad = grp is not None and not np.all(np.isfinite(_rounded(grp, flat)))
-            if comm.sum(np.array([float(bad)]))[0] > 0:
-                raise _overflow_error(precision)
-        return flat, info
-    margin = info.margin
-    for attempt in range(_NUDGES + 1):
-        S_loc, finite = _measure(grp, flat) if r_loc else (0.0, True)
-        S, bad = comm.sum(np.array([S_loc, float(not finite)]))
-        if bad > 0:
-            raise _overflow_error(precision)
-        info.sparsity = float(S / info.n_vectors)
-        info.margin = margin
-        if info.sparsity >= s or attempt == _NUDGES:
-            break
-        margin = 1.0 if attempt == _NUDGES - 1 else margin + 2 * (s - info.sparsity) + tol
-        flat, info = solve_shared(eng, s, margin_sum=min(margin, 1.0) * r_loc, tol=tol, max_iter=max_iter,
-                                  comm=comm)
-    return flat, info
-
-
 def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, axis: int = 0,
             tol: float | None = None, max_iter: int | None = None, engine: str = "auto", return_info: bool = False):
     """Grouped sparse projection of a group sharded over the ranks of ``group``; collective.
@@ -287,8 +258,10 @@ def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, a
     first = _FIRST_HALF.get(precision)
     local = ((first or _margin(grp, precision)) * grp.n_vectors) if grp is not None else 0.0
     flat, info = solve_shared(eng, s, margin_sum=local, tol=tol_, max_iter=max_iter_, comm=comm)
-    if not info.already_sparse:
-        flat, info = _measured(measured, eng, comm, flat, info, s, tol_, max_iter_, precision)
+    # then project's contract, across the ranks: measured (each vector rounded to its own dtype) and re-solved
+    # further inside while short, the same margin on every rank; overflow raises on every rank
+    flat, info = finish_contract(measured, s, tol_, precision, flat, info, lambda m: solve_shared(
+        eng, s, margin_sum=m * r_loc, tol=tol_, max_iter=max_iter_, comm=comm), comm)
     info.target = s
     if grp is None:
         out = _empty_like(vectors)

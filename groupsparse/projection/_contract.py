@@ -121,7 +121,7 @@ def _overflow_error(precision: str):
 
 
 def solve_contract(group: Group, s: float, tol: float, solve, comm=None):
-    """Run ``solve(margin) -> (flat, info)`` under the precision contract of the output dtype.
+    """Run ``solve(margin) -> (flat, info, back)`` under the precision contract of the output dtype.
 
     float64: solved as is. float32/16: aimed inside by the provable rounding margin; results are measured after
     rounding to the output dtype where that bound does not hold (half precision, subnormal outputs) and re-solved
@@ -130,37 +130,49 @@ def solve_contract(group: Group, s: float, tol: float, solve, comm=None):
     """
     from ._solver import LocalComm
 
-    comm = comm or LocalComm()
     precision = _precision(group.out_dtypes)
     margin = _FIRST_HALF.get(precision) or _margin(group, precision)
     flat, info, back = solve(margin)
     info.margin = margin
+    last = [back]
+
+    def resolve(m):
+        flat, info, last[0] = solve(m)
+        return flat, info
+
+    flat, info = finish_contract(group, s, tol, precision, flat, info, resolve, comm or LocalComm())
+    return flat, info, last[0]
+
+
+def finish_contract(group: Group | None, s: float, tol: float, precision: str, flat, info, resolve, comm):
+    """The contract after the first solve (aimed by ``info.margin``), for one process or across the ranks of
+    ``comm`` (``groupsparse.distributed``): measure where the rounding bound does not hold, ``resolve(margin) ->
+    (flat, info)`` further inside while short, and raise where a result passes the dtype's range. ``group`` is
+    this process's vectors (None: it holds none); ``info`` is the group's (its sparsity, bound and low already
+    over every rank), so every rank takes the same branches."""
     if info.already_sparse:
-        return flat, info, back
+        return flat, info
     if precision == "float64" and not _may_be_subnormal(info, precision):
         _check_finite(group, flat, precision, info, comm)
-        return flat, info, back
-    r = info.n_vectors
+        return flat, info
+    margin = info.margin
     measure = precision != "float32" or _may_be_subnormal(info, precision)
     for attempt in range(_NUDGES + 1):
         if measure:
-            S_loc, finite = _measure(group, flat)
-        else:
-            S_loc, finite = info.sparsity * group.n_vectors, True
-        S, ok = comm.sum(np.array([S_loc, float(not finite)]))
-        if ok > 0:
-            raise _overflow_error(precision)
-        info.sparsity = float(S / r)
+            S_loc, finite = _measure(group, flat) if group is not None and group.n_vectors else (0.0, True)
+            S, bad = comm.sum(np.array([S_loc, float(not finite)]))
+            if bad > 0:
+                raise _overflow_error(precision)
+            info.sparsity = float(S / info.n_vectors)
         info.margin = margin
         if info.sparsity >= s or attempt == _NUDGES:
             break
-        short = s - info.sparsity
-        margin = 1.0 if attempt == _NUDGES - 1 else margin + 2 * short + tol
+        margin = 1.0 if attempt == _NUDGES - 1 else margin + 2 * (s - info.sparsity) + tol
         measure = True
-        flat, info, back = solve(min(margin, 1.0))
+        flat, info = resolve(min(margin, 1.0))
     if not measure:
         _check_finite(group, flat, precision, info, comm)
-    return flat, info, back
+    return flat, info
 
 
 _LARGEST = {"float64": 1.79e308, "float32": 3.4e38}
@@ -182,10 +194,11 @@ def check_each_finite(group: Group, flat, precision: str) -> None:
 
 def _check_finite(group, flat, precision, info, comm):
     """Overflow rule: results beyond the output dtype's range raise (never silently inf). Every output entry is
-    at most its vector's l2 norm (``info.bound``, the largest over the group), so most groups skip the pass."""
-    if comm.max(np.array([getattr(info, "bound", np.inf)]))[0] < _LARGEST[precision]:
+    at most its vector's l2 norm (``info.bound``, the largest over the group and every rank), so most groups skip
+    the pass. ``group`` None: this rank holds no vectors."""
+    if getattr(info, "bound", np.inf) < _LARGEST[precision]:
         return
-    bad = not np.all(np.isfinite(_rounded(group, flat)))
+    bad = group is not None and not np.all(np.isfinite(_rounded(group, flat)))
     if comm.sum(np.array([float(bad)]))[0] > 0:
         raise _overflow_error(precision)
 
