@@ -31,11 +31,13 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 def fused(monkeypatch):
     monkeypatch.setenv(ENV, "1")
     monkeypatch.setattr(_torch_fused, "FUSED_MIN", 0)  # (small groups here: the fused path on every size)
+    monkeypatch.setattr(_torch_fused, "MIN_LENGTH", 2)
 
 
 def _engine(x, compiled: bool, monkeypatch):
     monkeypatch.setenv(ENV, "1" if compiled else "0")
     monkeypatch.setattr(_torch_fused, "FUSED_MIN", 0)
+    monkeypatch.setattr(_torch_fused, "MIN_LENGTH", 2)
     g = as_group(x) if isinstance(x, list) else as_group(x, axis=1)
     eng = TorchEngine(g.data, g.offsets, g.weights, g.uniform_length)
     eng.compact = False  # (the eager engine's CPU compaction sums in yet another order)
@@ -168,20 +170,48 @@ def test_fused_ties_and_near_ties_land_like_numba(fused, x, s):
 
 def test_small_groups_stay_eager(monkeypatch):
     monkeypatch.setenv(ENV, "1")
-    for shape, fused in (((64, 27), False), ((64, 512), True)):
+    for shape, fused in (((64, 27), False), ((128, 512), True), ((65536, 2), False)):
         g = as_group(torch.zeros(shape), axis=1)
         assert (TorchEngine(g.data, g.offsets, None, g.uniform_length).fused is not None) == fused
 
 
-def test_fused_kernels_do_not_recompile_across_shapes(fused):
+def test_fused_kernels_do_not_recompile_across_shapes_modes_and_layouts(fused):
+    """One graph per kernel whatever the call: shapes (square first too), axis, NumPy and 3-D inputs, grad,
+    no_grad and inference mode, one threshold per row (project_each), two row lengths in a group; a user's
+    torch-function mode adds one (dynamo guards on the mode stack) and its state none."""
     from torch._dynamo.utils import counters
 
     rng = np.random.default_rng(0)
-    gs.project(torch.from_numpy(rng.normal(size=(16, 7)).astype(np.float32)), 0.8, axis=1, engine="torch")
+    f32 = lambda *shape: torch.from_numpy(rng.normal(size=shape).astype(np.float32))  # noqa: E731
+    gs.project(f32(64, 64), 0.8, axis=1, engine="torch")  # a square shape first
+    gs.project_each(f32(64, 64), 0.8, axis=1, engine="torch")
     before = counters["stats"]["unique_graphs"]
-    for r, n in ((64, 27), (512, 4608 // 8), (33, 2), (1000, 100)):
-        gs.project(torch.from_numpy(rng.normal(size=(r, n)).astype(np.float32)), 0.8, axis=1, engine="torch")
+    calls = [lambda: gs.project(f32(r, n), 0.8, axis=1, engine="torch") for r, n in ((65, 64), (512, 576), (33, 2))]
+    calls += [lambda: gs.project(f32(40, 7), 0.8, axis=0, engine="torch"),
+              lambda: gs.project(f32(6, 40, 7), 0.8, axis=2, engine="torch"),
+              lambda: gs.project(f32(40, 9).numpy(), 0.8, axis=1, engine="torch"),
+              lambda: gs.project(f32(40, 9).requires_grad_(), 0.8, axis=1, engine="torch"),
+              lambda: gs.project([*f32(20, 9), *f32(30, 5)], 0.8, engine="torch"),
+              lambda: gs.project_each(f32(50, 12), 0.7, axis=1, engine="torch")]
+    for call in calls:
+        call()
+        with torch.no_grad():
+            call()
+        with torch.inference_mode():
+            call()
     assert counters["stats"]["unique_graphs"] == before
+
+    class Counting(torch.overrides.TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Counting.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        for call in calls:
+            call()
+    assert counters["stats"]["unique_graphs"] <= before + 3 and Counting.n > 0
 
 
 @pytest.mark.parametrize("s", [0.3, 0.8, 0.97])
@@ -205,19 +235,77 @@ def test_fused_batched_groups_and_project_each_match_numba(fused, s):
 
 
 def test_a_failing_compile_warns_once_and_gives_the_eager_result(fused, monkeypatch):
-    """Without a working compiler (or any kernel failure) the call still succeeds, on the eager passes."""
-    def broken(name):
-        def fail(*args):
-            raise RuntimeError("no C++ compiler")
-        return fail
+    """Without a working compiler the call still succeeds, on the eager passes; other errors propagate."""
+    from torch._inductor.exc import CppCompileError
 
-    monkeypatch.setattr(_torch_fused, "_compiled", broken)
+    def broken(error):
+        def compiled(name):
+            def fail(*args):
+                raise error
+            return fail
+        return compiled
+
     monkeypatch.setattr(_torch_fused, "_FAILED", [])
     x = _cases()["normal"]
-    with pytest.warns(RuntimeWarning, match="torch.compile failed.*no C.. compiler"):
+    monkeypatch.setattr(_torch_fused, "_compiled", broken(MemoryError("not a compile error")))
+    with pytest.raises(MemoryError):
+        gs.project(x, 0.8, axis=1, engine="torch")
+    assert _torch_fused.enabled()  # (not taken for a compiler failure)
+    monkeypatch.setattr(_torch_fused, "_compiled", broken(CppCompileError(["g++"], "g++: not found")))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*C.. compile error") as rec:
         z = gs.project(x, 0.8, axis=1, engine="torch")
+    assert rec[0].filename == __file__  # (pointing at the caller's line, not the library's)
     monkeypatch.setenv(ENV, "0")
     torch.testing.assert_close(z, gs.project(x, 0.8, axis=1, engine="torch"), rtol=0, atol=0)
     monkeypatch.setenv(ENV, "1")
     g = as_group(x, axis=1)
     assert TorchEngine(g.data, g.offsets, None, g.uniform_length).fused is None  # later engines stay eager
+
+
+@pytest.mark.parametrize("name", ["normal", "zeros and one-hot", "exponents", "ties"])
+def test_fused_device_loop_equals_host_under_the_no_sync_guard(name, monkeypatch):
+    """The device loop with fused passes under the loop test's guard (a torch-function mode that fails on any
+    host sync): no sync inside, and the host solver's result bit for bit."""
+    from test_projection_torch_loop import NoSync
+
+    from groupsparse.projection._torch_loop import solve_device
+
+    x = _cases()[name]
+    a, ia = solve_shared(_engine(x, True, monkeypatch), 0.6, tol=1e-12, max_iter=100)
+    b, ib = solve_device(_engine(x, True, monkeypatch), 0.6, tol=1e-12, max_iter=100, check_every=3, guard=NoSync)
+    assert torch.equal(a, b) and ia.as_dict() == ib.as_dict()
+
+
+def test_calls_cut_to_call_max_give_the_same_bits(fused, monkeypatch):
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(300, 27)).astype(np.float32))
+    whole, info = gs.project(x, 0.8, axis=1, engine="torch", return_info=True)
+    monkeypatch.setattr(_torch_fused, "CALL_MAX", 64)  # 2 rows a call, a last call of 2
+    g = as_group(x, axis=1)
+    pieces = TorchEngine(g.data, g.offsets, None, g.uniform_length).fused
+    assert len(pieces) == 150 and all(p.v1 - p.v0 == 2 for p in pieces)
+    cut, info_cut = gs.project(x, 0.8, axis=1, engine="torch", return_info=True)
+    assert torch.equal(whole, cut) and info.as_dict() == info_cut.as_dict()
+    assert [p.v1 - p.v0 for p in _torch_fused.runs(np.arange(0, 8 * 40, 40))] == [2, 2, 3]  # (no piece of 1 row)
+
+
+def test_no_fused_passes_where_dynamo_is_off_or_groups_are_small(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+    assert _torch_fused.enabled()
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    assert not _torch_fused.enabled()
+    offsets = lambda r, n: np.arange(0, r * n + 1, n)  # noqa: E731
+    assert _torch_fused.runs(offsets(4096, 16)) is not None
+    assert _torch_fused.runs(offsets(65536, 2)) is None  # rows under MIN_LENGTH
+    assert _torch_fused.runs(np.concatenate([offsets(4096, 16), 65536 + offsets(100, 9)[1:]])) is None  # a small run
+
+
+def test_projection_inside_a_users_compiled_function(fused):
+    """A user's torch.compile region around a projection (a pruner's step inside a compiled training step): the
+    solver is host code, so the projection runs eagerly there (a graph break), with the same result."""
+    x = _cases()["normal"]
+
+    @torch.compile(backend="eager")
+    def step(w):
+        return gs.project(w, 0.8, axis=1, engine="torch") * 2
+
+    torch.testing.assert_close(step(x), gs.project(x, 0.8, axis=1, engine="torch") * 2, rtol=0, atol=0)

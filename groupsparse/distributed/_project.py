@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..projection._api import ENGINES, _convert_back, _engine_for
+from ..projection._api import ENGINES, _convert_back, _engine_for, eager_under_compile
 from ..projection._contract import _COARSER, _FIRST_HALF, _check_solver_options, _margin, _precision, finish_contract
 from ..projection._group import _validate_axis, as_group, grouped_target, is_tensor, validate_sparsity
 from ..projection._solver import Evaluation, solve_shared
@@ -171,6 +171,7 @@ def _raise_agreed(comm: TorchDistComm, local_err: BaseException | None, flags: n
     raise cls(f"rank {bad}: {msg}")
 
 
+@eager_under_compile
 def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, axis: int = 0,
             tol: float | None = None, max_iter: int | None = None, engine: str = "auto", return_info: bool = False):
     """Grouped sparse projection of a group sharded over the ranks of ``group``; collective.

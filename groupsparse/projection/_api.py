@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
 from typing import Any
 
@@ -15,6 +17,19 @@ from ._memory import check_separate_targets, check_tensor_target, host_view, sel
 from ._solver import ProjectionInfo, solve_shared
 
 ENGINES = ("auto", "numba", "torch")
+
+
+def eager_under_compile(fn):
+    """``fn`` runs eagerly inside a caller's ``torch.compile`` region (a graph break there): the solver is host
+    code (Python floats, NumPy, data-dependent branches) that dynamo cannot trace. Outside one: a dictionary look-up
+    a call, and no torch import for NumPy callers."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.compiler.is_compiling():
+            return torch.compiler.disable(fn, recursive=True)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
 # Default tolerances (accepted excess of the float64 solution over its aim, average-sparsity units).
 def _engine_for(group: Group, engine: str):
     if not isinstance(engine, str) or engine not in ENGINES:
@@ -110,6 +125,7 @@ def _convert_back(flat, how):
     return flat
 
 
+@eager_under_compile
 def project(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None, tol: float | None = None,
             max_iter: int | None = None, engine: str = "auto", return_info: bool = False, mu0: float | None = None,
             out: Any = None):
@@ -244,6 +260,7 @@ def _copy_into(out, res):
         out[...] = res
 
 
+@eager_under_compile
 def project_(vectors: Any, sparsity: float, **kwargs):
     """In-place :func:`project`: writes the result into ``vectors`` (arrays, tensors or a list of them).
 
@@ -276,6 +293,7 @@ def project_(vectors: Any, sparsity: float, **kwargs):
     return (vectors, info) if info is not None else vectors
 
 
+@eager_under_compile
 def project_each(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any = None, tol: float | None = None,
                  max_iter: int | None = None, engine: str = "auto", return_info: bool = False):
     """Per-vector baseline: every vector projected to exactly ``sparsity`` (Hoyer 2004; Thom & Palm 2013).
@@ -303,6 +321,7 @@ def project_each(vectors: Any, sparsity: float, *, axis: int = 0, weights: Any =
     return out, info
 
 
+@eager_under_compile
 def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = None, tol: float | None = None,
                    max_iter: int | None = None, engine: str = "auto", return_info: bool = False):
     """Several independent grouped projections in one call (e.g. every layer of a model, each its own group).

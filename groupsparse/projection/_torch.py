@@ -119,7 +119,7 @@ class TorchEngine(FirstPass, Fused):
     def _fast_thresholds(self, t, host: bool):
         """T = t 2^e per row length (``_fast``): Python floats where a host sync is free, else 0-d tensors."""
         tk = t[self.lay.first] * self.sigma[self.lay.first]
-        return tk.tolist() if host else [tk[k] for k in range(len(tk))]
+        return tk.tolist() if host else [tk[k] for k in range(tk.shape[0])]  # (shape: no tensor __len__)
 
     def _x64(self, p: Piece, k: int = 0):
         """The piece's entries in float64, in scratch buffer ``k`` (a copy: the caller's data is never written)."""

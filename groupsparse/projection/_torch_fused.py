@@ -11,13 +11,20 @@ one call.
 Same values as the eager pass, not the same bits: u = (|x| - T)_+ and the written entries are the same IEEE
 operations (the write is bit for bit, zeros' signs included), but Inductor adds a row's sums in its own order.
 Within one solve every pass goes through the same kernels, so the host solver and the device loop still agree.
-Only groups whose every run of one length has at least two rows of at least two entries take it: Inductor
-specializes sizes 0 and 1, so such shapes would compile again (they are small: eager is as fast)."""
+
+One graph per kernel whatever the caller does: every call sees plain tensors (aliases of the same memory with no
+view base, so no guard on how the caller's tensor was made), no grad mode, no inference mode and no torch-function
+mode traced (``_plain``), and a threshold per row (contiguous, a shared one filled in). Dynamo specializes sizes
+0 and 1, so a call never has fewer than 2 rows of 2 entries, and where the caller's dynamo would not compile
+(``TORCHDYNAMO_DISABLE``) the engine keeps its eager passes. A call covers at most ``CALL_MAX`` entries: should
+dynamo still run a kernel uncompiled (its recompile limit), its float64 temporaries stay bounded.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -26,26 +33,34 @@ import torch
 from ._torch_layout import F64, Piece
 
 ENV = "GROUPSPARSE_TORCH_COMPILE"
-FUSED_MIN = 1 << 15  # entries: below, a call is fixed cost and dynamo's ~55 us a kernel call loses to eager ops
+# entries of every run of one length (and row length): below, a call is mostly fixed cost, and dynamo's 55-100 us
+# a kernel call lost to the eager ops (ResNet-50 layer shapes: even at 32K entries; rows of 2 lost at 131K)
+FUSED_MIN = 1 << 16
+MIN_LENGTH = 4
+CALL_MAX = 1 << 22  # entries of one kernel call
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "") not in ("", "0") and not _FAILED
+    # (TORCHDYNAMO_DISABLE=1: torch.compile hands back the plain function, whose whole-run temporaries are slow)
+    return os.environ.get(ENV, "") not in ("", "0") and not _FAILED and os.environ.get("TORCHDYNAMO_DISABLE") != "1"
 
 
 def runs(offsets: np.ndarray) -> list[Piece] | None:
-    """The group's maximal runs of equal-length vectors, or None where one is under 2 x 2 (see the module) or
-    the group under ``FUSED_MIN`` entries."""
-    if offsets[-1] < FUSED_MIN:
-        return None
+    """The kernel calls of a group: each maximal run of equal-length vectors cut into pieces of at most
+    ``CALL_MAX`` entries and at least 2 rows; None where a run is under ``FUSED_MIN`` entries or its rows under
+    ``MIN_LENGTH`` (see the module)."""
     lengths = np.diff(offsets)
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(lengths)) + 1, [len(lengths)]]).astype(np.int64)
     out = []
     for v0, v1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         n = int(lengths[v0])
-        if v1 - v0 < 2 or n < 2:
+        if n < MIN_LENGTH or (v1 - v0) * n < FUSED_MIN:
             return None
-        out.append(Piece(int(offsets[v0]), int(offsets[v1]), v0, v1, n))
+        step = max(2, CALL_MAX // n)
+        cuts = list(range(v0, v1, step)) + [v1]
+        if cuts[-1] - cuts[-2] < 2:  # (a last piece of one row joins the one before)
+            del cuts[-2]
+        out += [Piece(int(offsets[a]), int(offsets[b]), a, b, n) for a, b in zip(cuts[:-1], cuts[1:])]
     return out
 
 
@@ -55,13 +70,13 @@ def _first(x):
 
 
 def _sums(x, T):
-    u = (x.to(F64).abs() - T[:, None]).clamp_min(0)  # (T per row: one value broadcast for a shared mu)
+    u = (x.to(F64).abs() - T[:, None]).clamp_min(0)
     return (u > 0).to(F64).sum(1), u.sum(1), (u * u).sum(1).sqrt()
 
 
 def _write(x, T, scale, out):
     x64 = x.to(F64)  # copysign: x's sign on every entry, zeros included (a fused op costs nothing extra here)
-    out.copy_(torch.copysign((x64.abs() - T).clamp_min(0) * scale[:, None], x64))
+    out.copy_(torch.copysign((x64.abs() - T[:, None]).clamp_min(0) * scale[:, None], x64))
 
 
 @functools.cache
@@ -69,65 +84,100 @@ def _compiled(name):
     return torch.compile({"first": _first, "sums": _sums, "write": _write}[name], dynamic=True)
 
 
-_FAILED: list[str] = []  # the first failure to compile or run a kernel: from then on every engine stays eager
+_FAILED: list[str] = []  # the first failure to compile a kernel: from then on every engine stays eager
 
 
-def _call(name, *args) -> bool:
-    """Run kernel ``name``; False (and one warning per process) where ``torch.compile`` fails, e.g. without a
-    C++ compiler: the caller then takes the eager passes, which give the same result."""
+def _plain(t):
+    """An alias of ``t``'s memory with no view base, autograd or inference flag (made outside inference mode)."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
+                                                                t.stride())
+
+
+_PRIMED: set = set()
+
+
+def _prime(name, kernel, args) -> None:
+    """Compile ``kernel`` first on 3 rows of 5 entries like ``args``: dynamo's duck sizing ties sizes that are
+    equal in the first call, and a first call with as many rows as entries a row would give a graph for squares
+    only (the next shape recompiling every kernel)."""
+    kernel(*(torch.zeros((3, 5) if a.dim() == 2 else (3,), dtype=a.dtype, device=a.device) for a in args))
+    _PRIMED.add((name, args[0].device.type))
+
+
+def _compile_error(e: BaseException) -> bool:
+    return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) for c in type(e).__mro__)
+
+
+def _user_stacklevel() -> int:
+    """The warning's stack level of the first frame outside this package (the caller's line)."""
+    root, f, level = os.path.dirname(os.path.dirname(__file__)), sys._getframe(1), 1
+    while f is not None and f.f_code.co_filename.startswith(root):
+        f, level = f.f_back, level + 1
+    return level
+
+
+def _call(name, *args):
+    """Run kernel ``name`` on ``args``; False (one warning per process) where ``torch.compile`` cannot build it,
+    e.g. without a C++ compiler: the engine then takes its eager passes, which give the same result. Any other
+    error propagates."""
     try:
-        out = _compiled(name)(*args)
-    except Exception as e:  # (Inductor's errors have no common base class)
+        with torch.inference_mode(False), torch.no_grad(), torch._C.DisableTorchFunction():
+            kernel, plain = _compiled(name), [_plain(a) for a in args]
+            if (name, args[0].device.type) not in _PRIMED:
+                _prime(name, kernel, plain)
+            out = kernel(*plain)
+    except Exception as e:
+        if not _compile_error(e):
+            raise
         if not _FAILED:
             warnings.warn(f"{ENV}=1: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); the torch engine "
-                          "runs its eager passes (same results, slower)", RuntimeWarning, stacklevel=2)
+                          "runs its eager passes (same results, slower)", RuntimeWarning, stacklevel=_user_stacklevel())
         _FAILED.append(type(e).__name__)
         return False
     return out if out is not None else True
 
 
-def _scalar(T, like):
-    return T if isinstance(T, torch.Tensor) else torch.tensor(T, dtype=F64, device=like.device)
-
-
 class Fused:
-    """Mixin of ``TorchEngine``: the fast path's three passes through the compiled kernels, one call per run of
-    equal-length rows (``self.fused``: those runs, or None for the eager passes)."""
+    """Mixin of ``TorchEngine``: the fast path's three passes through the compiled kernels, one call per piece of
+    ``self.fused`` (``runs``), or None for the eager passes. Each returns False where a kernel could not be built
+    (``_call``): the engine then drops ``fused`` and runs the eager pass."""
 
     def _rows(self, flat, p: Piece):
         return flat[p.e0 : p.e1].view(p.v1 - p.v0, p.n)
 
-    # Each returns False where a kernel failed (``_call``): the engine then drops ``fused`` and runs the eager pass.
-
-    def _fused_first(self, peak) -> bool:
+    def _thresholds(self, tk):
+        """One threshold per row from one per row length (``tk``: floats or 0-d tensors, no host sync)."""
+        T = self.__dict__.get("_T")
+        if T is None:
+            T = self._T = torch.empty(self.n_vectors, dtype=F64, device=self.device)
         for p in self.fused:
-            res = _call("first", self._rows(self.x, p))
+            T[p.v0 : p.v1].fill_(tk[self.lay.kind[p.n]])
+        return T
+
+    def _run(self, name, outs, per_row=(), per_entry=()):
+        """Kernel ``name`` on every piece: the rows of ``self.x`` and of the ``per_entry`` tensors, the piece's
+        slices of the ``per_row`` ones; its results into the piece's slices of ``outs``."""
+        for p in self.fused:
+            args = [self._rows(self.x, p), *(v[p.v0 : p.v1] for v in per_row), *(self._rows(v, p) for v in per_entry)]
+            res = _call(name, *args)
             if res is False:
                 self.fused = None
                 return False
-            for dst, val in zip((peak, *self._cs), res):
-                dst[p.v0 : p.v1] = val
+            for k in range(len(outs)):  # (indexing, not iteration: no tensor __len__ in the device loop)
+                outs[k][p.v0 : p.v1] = res[k]
         return True
+
+    def _fused_first(self, peak) -> bool:
+        return self._run("first", (peak, self._cs[0], self._cs[1], self._cs[2]))
 
     def _fused_sums(self, tk=None, rows=None) -> bool:
         """The raw sums at one threshold per row length (``tk``, caller units) or one per row (``rows``: a-unit
         thresholds t, taken to caller units as t 2^e, exact as in ``_fast``; t = inf leaves no entry)."""
         if rows is not None:
-            rows = torch.where(torch.isinf(rows), 1e300, rows) * self.sigma
-        for p in self.fused:
-            T = _scalar(tk[self.lay.kind[p.n]], self.x).expand(p.v1 - p.v0) if rows is None else rows[p.v0 : p.v1]
-            res = _call("sums", self._rows(self.x, p), T)
-            if res is False:
-                self.fused = None
-                return False
-            for dst, val in zip(self._cs, res):
-                dst[p.v0 : p.v1] = val
-        return True
+            T = torch.where(torch.isinf(rows), 1e300, rows) * self.sigma
+        else:
+            T = self._thresholds(tk)
+        return self._run("sums", (self._cs[0], self._cs[1], self._cs[2]), (T,))
 
     def _fused_write(self, out, tk, scale) -> bool:
-        for p in self.fused:
-            if not _call("write", self._rows(self.x, p), _scalar(tk[self.lay.kind[p.n]], self.x),
-                         scale[p.v0 : p.v1], self._rows(out, p)):
-                self.fused = None
-                return False
-        return True
+        return self._run("write", (), (self._thresholds(tk), scale), (out,))
