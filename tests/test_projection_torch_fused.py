@@ -309,3 +309,38 @@ def test_projection_inside_a_users_compiled_function(fused):
         return gs.project(w, 0.8, axis=1, engine="torch") * 2
 
     torch.testing.assert_close(step(x), gs.project(x, 0.8, axis=1, engine="torch") * 2, rtol=0, atol=0)
+
+
+def test_square_pieces_are_cut_so_no_graph_ties_rows_to_columns(fused):
+    """A piece never has as many rows as entries a row (dynamo's duck sizing would tie them in the graph it
+    compiles first, and every other shape would recompile): also after a dynamo reset, a square first call."""
+    from torch._dynamo.utils import counters
+
+    assert [p.v1 - p.v0 for p in _torch_fused.runs(np.arange(0, 65 * 64 + 1, 64)[:65])] == [32, 32]
+    torch._dynamo.reset()
+    rng = np.random.default_rng(1)
+    gs.project(torch.from_numpy(rng.normal(size=(64, 64)).astype(np.float32)), 0.8, axis=1, engine="torch")
+    before = counters["stats"]["unique_graphs"]
+    for shape in ((100, 64), (300, 7), (512, 512)):
+        gs.project(torch.from_numpy(rng.normal(size=shape).astype(np.float32)), 0.8, axis=1, engine="torch")
+    assert counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_negative_view_projects_its_values(compiled, monkeypatch):
+    """A tensor with the negative bit set (``torch._neg_view``) is its negated values: the fused write's aliases
+    of raw memory lost the bit (every sign wrong), the eager engine could not read it into NumPy."""
+    monkeypatch.setenv(ENV, "1" if compiled else "0")
+    monkeypatch.setattr(_torch_fused, "FUSED_MIN", 0)
+    x = torch.from_numpy(np.random.default_rng(4).normal(size=(256, 512)).astype(np.float32))
+    neg = torch._neg_view(x)
+    assert neg.is_neg()
+    for engine in ("torch", "numba"):
+        z = gs.project(neg, 0.8, axis=1, engine=engine)
+        assert torch.equal(z, gs.project(-x, 0.8, axis=1, engine=engine))
+
+
+def test_jit_trace_is_refused_with_a_clear_error():
+    x = torch.randn(8, 5)
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.trace(lambda w: gs.project(w, 0.5, axis=1), (x,), check_trace=False)

@@ -182,7 +182,7 @@ def project(vectors: Any, sparsity: float, *, weights: Any = None, group=None, a
     ``max_iter`` and ``engine`` must be the same on every rank; ``weights`` must be given on every rank that
     holds vectors, or on none.
 
-    Returns this rank's projected vectors, equal to the single-process :func:`groupsparse.project` of all ranks'
+    Returns this rank's projected vectors, equal (up to float64 rounding) to :func:`groupsparse.project` of all ranks'
     vectors concatenated in group-rank order (same early return when the whole group is already sparse enough,
     same tie resolution: the vectors sent to one-hot at a jump are picked across ranks). With ``return_info``,
     also the (rank-independent) :class:`~groupsparse.ProjectionInfo`, whose ``collectives`` attribute counts

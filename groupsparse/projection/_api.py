@@ -21,13 +21,17 @@ ENGINES = ("auto", "numba", "torch")
 
 def eager_under_compile(fn):
     """``fn`` runs eagerly inside a caller's ``torch.compile`` region (a graph break there): the solver is host
-    code (Python floats, NumPy, data-dependent branches) that dynamo cannot trace. Outside one: a dictionary look-up
-    a call, and no torch import for NumPy callers."""
+    code (Python floats, NumPy, data-dependent branches) that dynamo cannot trace; so ``fullgraph=True`` regions
+    cannot hold it (dynamo raises), nor can ``torch.jit.trace`` (refused). Outside them: a dictionary look-up a
+    call, and no torch import for NumPy callers."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         torch = sys.modules.get("torch")
         if torch is not None and torch.compiler.is_compiling():
             return torch.compiler.disable(fn, recursive=True)(*args, **kwargs)
+        if torch is not None and torch.jit.is_tracing():
+            raise RuntimeError(f"{fn.__name__}: got a call under torch.jit.trace, expected eager code or "
+                               "torch.compile (the solver is host code: a trace would freeze one call's result)")
         return fn(*args, **kwargs)
     return wrapper
 # Default tolerances (accepted excess of the float64 solution over its aim, average-sparsity units).

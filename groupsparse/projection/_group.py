@@ -69,7 +69,7 @@ def _flat_float_buffer(x: Any):
     if is_tensor(x):
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
-        return x.detach().reshape(-1).contiguous()
+        return x.detach().resolve_neg().reshape(-1).contiguous()  # (a negative view's bit: its values, copied)
     if not x.dtype.isnative:  # big-endian input: every dtype decision below sees the native dtype
         x = x.astype(x.dtype.newbyteorder("="))
     if x.dtype == np.float16:
@@ -234,7 +234,8 @@ def as_group(vectors: Any, *, axis: int = 0, weights: Any = None) -> Group:
     if weights is not None:
         w = to_last(weights)
         _check_weight_values(w)
-        w = _normalized_weights(w.detach().reshape(-1) if tensor else np.ascontiguousarray(w).reshape(-1), offsets)
+        w = _normalized_weights(w.detach().resolve_neg().reshape(-1) if tensor else np.ascontiguousarray(w).reshape(-1),
+                                offsets)
     moved_shape = tuple(moved.shape)
     orig_dtype = vectors.dtype
 

@@ -14,8 +14,9 @@ Within one solve every pass goes through the same kernels, so the host solver an
 
 One graph per kernel whatever the caller does: every call sees plain tensors (aliases of the same memory with no
 view base, so no guard on how the caller's tensor was made), no grad mode, no inference mode and no torch-function
-mode traced (``_plain``), and a threshold per row (contiguous, a shared one filled in). Dynamo specializes sizes
-0 and 1, so a call never has fewer than 2 rows of 2 entries, and where the caller's dynamo would not compile
+mode traced (``_plain``), a threshold per row (contiguous, a shared one filled in), and never as many rows as
+entries a row (``runs``). Dynamo specializes sizes 0 and 1, so a call never has fewer than 2 rows of 2 entries,
+and where the caller's dynamo would not compile
 (``TORCHDYNAMO_DISABLE``) the engine keeps its eager passes. A call covers at most ``CALL_MAX`` entries: should
 dynamo still run a kernel uncompiled (its recompile limit), its float64 temporaries stay bounded.
 """
@@ -60,7 +61,11 @@ def runs(offsets: np.ndarray) -> list[Piece] | None:
         cuts = list(range(v0, v1, step)) + [v1]
         if cuts[-1] - cuts[-2] < 2:  # (a last piece of one row joins the one before)
             del cuts[-2]
-        out += [Piece(int(offsets[a]), int(offsets[b]), a, b, n) for a, b in zip(cuts[:-1], cuts[1:])]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            # never as many rows as entries a row: dynamo's duck sizing would tie the two sizes in the graph it
+            # compiles first, and every other shape would compile again (halves of n >= 4 rows: >= 2 rows each)
+            for c, d in ((a, a + n // 2), (a + n // 2, b)) if b - a == n else ((a, b),):
+                out.append(Piece(int(offsets[c]), int(offsets[d]), c, d, n))
     return out
 
 
@@ -93,17 +98,6 @@ def _plain(t):
                                                                 t.stride())
 
 
-_PRIMED: set = set()
-
-
-def _prime(name, kernel, args) -> None:
-    """Compile ``kernel`` first on 3 rows of 5 entries like ``args``: dynamo's duck sizing ties sizes that are
-    equal in the first call, and a first call with as many rows as entries a row would give a graph for squares
-    only (the next shape recompiling every kernel)."""
-    kernel(*(torch.zeros((3, 5) if a.dim() == 2 else (3,), dtype=a.dtype, device=a.device) for a in args))
-    _PRIMED.add((name, args[0].device.type))
-
-
 def _compile_error(e: BaseException) -> bool:
     return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) for c in type(e).__mro__)
 
@@ -122,10 +116,7 @@ def _call(name, *args):
     error propagates."""
     try:
         with torch.inference_mode(False), torch.no_grad(), torch._C.DisableTorchFunction():
-            kernel, plain = _compiled(name), [_plain(a) for a in args]
-            if (name, args[0].device.type) not in _PRIMED:
-                _prime(name, kernel, plain)
-            out = kernel(*plain)
+            out = _compiled(name)(*[_plain(a) for a in args])
     except Exception as e:
         if not _compile_error(e):
             raise
