@@ -34,6 +34,8 @@ def eager_under_compile(fn):
                                "torch.compile (the solver is host code: a trace would freeze one call's result)")
         return fn(*args, **kwargs)
     return wrapper
+
+
 # Default tolerances (accepted excess of the float64 solution over its aim, average-sparsity units).
 def _engine_for(group: Group, engine: str):
     if not isinstance(engine, str) or engine not in ENGINES:

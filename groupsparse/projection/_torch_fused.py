@@ -16,9 +16,9 @@ One graph per kernel whatever the caller does: every call sees plain tensors (al
 view base, so no guard on how the caller's tensor was made), no grad mode, no inference mode and no torch-function
 mode traced (``_plain``), a threshold per row (contiguous, a shared one filled in), and never as many rows as
 entries a row (``runs``). Dynamo specializes sizes 0 and 1, so a call never has fewer than 2 rows of 2 entries,
-and where the caller's dynamo would not compile
-(``TORCHDYNAMO_DISABLE``) the engine keeps its eager passes. A call covers at most ``CALL_MAX`` entries: should
-dynamo still run a kernel uncompiled (its recompile limit), its float64 temporaries stay bounded.
+and where the caller's dynamo would not compile (``TORCHDYNAMO_DISABLE``) the engine keeps its eager passes. A
+call covers at most ``CALL_MAX`` entries: should dynamo still run a kernel uncompiled (its recompile limit), its
+float64 temporaries stay bounded.
 """
 
 from __future__ import annotations
