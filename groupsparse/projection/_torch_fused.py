@@ -31,7 +31,7 @@ import warnings
 import numpy as np
 import torch
 
-from ._torch_layout import F64, Piece
+from ._torch_layout import F64, Piece, length_runs
 
 ENV = "GROUPSPARSE_TORCH_COMPILE"
 # entries of every run of one length (and row length): below, a call is mostly fixed cost, and dynamo's 55-100 us
@@ -51,7 +51,7 @@ def runs(offsets: np.ndarray) -> list[Piece] | None:
     ``CALL_MAX`` entries and at least 2 rows; None where a run is under ``FUSED_MIN`` entries or its rows under
     ``MIN_LENGTH`` (see the module)."""
     lengths = np.diff(offsets)
-    bounds = np.concatenate([[0], np.flatnonzero(np.diff(lengths)) + 1, [len(lengths)]]).astype(np.int64)
+    bounds = length_runs(lengths)
     out = []
     for v0, v1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         n = int(lengths[v0])
@@ -133,9 +133,6 @@ class Fused:
     ``self.fused`` (``runs``), or None for the eager passes. Each returns False where a kernel could not be built
     (``_call``): the engine then drops ``fused`` and runs the eager pass."""
 
-    def _rows(self, flat, p: Piece):
-        return flat[p.e0 : p.e1].view(p.v1 - p.v0, p.n)
-
     def _thresholds(self, tk):
         """One threshold per row from one per row length (``tk``: floats or 0-d tensors, no host sync)."""
         T = self.__dict__.get("_T")
@@ -149,7 +146,8 @@ class Fused:
         """Kernel ``name`` on every piece: the rows of ``self.x`` and of the ``per_entry`` tensors, the piece's
         slices of the ``per_row`` ones; its results into the piece's slices of ``outs``."""
         for p in self.fused:
-            args = [self._rows(self.x, p), *(v[p.v0 : p.v1] for v in per_row), *(self._rows(v, p) for v in per_entry)]
+            rows = self.lay.rows
+            args = [rows(self.x, p), *(v[p.v0 : p.v1] for v in per_row), *(rows(v, p) for v in per_entry)]
             res = _call(name, *args)
             if res is False:
                 self.fused = None

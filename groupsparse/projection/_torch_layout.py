@@ -38,12 +38,17 @@ def _ragged(offsets: np.ndarray, v0: int, v1: int, chunk: int, out: list) -> Non
         out.append(Piece(int(offsets[a]), int(offsets[b]), int(a), int(b), 0))
 
 
+def length_runs(lengths: np.ndarray) -> np.ndarray:
+    """Bounds of the maximal runs of equal lengths: run k is vectors bounds[k] .. bounds[k + 1] - 1."""
+    return np.concatenate([[0], np.flatnonzero(np.diff(lengths)) + 1, [len(lengths)]]).astype(np.int64)
+
+
 def _pieces(lengths: np.ndarray, chunk: int) -> list[Piece]:
     out: list[Piece] = []
     r = len(lengths)
     offsets = np.zeros(r + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    bounds = np.concatenate([[0], np.flatnonzero(np.diff(lengths)) + 1, [r]]).astype(np.int64)  # equal-length runs
+    bounds = length_runs(lengths)
     big = (np.diff(bounds) >= UNIFORM_MIN_ROWS) | (np.diff(offsets[bounds]) >= chunk)
     big &= lengths[bounds[:-1]] > 0
     rag = 0  # first vector not yet in a piece
