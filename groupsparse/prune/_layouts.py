@@ -55,18 +55,16 @@ def pruned_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) ->
     out: dict[str, torch.Tensor] = {}
     masks = {k[: -len("_mask")]: v for k, v in sd.items() if k.endswith("_mask") and isinstance(v, torch.Tensor)}
     computed = _parametrized_weights(model) if model is not None else {}
+    parts = {k: _parametrization_entry(k) for k in sd}
     groups: dict[str, set] = {}  # parametrized name -> the leaves of its entries ("original", "0.mask", ...)
-    for k in sd:
-        if k.startswith("parametrizations.") or ".parametrizations." in k:
-            head, _, rest = k.rpartition("parametrizations.")
-            pname, leaf = rest.split(".", 1)
-            groups.setdefault(head + pname, set()).add(leaf)
+    for part in parts.values():
+        if part is not None:
+            groups.setdefault(part[0] + part[1], set()).add(part[2])
     for k, v in sd.items():
         if isinstance(v, torch.Tensor) and is_mask_entry(k, sd):
             continue
-        if k.startswith("parametrizations.") or ".parametrizations." in k:
-            head, _, rest = k.rpartition("parametrizations.")
-            pname, leaf = rest.split(".", 1)
+        if parts[k] is not None:
+            head, pname, leaf = parts[k]
             name = head + pname
             if name in computed:
                 out[name] = computed[name]
@@ -86,6 +84,15 @@ def pruned_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) ->
             w = w.masked_fill(~m.bool(), 0)
         out[name] = w
     return out
+
+
+def _parametrization_entry(k: str) -> tuple[str, str, str] | None:
+    """``"<head>parametrizations.<name>.<leaf>"`` -> (head, name, leaf); None for other keys."""
+    if not (k.startswith("parametrizations.") or ".parametrizations." in k):
+        return None
+    head, _, rest = k.rpartition("parametrizations.")
+    pname, leaf = rest.split(".", 1)
+    return head, pname, leaf
 
 
 def _parametrized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
