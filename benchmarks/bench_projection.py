@@ -8,7 +8,8 @@
 2. scaling: 1e5 .. 1e8 entries (vectors of length 1000), time per entry.
 3. the resnet50 group through the torch engine on CPU, and on CUDA when available.
 4. short: vectors of length 9 (3x3 kernels) against length 1000 at 1e6 .. 1e8 entries (float32 N(0, 1), one
-   group, s = 0.8): ns per entry, ratio to a copy, and the 9-vs-1000 per-entry ratio.
+   group, s = 0.8): ns per entry, ratio to a copy, and the 9-vs-1000 per-entry ratio; ``--lengths 9 17 25``
+   adds other short lengths at 1e6 and 1e7.
 5. memory: peak extra memory of one call over the input size, in a fresh subprocess (peak RSS during the call
    minus RSS just before; numba's allocations are invisible to tracemalloc): lengths 9, 64, 1000 (1e7 entries;
    length 9 also at 1e8 without --quick), with and without ``out=``, and the ResNet-50 layers (one call per
@@ -172,13 +173,15 @@ def load_baseline(root):
     return mod
 
 
-def bench_short(rng, sizes, repeat, baseline=None, s=0.8):
-    """Length 9 against length 1000 per entry; the callables are interleaved so a load spike hits all of them."""
+def bench_short(rng, sizes, repeat, baseline=None, s=0.8, lengths=(9,)):
+    """Short ``lengths`` (9: 3x3 kernels; 25: 5x5) against length 1000 per entry, at 1e8 length 9 only; the
+    callables are interleaved so a load spike hits all of them."""
     impls = {"ours": gs.project} | ({"before": baseline.project} if baseline else {})
     rows = []
     for N in sizes:
         row = {"entries": int(N)}
-        for n in (9, 1000):
+        short = [n for n in lengths if n == 9 or N <= 1e7]
+        for n in (*short, 1000):
             m = rng.normal(0, 1, size=(int(N) // n, n)).astype(np.float32)
             for f in impls.values():
                 f(m, s, axis=1)  # compile, warm
@@ -194,8 +197,13 @@ def bench_short(rng, sizes, repeat, baseline=None, s=0.8):
             row[f"n{n}_copy_s"] = best["copy"]
             del m
         for k in impls:
-            row[f"{k}_ratio_9_vs_1000"] = row[f"n9_{k}_ns_per_entry"] / row[f"n1000_{k}_ns_per_entry"]
+            for n in short:
+                row[f"{k}_ratio_{n}_vs_1000"] = row[f"n{n}_{k}_ns_per_entry"] / row[f"n1000_{k}_ns_per_entry"]
         rows.append(row)
+        for n in short[1:] if 9 in short else short:
+            print(f"  short {int(N):>11,d} entries: length {n} {row[f'n{n}_ours_ns_per_entry']:.2f} ns/entry -> "
+                  f"{n} vs 1000 {row[f'ours_ratio_{n}_vs_1000']:.2f}" + (f"; before: {n} vs 1000 "
+                  f"{row[f'before_ratio_{n}_vs_1000']:.2f}" if baseline else ""), flush=True)
         print(f"  short {int(N):>11,d} entries: length 9 {row['n9_ours_ns_per_entry']:.2f} ns/entry "
               f"({row['n9_ours_ratio_to_copy']:.1f}x copy), length 1000 {row['n1000_ours_ns_per_entry']:.2f} "
               f"({row['n1000_ours_ratio_to_copy']:.1f}x) -> 9 vs 1000 {row['ours_ratio_9_vs_1000']:.2f}"
@@ -336,6 +344,8 @@ def main():
     p.add_argument("--skip", nargs="*", default=[], choices=["resnet50", "scaling", "torch", "short", "memory", "cold",
                                                                     "passes"])
     p.add_argument("--baseline", default=None, help="another checkout whose projection sections 4-7 also measure")
+    p.add_argument("--lengths", nargs="*", type=int, default=[9], help="short lengths timed against length 1000 "
+                   "(section 4; at 1e8 entries length 9 only)")
     p.add_argument("--merge", action="store_true", help="keep the output file's other keys (rerun some sections)")
     args = p.parse_args()
     repeat = 3 if args.quick else 5
@@ -379,7 +389,8 @@ def main():
                   f"{row['project_groups_ratio_to_copy']:.1f}x", flush=True)
     baseline = load_baseline(args.baseline) if args.baseline else None
     if "short" not in args.skip:
-        res["short_vectors"] = bench_short(rng, [1e6, 1e7] + ([] if args.quick else [1e8]), repeat, baseline)
+        res["short_vectors"] = bench_short(rng, [1e6, 1e7] + ([] if args.quick else [1e8]), repeat, baseline,
+                                           lengths=args.lengths)
         if baseline:
             res["resnet50_vs_before"] = bench_resnet_before(rng, repeat, baseline)
             res["resnet50_kaiming_uniform_vs_before"] = bench_resnet_before(rng, repeat, baseline, init="kaiming-uniform")

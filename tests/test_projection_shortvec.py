@@ -1,5 +1,5 @@
 """The short-vector kernels (``groupsparse/projection/_shortvec.py``: LLVM vector code, eight vectors at a time)
-against scalar references, over every length they take (1-16), both dtypes, thresholds at and between entries,
+against scalar references, over every length they take (1-32), both dtypes, thresholds at and between entries,
 every float exponent (subnormals to the largest finite), signed zeros, NaN and Inf, and offsets up to the
 array's last entry (the masked loads must read exactly the vector's own entries)."""
 
@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from groupsparse.projection._shortvec import (SHORT_MAX, abs_sums8_1, abs_sums8_2, both8_1, both8_2, sums8_1, sums8_2,
-                                               write8)
+from groupsparse.projection._shortvec import SHORT_MAX, abs_sums8, both8, sums8, write8
 
 
 @nb.njit
@@ -21,14 +20,9 @@ def _run_sums(x, n, t, absolute, M, SU, SUU):
     r = x.shape[0] // n
     for q in range(0, r - r % 8, 8):
         if absolute:
-            if n <= 8:
-                abs_sums8_1(x, q * n, n, 0.0, M, SU, SUU, q)
-            else:
-                abs_sums8_2(x, q * n, n, 0.0, M, SU, SUU, q)
-        elif n <= 8:
-            sums8_1(x, q * n, n, t, M, SU, SUU, q)
+            abs_sums8(x, q * n, n, M, SU, SUU, q)
         else:
-            sums8_2(x, q * n, n, t, M, SU, SUU, q)
+            sums8(x, q * n, n, t, M, SU, SUU, q)
 
 
 @nb.njit
@@ -123,7 +117,7 @@ def test_write_is_the_scalar_loop_bit_for_bit(group, data):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 16])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 16, 17, 24, 25, 31, 32])
 def test_kernels_touch_only_the_vectors_entries(dtype, n):
     """the vectors end exactly at the array's end (a read past it would fault at a page edge, or read the guard)
     and a write leaves every entry outside [o0, o0 + n) alone"""
@@ -142,10 +136,7 @@ def test_kernels_touch_only_the_vectors_entries(dtype, n):
 def _run_both(x, n, t, M, SU, SUU, M2, SU2, SUU2):
     r = x.shape[0] // n
     for q in range(0, r - r % 8, 8):
-        if n <= 8:
-            both8_1(x, q * n, n, t, M, SU, SUU, M2, SU2, SUU2, q)
-        else:
-            both8_2(x, q * n, n, t, M, SU, SUU, M2, SU2, SUU2, q)
+        both8(x, q * n, n, t, M, SU, SUU, M2, SU2, SUU2, q)
 
 
 @settings(max_examples=150, deadline=None)
@@ -165,7 +156,7 @@ def test_both_sums_are_the_two_kernels_bit_for_bit(group, data):
         assert np.array_equal(g.view(np.uint64), e.view(np.uint64))
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 16, 17, 33, 1000])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 16, 17, 24, 25, 32, 33, 1000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_first_pass_evaluation_is_the_pass_at_t(n, dtype):
     """``_uniform_first`` at T > 0 also evaluates at T (the solve's warm start): per part, the bits of

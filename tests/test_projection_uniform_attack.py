@@ -70,7 +70,7 @@ def check_band(x, s, z, info):
 def nasty_group(draw, dtype=None):
     """Equal-length vectors with the structures the path special-cases or could get wrong."""
     dtype = dtype or draw(st.sampled_from([np.float32, np.float64]))
-    n = draw(st.one_of(st.integers(2, 20), st.sampled_from([33, 257])))
+    n = draw(st.one_of(st.integers(2, 34), st.sampled_from([257])))
     r = draw(st.integers(1, 50))
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     x = rng.normal(size=(r, n))
@@ -137,7 +137,7 @@ def test_objective_reaches_the_dual_bound(r, n, s, seed):
 
 
 @FAST
-@given(st.integers(2, 12), st.integers(1, 12), st.floats(0.05, 0.95), st.integers(0, 2**31), st.integers(-4, 4),
+@given(st.integers(2, 34), st.integers(1, 12), st.floats(0.05, 0.95), st.integers(0, 2**31), st.integers(-4, 4),
        st.sampled_from([(440, 450), (-450, -440), (-452, -446), (446, 452)]))
 def test_float64_window_edges(n, r, s, seed, k, window):
     """Entries at, inside and straddling [2^-450, 2^450]: inside, 2^k scaling is bit-exact; any group that leaves
@@ -159,7 +159,7 @@ def test_float64_window_edges(n, r, s, seed, k, window):
 
 
 @FAST
-@given(st.integers(2, 20), st.integers(1, 30), st.floats(0.05, 0.99), st.integers(0, 2**31))
+@given(st.integers(2, 34), st.integers(1, 30), st.floats(0.05, 0.99), st.integers(0, 2**31))
 def test_float32_subnormals(n, r, s, seed):
     """float32 vectors down in the subnormals (and one normal vector beside them): feasible when measured in
     float32, info honest, threads bit for bit."""

@@ -1,11 +1,12 @@
-"""Kernels for short vectors (length <= 16) written as LLVM vector code, eight vectors at a time.
+"""Kernels for short vectors (length <= 32) written as LLVM vector code, eight vectors at a time.
 
 For short vectors the generic per-vector loops (``_kernels.plain_sums``) compile to scalar code: LLVM vectorizes
 them 16 entries at a time, so a length-9 vector never reaches the vector loop and every entry costs about 9 scalar
-instructions (1.1 ns an entry against 0.3 for length 1000, docs/projection.md §8). Here each vector is one or two
-masked loads of 8 lanes (lanes past the vector's end read as 0 and are never touched in memory), the lanes are
-processed as vectors, and the per-vector sums of eight vectors come out of one transposing add tree, so there is no
-horizontal reduction per vector.
+instructions (1.1 ns an entry against 0.3 for length 1000, docs/projection.md §8); lengths 17-32 ran mostly
+scalar too (a pass over length 17 cost 2.2x one over length 16). Here each vector is one to four masked loads of 8
+lanes (lanes past the vector's end read as 0 and are never touched in memory), the lanes are processed as vectors,
+and the per-vector sums of eight vectors come out of one transposing add tree, so there is no horizontal reduction
+per vector.
 
 Every sum is added in an order fixed by this code (the tree below), with plain IEEE instructions and no fastmath
 flags: the bits do not depend on LLVM's choices, on the CPU, or on whether Numba compiled or loaded the caller
@@ -15,12 +16,13 @@ flags: the bits do not depend on LLVM's choices, on the CPU, or on whether Numba
 from __future__ import annotations
 
 import llvmlite
+import numba as nb
 from llvmlite import ir
 from llvmlite.binding import llvm_version_info
 from numba.core import types as nbt
 from numba.extending import intrinsic
 
-SHORT_MAX = 16  # vectors up to this length take these kernels
+SHORT_MAX = 32  # vectors up to this length take these kernels (1 to 4 loads of _H lanes each)
 _H = 8  # lanes of one load (a 512-bit register of doubles)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
@@ -55,11 +57,19 @@ def _shuf(builder, a, b, idx):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(idx)), idx))
 
 
-def _masks(builder, n):
-    """(lanes 0-7 below n, lanes 8-15 below n) as <8 x i1>."""
+def _masks(builder, n, halves):
+    """(lanes 0-7 below n, lanes 8-15 below n, ...) as <8 x i1>, one per load."""
     nv = _splat(builder, n, ir.VectorType(_I64, _H))
     return [builder.icmp_signed("<", ir.Constant(ir.VectorType(_I64, _H), list(range(h, h + _H))), nv)
-            for h in (0, _H)]
+            for h in range(0, halves * _H, _H)]
+
+
+def _tree(builder, vs):
+    """The lanes' sum of one vector's loads in a fixed order: pairs, then pairs of pairs ((a + b) for two loads,
+    (a + b) + c for three, (a + b) + (c + d) for four)."""
+    while len(vs) > 1:
+        vs = [builder.fadd(a, b) for a, b in zip(vs[0::2], vs[1::2])] + vs[len(vs) - len(vs) % 2 :]
+    return vs[0]
 
 
 def _load(builder, arr_ty, data, off, mask, halves):
@@ -103,7 +113,7 @@ def _sums8(context, builder, sig, args, halves, modes):
     x_ty, m_ty = sig.args[0], sig.args[4]
     x = context.make_array(x_ty)(context, builder, args[0])
     o0, n, q = args[1], args[2], args[-1]
-    mask = _masks(builder, n)
+    mask = _masks(builder, n, halves)
     zero = ir.Constant(_V64, None)
     tv = _splat(builder, args[3], _V64)
     fabs = _fn(builder, f"llvm.fabs.v{_H}f64", _V64, [_V64])
@@ -124,8 +134,8 @@ def _sums8(context, builder, sig, args, halves, modes):
                 us.append(u)
                 c = builder.add(c, builder.zext(builder.call(ctpop, [builder.bitcast(pos, ir.IntType(8))]), _I32))
             sq = [builder.fmul(u, u) for u in us]
-            su.append(us[0] if halves == 1 else builder.fadd(us[0], us[1]))
-            suu.append(sq[0] if halves == 1 else builder.fadd(sq[0], sq[1]))
+            su.append(_tree(builder, us))
+            suu.append(_tree(builder, sq))
             cnt.append(builder.uitofp(c, _F64))
     for i, (su, suu, cnt) in enumerate(acc):
         m_arg, su_arg, suu_arg = args[4 + 3 * i : 7 + 3 * i]
@@ -155,10 +165,51 @@ def _make_both(halves):
     return both8
 
 
-# (vectors up to 8 entries, up to 16) x (u = (|x| - t)_+, u = |x|, both)
-sums8_1, sums8_2 = _make_sums(1, False), _make_sums(2, False)
-abs_sums8_1, abs_sums8_2 = _make_sums(1, True), _make_sums(2, True)
-both8_1, both8_2 = _make_both(1), _make_both(2)
+# (vectors up to 8 entries, up to 16, 24, 32) x (u = (|x| - t)_+, u = |x|, both)
+_s1, _s2, _s3, _s4 = (_make_sums(h, False) for h in (1, 2, 3, 4))
+_a1, _a2, _a3, _a4 = (_make_sums(h, True) for h in (1, 2, 3, 4))
+_b1, _b2, _b3, _b4 = (_make_both(h) for h in (1, 2, 3, 4))
+
+
+# The dispatchers compiled code calls (a branch on n into the kernel of its number of loads), inlined.
+@nb.njit(inline="always")
+def sums8(x, o0, n, t, M, SU, SUU, q):
+    """(support size, sum u, sum u^2) of u = (|x| - t)_+ for the eight vectors of length n <= SHORT_MAX from o0,
+    into M, SU, SUU at q .. q + 7."""
+    if n <= 8:
+        _s1(x, o0, n, t, M, SU, SUU, q)
+    elif n <= 16:
+        _s2(x, o0, n, t, M, SU, SUU, q)
+    elif n <= 24:
+        _s3(x, o0, n, t, M, SU, SUU, q)
+    else:
+        _s4(x, o0, n, t, M, SU, SUU, q)
+
+
+@nb.njit(inline="always")
+def abs_sums8(x, o0, n, M, SU, SUU, q):
+    """``sums8`` of u = |x| (nonzeros counted; NaN and Inf show in the sums)."""
+    if n <= 8:
+        _a1(x, o0, n, 0.0, M, SU, SUU, q)
+    elif n <= 16:
+        _a2(x, o0, n, 0.0, M, SU, SUU, q)
+    elif n <= 24:
+        _a3(x, o0, n, 0.0, M, SU, SUU, q)
+    else:
+        _a4(x, o0, n, 0.0, M, SU, SUU, q)
+
+
+@nb.njit(inline="always")
+def both8(x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q):
+    """``abs_sums8`` into M, SU, SUU and ``sums8`` at t into M2, SU2, SUU2 from one set of loads (the same bits)."""
+    if n <= 8:
+        _b1(x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q)
+    elif n <= 16:
+        _b2(x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q)
+    elif n <= 24:
+        _b3(x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q)
+    else:
+        _b4(x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q)
 
 
 def _write8_n(builder, x_ty, xd, od, o0, n, tv, sc8, is32_out):

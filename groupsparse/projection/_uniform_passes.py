@@ -2,7 +2,7 @@
 
 Each pass recomputes what it needs per vector from the entries it reads (no per-vector arrays outside a pass), in
 the caller's units (threshold T = mu beta 2^E), buffering _Q vectors' sums so the sqrt/divide tail vectorizes.
-Short vectors (n <= 16) take the vector code of ``_shortvec``. Every pass is compiled twice from one body: inlined
+Short vectors (n <= 32) take the vector code of ``_shortvec``. Every pass is compiled twice from one body: inlined
 into the compiled solve (``inline_copy``) and on its own, run on ranges of parts by Python threads (``_threads``).
 """
 
@@ -14,7 +14,7 @@ import numba as nb
 import numpy as np
 
 from ._kernels import abs_sums, inline_copy, jit, plain_sums, radd
-from ._shortvec import SHORT_MAX, abs_sums8_1, abs_sums8_2, both8_1, both8_2, sums8_1, sums8_2, write8
+from ._shortvec import SHORT_MAX, abs_sums8, both8, sums8, write8
 from ._threads import run_parts
 
 # Vectors per partial sum, the unit of threads: 4096 up to length 16, then about 2^16 entries (at least one vector),
@@ -96,16 +96,10 @@ def _short_sums(x, b, k, n, T, M, SU, SUU):
         return 0
     k8 = k - k % 8
     for q in range(0, k8, 8):
-        o0 = (b + q) * n
         if T < 0.0:
-            if n <= 8:
-                abs_sums8_1(x, o0, n, 0.0, M, SU, SUU, q)
-            else:
-                abs_sums8_2(x, o0, n, 0.0, M, SU, SUU, q)
-        elif n <= 8:
-            sums8_1(x, o0, n, T, M, SU, SUU, q)
+            abs_sums8(x, (b + q) * n, n, M, SU, SUU, q)
         else:
-            sums8_2(x, o0, n, T, M, SU, SUU, q)
+            sums8(x, (b + q) * n, n, T, M, SU, SUU, q)
     return k8
 
 
@@ -116,10 +110,7 @@ def _short_both(x, b, k, n, T, M, SU, SUU, M2, SU2, SUU2):
         return 0
     k8 = k - k % 8
     for q in range(0, k8, 8):
-        if n <= 8:
-            both8_1(x, (b + q) * n, n, T, M, SU, SUU, M2, SU2, SUU2, q)
-        else:
-            both8_2(x, (b + q) * n, n, T, M, SU, SUU, M2, SU2, SUU2, q)
+        both8(x, (b + q) * n, n, T, M, SU, SUU, M2, SU2, SUU2, q)
     return k8
 
 
