@@ -36,6 +36,8 @@ def eager_under_compile(fn):
     return wrapper
 
 
+_BATCH_ON_CPU = False  # tests: the batched solve (``_batched.solve_groups``, the GPU's path) on CPU arrays too
+
 # Default tolerances (accepted excess of the float64 solution over its aim, average-sparsity units).
 def _engine_for(group: Group, engine: str):
     if not isinstance(engine, str) or engine not in ENGINES:
@@ -368,7 +370,7 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
             wblocks += wl
     first = blocks[0] if blocks else None
     on_cuda = is_tensor(first) and first.device.type != "cpu"
-    if not on_cuda:
+    if not (on_cuda or _BATCH_ON_CPU):
         # On the CPU one group at a time is faster: a layer's repeated passes stay in cache, and small groups take
         # the compiled path. Batching pays where each pass costs kernel launches and host syncs (GPU).
         out = [project(grp, float(s), axis=axis, weights=None if weights is None else weights[gi], tol=tol,

@@ -88,7 +88,8 @@ def solve_groups(eng, gid, starts, sparsity, *, margin, tol, max_iter: int):
 
     ``gid`` (engine-native int array) maps vectors to groups, groups are contiguous (``starts``: host offsets of
     each group's first vector, length G + 1); ``sparsity``, ``margin`` and ``tol`` are host arrays of G. Every
-    evaluation is one pass over all groups, so per-call and per-kernel overheads are paid once for the set.
+    evaluation is one pass over the groups whose mu moved, so per-call and per-kernel overheads are paid once for
+    the set, and a settled group's data is not read again.
     Groups still unsettled after BATCH_ITERS passes (ties, hard cases) come back in ``jumped`` for the scalar
     solver. Returns ``(flat_output, mu (host G), S (host G), iterations, evaluations, jumped (host bool G))``.
     """
@@ -122,8 +123,17 @@ def solve_groups(eng, gid, starts, sparsity, *, margin, tol, max_iter: int):
     aim = need + 0.5 * band
     dt = eng.ldexp(beta, eng.shift)
 
+    last = np.full(G, np.nan)  # each group's mu at the evaluation before (NaN: none)
+
     def evaluate(mu):
-        ev = eng.evaluate_vec(eng.ldexp(mu[gid] * beta, eng.shift))
+        # only the groups whose mu moved are evaluated again: a settled group keeps its mu, and the engine keeps
+        # its vectors' sums from the pass that took them at that mu (the torch engine skips their pieces: a
+        # batch's later passes and its final one then read only the unsettled groups, not the whole set)
+        nonlocal last
+        mu_h = eng.to_host(mu)
+        live = ~(mu_h == last)
+        last = mu_h.copy()
+        ev = eng.evaluate_vec(eng.ldexp(mu[gid] * beta, eng.shift), live=live[gid_h])
         sp = beta * (eng.wnorm - ev.h)
         ds = xp.where(ev.dh != 0, -beta * ev.dh * dt, 0.0)
         return ev, gsum(sp), gsum(ds)

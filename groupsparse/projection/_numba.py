@@ -274,7 +274,8 @@ class NumbaEngine:
             onehot[vids] = pos
         return empty, onehot, hval
 
-    def evaluate_vec(self, t: np.ndarray, mu: float | None = None) -> Evaluation:
+    def evaluate_vec(self, t: np.ndarray, mu: float | None = None, live=None) -> Evaluation:
+        # (``live``: every vector is evaluated here; the skipped ones' sums would be the same)
         t = np.ascontiguousarray(t, dtype=np.float64)
         if mu == 0.0 or (mu is None and not np.any(t)):
             stats = self.stats0

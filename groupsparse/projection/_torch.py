@@ -153,17 +153,20 @@ class TorchEngine(FirstPass, Fused):
             v[5].copy_(lay.reduce(u, p, "sum"))
         v[6].copy_(torch.linalg.vector_norm(u, dim=1).square() if p.n else lay.reduce(u * u, p, "sum"))
 
-    def _pass(self, t, host: bool, spec=None, shared: bool = True, finish: bool = True):
+    def _pass(self, t, host: bool, spec=None, shared: bool = True, finish: bool = True, live=None):
         """The raw sums at thresholds ``t`` and their a-unit stats. With ``spec`` (the host solver's mu) and
         compaction on, the survivors are kept too, for ``confirm_lower`` to compact to if mu turns out to be the
         bracket's lower end (the first Newton step almost always is). ``shared``: one mu for the group, so one
         threshold per row length in the caller's units; else (``_batched``: a threshold per vector or per group)
-        the a-unit pass."""
-        if not shared and self.fused is not None and self._fused_sums(rows=t):
+        the a-unit pass, over the pieces holding a vector flagged in ``live`` (host bools; None: all): the others
+        keep the raw sums of the pass before, which the caller knows were taken at the same thresholds."""
+        keep = None if live is None else (lambda p: bool(live[p.v0 : p.v1].any()))
+        if not shared and self.fused is not None and self._fused_sums(rows=t, keep=keep):
             return self._finish()
         if not shared:
             for p in self.lay.pieces:
-                self._piece_stats(self._u(p, torch.where(torch.isinf(t), 1e300, t)), p)
+                if keep is None or keep(p):
+                    self._piece_stats(self._u(p, torch.where(torch.isinf(t), 1e300, t)), p)
             return self._finish(False)
         tk = None
         if self.fast and host and spec is not None:  # T from mu on the host: the same products, no tensor op
@@ -266,13 +269,13 @@ class TorchEngine(FirstPass, Fused):
             pos[p.v0 : p.v1] = self.lay.argmax(v, p)
         return empty, torch.where(empty, pos, none), self.w[pos]
 
-    def evaluate_vec(self, t, mu: float | None = None) -> Evaluation:
+    def evaluate_vec(self, t, mu: float | None = None, live=None) -> Evaluation:
         if mu is not None and math.isinf(mu):
             stats = torch.zeros((self.n_vectors, 3), dtype=F64, device=self.device)
         elif mu == 0.0:
             stats = self.stats0  # thresholds 0: the first pass measured it
         else:
-            stats = self._pass(t, self.cpu, mu, shared=mu is not None)
+            stats = self._pass(t, self.cpu, mu, shared=mu is not None, live=live)
         empty, onehot, hval = self._onehot(stats, t)
         h, dh = h_and_slope(HOST_XP if self.cpu else torch, stats, empty, hval)
         return Evaluation(mu if mu is not None else math.nan, h, dh, (t, stats, onehot))

@@ -142,10 +142,13 @@ class Fused:
             T[p.v0 : p.v1].fill_(tk[self.lay.kind[p.n]])
         return T
 
-    def _run(self, name, outs, per_row=(), per_entry=()):
-        """Kernel ``name`` on every piece: the rows of ``self.x`` and of the ``per_entry`` tensors, the piece's
-        slices of the ``per_row`` ones; its results into the piece's slices of ``outs``."""
+    def _run(self, name, outs, per_row=(), per_entry=(), keep=None):
+        """Kernel ``name`` on every piece (``keep``: those it accepts): the rows of ``self.x`` and of the
+        ``per_entry`` tensors, the piece's slices of the ``per_row`` ones; its results into the piece's slices of
+        ``outs``."""
         for p in self.fused:
+            if keep is not None and not keep(p):
+                continue
             rows = self.lay.rows
             args = [rows(self.x, p), *(v[p.v0 : p.v1] for v in per_row), *(rows(v, p) for v in per_entry)]
             res = _call(name, *args)
@@ -159,14 +162,15 @@ class Fused:
     def _fused_first(self, peak) -> bool:
         return self._run("first", (peak, self._cs[0], self._cs[1], self._cs[2]))
 
-    def _fused_sums(self, tk=None, rows=None) -> bool:
+    def _fused_sums(self, tk=None, rows=None, keep=None) -> bool:
         """The raw sums at one threshold per row length (``tk``, caller units) or one per row (``rows``: a-unit
-        thresholds t, taken to caller units as t 2^e, exact as in ``_fast``; t = inf leaves no entry)."""
+        thresholds t, taken to caller units as t 2^e, exact as in ``_fast``; t = inf leaves no entry), on the
+        pieces ``keep`` accepts (None: all)."""
         if rows is not None:
             T = torch.where(torch.isinf(rows), 1e300, rows) * self.sigma
         else:
             T = self._thresholds(tk)
-        return self._run("sums", (self._cs[0], self._cs[1], self._cs[2]), (T,))
+        return self._run("sums", (self._cs[0], self._cs[1], self._cs[2]), (T,), keep=keep)
 
     def _fused_write(self, out, tk, scale) -> bool:
         return self._run("write", (), (self._thresholds(tk), scale), (out,))
