@@ -2,7 +2,7 @@
 
     python benchmarks/bench_batched.py [--out benchmarks/results/batched-cpu.json]
 
-Runs ``_batched.solve_groups`` on CPU tensors (``_api._BATCH_ON_CPU``: the solve is the GPU's, the device is not)
+Runs ``_batched.solve_groups`` on CPU tensors (``_api_groups._BATCH_ON_CPU``: the solve is the GPU's, the device is not)
 over the ResNet-50 layers (25.5M float32, N(0, 0.02^2), one group per layer, s = 0.8), twice in the same process,
 interleaved: "skip" (this code: an evaluation reads only the groups whose mu moved) and "full" (every group at
 every evaluation, the code before, by hiding the flags from the engine). Counted: the entries each evaluation's
@@ -36,10 +36,10 @@ def main():
     from shapes import resnet50_weight_shapes
 
     import groupsparse as gs
-    from groupsparse.projection import _api, _torch_fused
+    from groupsparse.projection import _api_groups, _torch_fused
     from groupsparse.projection._torch import TorchEngine
 
-    _api._BATCH_ON_CPU = True
+    _api_groups._BATCH_ON_CPU = True
     rng = np.random.default_rng(0)
     mats = [torch.from_numpy(rng.normal(0, 0.02, size=s).astype(np.float32).reshape(s[0], -1))
             for s in resnet50_weight_shapes()]

@@ -1,5 +1,5 @@
 """The batched group solve (``_batched.solve_groups``): ``project_groups``'s path for tensors on a GPU, driven here
-on CPU arrays (``_api._BATCH_ON_CPU``) so that CI covers it without a device. Against the contract and one
+on CPU arrays (``_api_groups._BATCH_ON_CPU``) so that CI covers it without a device. Against the contract and one
 ``project`` call per group, over scales from 2^-60 to 2^60 per group, lengths 1-40, float32 and float64, ties,
 zeros, already-sparse groups and weights, on both engines; and the skipping of settled groups: the result of
 evaluating every group at every step, bit for bit, from fewer passes."""
@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import groupsparse as gs
-from groupsparse.projection import _api, _batched, _torch_fused
+from groupsparse.projection import _api_groups, _batched, _torch_fused
 from groupsparse.projection._torch import TorchEngine
 
 
 @pytest.fixture
 def batched(monkeypatch):
-    monkeypatch.setattr(_api, "_BATCH_ON_CPU", True)
+    monkeypatch.setattr(_api_groups, "_BATCH_ON_CPU", True)
 
 
 def _measured(z):
