@@ -79,6 +79,8 @@ def project_groups(groups: Any, sparsity: Any, *, axis: int = 0, weights: Any = 
     for nb_, _ in layout:
         vec_counts.append(sum(per_block[i : i + nb_]))
         i += nb_
+    if 0 in vec_counts:  # (each group on its own: ``project`` rejects an empty one; so does the batch)
+        raise ValueError(f"groups[{vec_counts.index(0)}]: got an empty group, expected at least one vector")
     starts = np.zeros(G + 1, dtype=np.int64)
     np.cumsum(vec_counts, out=starts[1:])
     eng, back = _engine_for(group, engine)

@@ -161,8 +161,10 @@ class TorchEngine(FirstPass, Fused):
         the a-unit pass, over the pieces holding a vector flagged in ``live`` (host bools; None: all): the others
         keep the raw sums of the pass before, which the caller knows were taken at the same thresholds."""
         keep = None if live is None else (lambda p: bool(live[p.v0 : p.v1].any()))
-        if not shared and self.fused is not None and self._fused_sums(rows=t, keep=keep):
-            return self._finish()
+        if not shared and self.fused is not None:
+            if self._fused_sums(rows=t, keep=keep):
+                return self._finish()
+            keep = None  # (the kernels could not be built: every piece again, the kept sums are in caller units)
         if not shared:
             for p in self.lay.pieces:
                 if keep is None or keep(p):
