@@ -198,10 +198,12 @@ def bench_short(rng, sizes, repeat, baseline=None, s=0.8, lengths=(9,)):
             for n in short:
                 row[f"{k}_ratio_{n}_vs_1000"] = row[f"n{n}_{k}_ns_per_entry"] / row[f"n1000_{k}_ns_per_entry"]
         rows.append(row)
-        for n in short[1:] if 9 in short else short:
+        for n in (L for L in short if L != 9):  # (length 9 has its own line below)
             print(f"  short {int(N):>11,d} entries: length {n} {row[f'n{n}_ours_ns_per_entry']:.2f} ns/entry -> "
                   f"{n} vs 1000 {row[f'ours_ratio_{n}_vs_1000']:.2f}" + (f"; before: {n} vs 1000 "
                   f"{row[f'before_ratio_{n}_vs_1000']:.2f}" if baseline else ""), flush=True)
+        if 9 not in short:
+            continue
         print(f"  short {int(N):>11,d} entries: length 9 {row['n9_ours_ns_per_entry']:.2f} ns/entry "
               f"({row['n9_ours_ratio_to_copy']:.1f}x copy), length 1000 {row['n1000_ours_ns_per_entry']:.2f} "
               f"({row['n1000_ours_ratio_to_copy']:.1f}x) -> 9 vs 1000 {row['ours_ratio_9_vs_1000']:.2f}"
