@@ -80,8 +80,19 @@ def test_batched_groups_meet_the_contract_and_match_one_call_each(batched, case,
         assert info.sparsity >= s - 1e-12 or info.already_sparse
 
 
-def _solve(eng_args, targets, skip: bool):
-    x, offsets, gid_h, starts = eng_args
+def _fused(monkeypatch, on: bool):
+    monkeypatch.setenv(_torch_fused.ENV, "1" if on else "0")
+    monkeypatch.setattr(_torch_fused, "FUSED_MIN", 0)  # (small groups here: the fused path on every size)
+    monkeypatch.setattr(_torch_fused, "MIN_LENGTH", 2)
+
+
+def _solve(mats, dtype, targets, skip: bool):
+    """``solve_groups`` through the torch engine, each matrix one group of its rows."""
+    x = torch.from_numpy(np.concatenate([m.ravel() for m in mats]).astype(dtype))
+    offsets = np.concatenate([[0], np.cumsum([m.shape[1] for m in mats for _ in range(m.shape[0])])]).astype(np.int64)
+    counts = [m.shape[0] for m in mats]
+    gid_h = np.repeat(np.arange(len(mats)), counts).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     eng = TorchEngine(x, offsets, None, None)
     if not skip:  # every group evaluated at every step: the engine never hears which settled
         full = eng.evaluate_vec
@@ -100,27 +111,18 @@ def test_skipping_settled_groups_changes_no_bit_and_reads_less(dtype, fused, mon
     mats = [rng.normal(size=(40, 9)), rng.uniform(-1, 1, size=(30, 64)), rng.standard_t(2, size=(20, 300)),
             np.ldexp(rng.normal(size=(25, 17)), 40)]
     targets = [0.6, 0.85, 0.3, 0.95]
-    flat = torch.from_numpy(np.concatenate([m.ravel() for m in mats]).astype(dtype))
-    lengths = np.concatenate([np.full(m.shape[0], m.shape[1]) for m in mats])
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    counts = [m.shape[0] for m in mats]
-    gid_h = np.repeat(np.arange(len(mats)), counts).astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     read = []
     stats = TorchEngine._piece_stats
     monkeypatch.setattr(TorchEngine, "_piece_stats", lambda self, u, p: (read.append(p.e1 - p.e0), stats(self, u, p)))
-    monkeypatch.setenv(_torch_fused.ENV, "1" if fused else "0")
-    monkeypatch.setattr(_torch_fused, "FUSED_MIN", 0)
-    monkeypatch.setattr(_torch_fused, "MIN_LENGTH", 2)
+    _fused(monkeypatch, fused)
     call = _torch_fused._call
     monkeypatch.setattr(_torch_fused, "_call", lambda name, *a: (read.append(a[0].numel()) if name == "sums" else None,
                                                                 call(name, *a))[1])
-    args = (flat, offsets, gid_h, starts)
-    (out_a, mu_a, S_a, it_a, ev_a, jumped_a), eng = _solve(args, targets, skip=True)
+    (out_a, mu_a, S_a, it_a, ev_a, jumped_a), eng = _solve(mats, dtype, targets, skip=True)
     assert (eng.fused is not None) == fused
     entries_skip = sum(read)
     read.clear()
-    (out_b, mu_b, S_b, it_b, ev_b, jumped_b), _ = _solve(args, targets, skip=False)
+    (out_b, mu_b, S_b, it_b, ev_b, jumped_b), _ = _solve(mats, dtype, targets, skip=False)
     entries_full = sum(read)
     assert np.array_equal(out_a.numpy().view(np.uint8), out_b.numpy().view(np.uint8))
     assert np.array_equal(mu_a, mu_b) and np.array_equal(S_a, S_b) and (it_a, ev_a) == (it_b, ev_b)
@@ -133,9 +135,7 @@ def test_a_fused_kernel_failing_mid_solve_falls_back_without_stale_sums(fail_at,
     """A kernel that cannot be built after the first evaluations (``_call`` returns False, as on a compile error)
     drops the fused passes; the pieces skipped as settled then hold sums in the kernels' caller units, so the
     eager pass must take every piece again (it had read them as a-units: S = -48493 for 40 vectors)."""
-    monkeypatch.setenv(_torch_fused.ENV, "1")
-    monkeypatch.setattr(_torch_fused, "FUSED_MIN", 0)
-    monkeypatch.setattr(_torch_fused, "MIN_LENGTH", 2)
+    _fused(monkeypatch, True)
     real, count = _torch_fused._call, [0]
 
     def flaky(name, *a):
@@ -145,18 +145,13 @@ def test_a_fused_kernel_failing_mid_solve_falls_back_without_stale_sums(fail_at,
     rng = np.random.default_rng(3)
     mats = [np.ldexp(rng.normal(size=(40, 9)), 20), rng.uniform(-1, 1, size=(30, 64)),
             np.ldexp(rng.standard_t(2, size=(20, 300)), -30)]
-    flat = torch.from_numpy(np.concatenate([m.ravel() for m in mats]).astype(np.float32))
-    offsets = np.concatenate([[0], np.cumsum([m.shape[1] for m in mats for _ in range(m.shape[0])])]).astype(np.int64)
-    counts = [m.shape[0] for m in mats]
-    args = (flat, offsets, np.repeat(np.arange(3), counts).astype(np.int64),
-            np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
     targets = [0.6, 0.85, 0.9]
-    (out_ok, _, S_ok, *_), _ = _solve(args, targets, skip=True)
+    (out_ok, _, S_ok, *_), _ = _solve(mats, np.float32, targets, skip=True)
     results = []
     for skip in (True, False):
         count[0] = 0
         monkeypatch.setattr(_torch_fused, "_call", flaky)
-        (out, mu, S, it, ev, jumped), eng = _solve(args, targets, skip=skip)
+        (out, mu, S, it, ev, jumped), eng = _solve(mats, np.float32, targets, skip=skip)
         monkeypatch.setattr(_torch_fused, "_call", real)
         assert eng.fused is None  # (the failure happened inside the solve)
         results.append((out.numpy(), S))
