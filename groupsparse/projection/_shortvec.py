@@ -148,68 +148,47 @@ def _sums8(context, builder, sig, args, halves, modes):
     return context.get_dummy_value()
 
 
-def _make_sums(halves, absolute):
-    @intrinsic
-    def sums8(typingctx, x, o0, n, t, M, SU, SUU, q):
-        sig = nbt.void(x, nbt.int64, nbt.int64, nbt.float64, M, SU, SUU, nbt.int64)
-        return sig, lambda context, builder, sig, args: _sums8(context, builder, sig, args, halves, (absolute,))
-    return sums8
+def _by_loads(context, builder, sig, args, modes):
+    """A switch on the vectors' number of 8-lane loads (n <= 8: one, up to 4) into ``_sums8`` compiled for each."""
+    fn = builder.function
+    blocks = [fn.append_basic_block(f"sums8_loads{h}") for h in range(1, SHORT_MAX // _H + 1)]
+    end = fn.append_basic_block("sums8_end")
+    loads = builder.sdiv(builder.add(args[2], ir.Constant(_I64, _H - 1)), ir.Constant(_I64, _H))
+    sw = builder.switch(loads, blocks[0])
+    for h, bb in enumerate(blocks, 1):
+        sw.add_case(ir.Constant(_I64, h), bb)
+        builder.position_at_end(bb)
+        _sums8(context, builder, sig, args, h, modes)
+        builder.branch(end)
+    builder.position_at_end(end)
+    return context.get_dummy_value()
 
 
-def _make_both(halves):
-    @intrinsic
-    def both8(typingctx, x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q):
-        """The sums of |x| into M, SU, SUU and those of (|x| - t)_+ into M2, SU2, SUU2, from one set of loads."""
-        sig = nbt.void(x, nbt.int64, nbt.int64, nbt.float64, M, SU, SUU, M2, SU2, SUU2, nbt.int64)
-        return sig, lambda context, builder, sig, args: _sums8(context, builder, sig, args, halves, (True, False))
-    return both8
-
-
-# (vectors up to 8 entries, up to 16, 24, 32) x (u = (|x| - t)_+, u = |x|, both)
-_s1, _s2, _s3, _s4 = (_make_sums(h, False) for h in (1, 2, 3, 4))
-_a1, _a2, _a3, _a4 = (_make_sums(h, True) for h in (1, 2, 3, 4))
-_b1, _b2, _b3, _b4 = (_make_both(h) for h in (1, 2, 3, 4))
-
-
-# The dispatchers compiled code calls (a branch on n into the kernel of its number of loads), inlined.
-@nb.njit(inline="always")
-def sums8(x, o0, n, t, M, SU, SUU, q):
+@intrinsic
+def sums8(typingctx, x, o0, n, t, M, SU, SUU, q):
     """(support size, sum u, sum u^2) of u = (|x| - t)_+ for the eight vectors of length n <= SHORT_MAX from o0,
     into M, SU, SUU at q .. q + 7."""
-    if n <= 8:
-        _s1(x, o0, n, t, M, SU, SUU, q)
-    elif n <= 16:
-        _s2(x, o0, n, t, M, SU, SUU, q)
-    elif n <= 24:
-        _s3(x, o0, n, t, M, SU, SUU, q)
-    else:
-        _s4(x, o0, n, t, M, SU, SUU, q)
+    sig = nbt.void(x, nbt.int64, nbt.int64, nbt.float64, M, SU, SUU, nbt.int64)
+    return sig, lambda context, builder, sig, args: _by_loads(context, builder, sig, args, (False,))
+
+
+@intrinsic
+def _abs8(typingctx, x, o0, n, t, M, SU, SUU, q):
+    sig = nbt.void(x, nbt.int64, nbt.int64, nbt.float64, M, SU, SUU, nbt.int64)
+    return sig, lambda context, builder, sig, args: _by_loads(context, builder, sig, args, (True,))
 
 
 @nb.njit(inline="always")
 def abs_sums8(x, o0, n, M, SU, SUU, q):
     """``sums8`` of u = |x| (nonzeros counted; NaN and Inf show in the sums)."""
-    if n <= 8:
-        _a1(x, o0, n, 0.0, M, SU, SUU, q)
-    elif n <= 16:
-        _a2(x, o0, n, 0.0, M, SU, SUU, q)
-    elif n <= 24:
-        _a3(x, o0, n, 0.0, M, SU, SUU, q)
-    else:
-        _a4(x, o0, n, 0.0, M, SU, SUU, q)
+    _abs8(x, o0, n, 0.0, M, SU, SUU, q)
 
 
-@nb.njit(inline="always")
-def both8(x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q):
+@intrinsic
+def both8(typingctx, x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q):
     """``abs_sums8`` into M, SU, SUU and ``sums8`` at t into M2, SU2, SUU2 from one set of loads (the same bits)."""
-    if n <= 8:
-        _b1(x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q)
-    elif n <= 16:
-        _b2(x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q)
-    elif n <= 24:
-        _b3(x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q)
-    else:
-        _b4(x, o0, n, t, M, SU, SUU, M2, SU2, SUU2, q)
+    sig = nbt.void(x, nbt.int64, nbt.int64, nbt.float64, M, SU, SUU, M2, SU2, SUU2, nbt.int64)
+    return sig, lambda context, builder, sig, args: _by_loads(context, builder, sig, args, (True, False))
 
 
 def _write8_n(builder, x_ty, xd, od, o0, n, tv, sc8, is32_out):
